@@ -1,0 +1,855 @@
+"""The nano-r1 transformer: DeepSeek-V3-style MoE with MLA, plus the GQA/dense variants of Qwen and Llama.
+
+One class, `Transformer(ModelConfig)`, covers four Hugging Face families with logits equal to `transformers`':
+  DeepseekV3ForCausalLM  MLA attention, sigmoid router with the selection-only correction bias, group-limited
+                         top-k, shared + routed experts, the first `first_k_dense_replace` layers dense
+  Qwen3MoeForCausalLM    GQA with per-head q/k RMSNorm, softmax router, routed experts only
+  Qwen3ForCausalLM,      dense GQA (Qwen3: q/k norm; Qwen2: q/k/v bias; Llama: Llama 3 RoPE scaling)
+  Qwen2ForCausalLM, LlamaForCausalLM
+Module and parameter names follow Hugging Face's so a checkpoint maps onto `state_dict()` by dropping the
+"model." prefix; the one difference is that routed experts are stored stacked, (E, out, in), so they can run as
+one grouped matmul, while files hold them per expert.
+
+Reading order: config -> norms and RoPE -> attention (MLA, GQA) -> MLP and MoE -> KV cache -> Transformer ->
+Hugging Face load/save.
+"""
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHITECTURES = ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM",
+                 "LlamaForCausalLM")
+
+
+@dataclass
+class ModelConfig:
+    """Model shape. Field names are Hugging Face's, so a config.json maps onto it (see `config_from_hf`)."""
+    architecture: str = "DeepseekV3ForCausalLM"  # what save_pretrained writes; one of ARCHITECTURES
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    intermediate_size: int = 384           # dense MLP width (dense layers, dense models)
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    # attention: MLA when kv_lora_rank is set, else GQA
+    kv_lora_rank: Optional[int] = 64       # MLA: width of the cached, normalised KV latent
+    q_lora_rank: Optional[int] = None      # MLA: low-rank query (None: a plain q_proj)
+    qk_nope_head_dim: int = 32             # MLA: per-head query/key dims without position
+    qk_rope_head_dim: int = 16             # MLA: per-head rotary dims (one rope key shared by all heads)
+    v_head_dim: int = 32                   # MLA: per-head value dim
+    num_key_value_heads: Optional[int] = None  # GQA: None = num_attention_heads
+    head_dim: Optional[int] = None         # GQA: None = hidden_size // num_attention_heads
+    qk_norm: bool = False                  # GQA: Qwen3's per-head RMSNorm on q and k
+    attention_bias: bool = False           # bias on q/k/v (Qwen2, Llama) or on q_a/kv_a (DeepSeek)
+    attention_out_bias: bool = False       # bias on o_proj (Llama/DeepSeek attention_bias; not Qwen2)
+    # mixture of experts (n_routed_experts = 0: a dense model)
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 128
+    first_k_dense_replace: int = 1         # the first k layers use a dense MLP
+    mlp_only_layers: list = field(default_factory=list)  # further dense layers (Qwen3-MoE)
+    n_group: int = 1                       # experts are split into n_group groups ...
+    topk_group: int = 1                    # ... and each token picks experts from its topk_group best groups
+    scoring_func: str = "sigmoid"          # "sigmoid" (DeepSeek-V3) or "softmax" (Qwen3-MoE)
+    norm_topk_prob: bool = True            # renormalise the chosen experts' scores to sum to 1
+    routed_scaling_factor: float = 1.0     # multiplies the routed experts' gate weights
+    aux_loss_alpha: float = 0.0            # sequence-wise balance loss weight (V3 uses a tiny one; 0 = off)
+    # positions and the rest
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None    # {"rope_type": "yarn"|"llama3", "factor": ..., ...} or None
+    rope_interleave: bool = True           # MLA: rotate adjacent pairs (x0,x1),(x2,x3) as DeepSeek checkpoints do
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[object] = None  # int or list of ints; informational (written to config.json)
+
+    def __post_init__(self):
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"ModelConfig: {msg}")
+        need(self.architecture in ARCHITECTURES, f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
+        need(self.vocab_size > 0 and self.hidden_size > 0 and self.num_hidden_layers > 0, "sizes must be positive")
+        if self.use_mla:
+            need(self.architecture == "DeepseekV3ForCausalLM", "MLA (kv_lora_rank set) is DeepseekV3ForCausalLM")
+            need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even")
+        else:
+            need(self.architecture != "DeepseekV3ForCausalLM", "DeepseekV3ForCausalLM needs kv_lora_rank (MLA)")
+            kvh = self.num_key_value_heads or self.num_attention_heads
+            need(self.num_attention_heads % kvh == 0, "num_attention_heads must be a multiple of num_key_value_heads")
+            need(self.gqa_head_dim % 2 == 0, "head_dim must be even")
+        need(self.scoring_func in ("sigmoid", "softmax"), f"scoring_func {self.scoring_func!r}: sigmoid or softmax")
+        if self.n_routed_experts > 0:
+            need(self.architecture in ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM"),
+                 f"{self.architecture} is a dense family: set n_routed_experts=0")
+            e, g = self.n_routed_experts, self.n_group
+            need(g >= 1 and e % g == 0, f"n_routed_experts={e} must be divisible by n_group={g}")
+            need(g == 1 or e // g >= 2, "group-limited routing needs >= 2 experts per group (group score = top-2 sum)")
+            need(1 <= self.topk_group <= g, f"topk_group={self.topk_group} must be in [1, n_group={g}]")
+            need(1 <= self.num_experts_per_tok <= self.topk_group * e // g,
+                 "num_experts_per_tok must be >= 1 and fit in the experts of the chosen groups")
+        if self.architecture == "Qwen3MoeForCausalLM":
+            need(self.n_shared_experts == 0 and self.scoring_func == "softmax" and self.qk_norm,
+                 "Qwen3MoeForCausalLM has no shared experts, a softmax router and q/k norm")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            need(kind in ("default", "yarn", "llama3"), f"rope_scaling type {kind!r} is not supported "
+                 "(default, yarn, llama3)")
+
+    @property
+    def use_mla(self):
+        return self.kv_lora_rank is not None
+
+    @property
+    def gqa_head_dim(self):
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def is_moe_layer(self, i):
+        return self.n_routed_experts > 0 and i >= self.first_k_dense_replace and i not in self.mlp_only_layers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# norms and rotary embeddings
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in at least fp32 whatever the dtype (as HF does), scale in the input dtype
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_parameters(cfg):
+    """-> (inv_freq (dim/2,), cos/sin scale, softmax-scale multiplier) for the config's RoPE variant."""
+    dim = cfg.qk_rope_head_dim if cfg.use_mla else cfg.gqa_head_dim
+    base = cfg.rope_theta
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,)
+    rs = dict(cfg.rope_scaling or {})
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return inv_freq, 1.0, 1.0
+    factor = rs["factor"]
+    orig = rs.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    if kind == "llama3":
+        lo, hi = rs["low_freq_factor"], rs["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > orig / lo, inv_freq / factor, inv_freq)  # long wavelengths: interpolate
+        smooth = (orig / wavelen - lo) / (hi - lo)
+        medium = (wavelen >= orig / hi) & (wavelen <= orig / lo)  # in between: blend
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        return torch.where(medium, blended, scaled), 1.0, 1.0
+    # YaRN: high frequencies extrapolate, low ones interpolate by `factor`, a linear ramp in between
+    def mscale(s, m=1.0):
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+    m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+    attn_factor = rs.get("attention_factor")
+    if attn_factor is None:
+        attn_factor = mscale(factor, m) / mscale(factor, m_all) if (m and m_all) else mscale(factor)
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def corr_dim(rot):  # the dimension index whose wavelength makes `rot` turns over the original context
+        return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = (inv_freq / factor) * ramp + inv_freq * (1 - ramp)
+    # DeepSeek (MLA) also scales the attention logits by mscale(factor, mscale_all_dim)^2
+    softmax_mult = mscale(factor, m_all) ** 2 if (cfg.use_mla and m_all) else 1.0
+    return inv_freq, attn_factor, softmax_mult
+
+
+def apply_rope(x, cos, sin, interleave):
+    """x (B, H, T, d); cos/sin (B, 1, T, d/2). Rotates pairs (x[2i], x[2i+1]) if interleave, else (x[i], x[i+d/2]).
+    The output lists the pair's first members then its second members either way: attention only needs q and k
+    rotated the same way, and decode caches keys in this same layout."""
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attention
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention. Keys and values come from a small latent c (kv_lora_rank) plus one rotary key
+    shared by all heads; the cache stores only those two. Training and prefill run the expanded form (build per-head
+    k, v from c); decode runs the absorbed form (fold kv_b_proj into the query and the output), which attends over
+    the cached latent directly and never materialises per-head keys."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.h, self.dn, self.dr, self.dv, self.r = (cfg.num_attention_heads, cfg.qk_nope_head_dim,
+                                                     cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank)
+        d, h, dq = cfg.hidden_size, self.h, self.dn + self.dr
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * dq, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * dq, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.r + self.dr, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.r, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.r, h * (self.dn + self.dv), bias=False)
+        self.o_proj = nn.Linear(h * self.dv, d, bias=cfg.attention_out_bias)
+        self.interleave = cfg.rope_interleave
+        self.scale = dq ** -0.5 * rope_parameters(cfg)[2]
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.h, self.dn + self.dr).transpose(1, 2)  # (B, H, T, dn+dr)
+        q_nope, q_rope = q.split([self.dn, self.dr], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin, self.interleave)
+        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.r, self.dr], dim=-1)  # (B, T, r), (B, T, dr)
+        c = self.kv_a_layernorm(c)
+        k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin, self.interleave)  # (B, 1, T, dr)
+        if cache is None or not cache.has_past:
+            if cache is not None:  # prefill: cache the latent, attend in the expanded form
+                cache.write(layer, c, k_rope.squeeze(1))
+            kv = self.kv_b_proj(c).view(B, T, self.h, self.dn + self.dv).transpose(1, 2)
+            k_nope, v = kv.split([self.dn, self.dv], dim=-1)  # (B, H, T, dn), (B, H, T, dv)
+            k = torch.cat((k_nope, k_rope.expand(B, self.h, T, self.dr)), dim=-1)
+            out = F.scaled_dot_product_attention(torch.cat((q_nope, q_rope), -1), k, v, is_causal=True,
+                                                 scale=self.scale)  # (B, H, T, dv)
+        else:
+            c_all, kr_all = cache.write(layer, c, k_rope.squeeze(1))  # (B, L, r), (B, L, dr)
+            w = self.kv_b_proj.weight.view(self.h, self.dn + self.dv, self.r)
+            w_k, w_v = w[:, :self.dn], w[:, self.dn:]  # (H, dn, r), (H, dv, r)
+            q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_k)  # q_nope . (W_k c) == (q_nope W_k) . c
+            L = c_all.shape[1]
+            keys = torch.cat((c_all, kr_all), -1).unsqueeze(1).expand(B, self.h, L, self.r + self.dr)
+            o_lat = F.scaled_dot_product_attention(torch.cat((q_lat, q_rope), -1), keys,
+                                                   c_all.unsqueeze(1).expand(B, self.h, L, self.r),
+                                                   attn_mask=cache.mask, scale=self.scale)  # (B, H, T, r)
+            out = torch.einsum("bhtr,hvr->bhtv", o_lat, w_v)  # (B, H, T, dv)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.h * self.dv))
+
+
+class GQA(nn.Module):
+    """Grouped-query attention (Qwen2/Qwen3/Llama): num_key_value_heads key/value heads shared by query groups."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.h, self.kvh, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads, \
+            cfg.gqa_head_dim
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.h * self.hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, self.kvh * self.hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, self.kvh * self.hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.h * self.hd, d, bias=cfg.attention_out_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.h, self.hd)
+        k = self.k_proj(x).view(B, T, self.kvh, self.hd)
+        v = self.v_proj(x).view(B, T, self.kvh, self.hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin, False)  # (B, H, T, hd)
+        k = apply_rope(k.transpose(1, 2), cos, sin, False)  # (B, KVH, T, hd)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, enable_gqa=True)
+        else:
+            k_all, v_all = cache.write(layer, k.transpose(1, 2), v)  # (B, L, KVH, hd) each
+            out = F.scaled_dot_product_attention(q, k_all.transpose(1, 2), v_all.transpose(1, 2),
+                                                 attn_mask=cache.mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.h * self.hd))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MLP and mixture of experts
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Scores every expert, picks num_experts_per_tok of them per token, returns their ids and gate weights.
+    The correction bias (aux-loss-free balancing) only changes WHICH experts win; the gate weights come from the
+    unbiased scores. Scores are computed in fp32, as the checkpoints' reference code does."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):  # model.to(bf16) must not round the bias: keep it fp32 (or fp64)
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        if self.e_score_correction_bias.dtype not in (torch.float32, torch.float64):
+            self.e_score_correction_bias = fn(bias).float()
+        return self
+
+    def scores(self, x):  # x (N, D) -> (N, E) in fp32 (fp64 for an fp64 model)
+        dt = torch.promote_types(x.dtype, torch.float32)
+        logits = F.linear(x.to(dt), self.weight.to(dt))
+        return logits.sigmoid() if self.cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+
+    def forward(self, x):
+        cfg, k = self.cfg, self.cfg.num_experts_per_tok
+        scores = self.scores(x)  # (N, E)
+        choice = scores + self.e_score_correction_bias
+        if cfg.n_group > 1:  # keep only the experts of each token's topk_group best groups (score = top-2 sum)
+            N, E = choice.shape
+            grouped = choice.view(N, cfg.n_group, E // cfg.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # (N, n_group)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, stable_topk(group_scores, cfg.topk_group), True)
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(N, E)
+        idx = stable_topk(choice, k)  # (N, K)
+        w = scores.gather(1, idx)  # (N, K) unbiased
+        if cfg.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return idx, w * cfg.routed_scaling_factor, scores
+
+
+def stable_topk(x, k):
+    """Indices of the k largest entries per row; ties go to the lower index, always (torch.topk does not promise
+    an order for ties, and sampler and trainer must route a token to the same experts)."""
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def grouped_mm_ok(x, d_in, d_out):
+    """torch._grouped_mm needs fp32/bf16/fp16 and 16-byte aligned rows; on CUDA, bf16 on Hopper or newer."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if (d_in * x.element_size()) % 16 or (d_out * x.element_size()) % 16:
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.device.type == "cpu"
+
+
+class Experts(nn.Module):
+    """Routed experts, weights stacked over experts: gate/up (E, I, D), down (E, D, I)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, I, D = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.gate_proj = nn.Parameter(torch.empty(E, I, D))
+        self.up_proj = nn.Parameter(torch.empty(E, I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x, idx, w, use_grouped_mm=True):
+        """x (N, D), idx/w (N, K) -> (N, D). Sort the N*K (token, expert) pairs by expert so each expert sees one
+        contiguous block of rows, run one grouped matmul per projection, then put rows back and sum over K."""
+        N, K = idx.shape
+        E = self.gate_proj.shape[0]
+        order = torch.argsort(idx.reshape(-1), stable=True)  # (N*K,) pair positions sorted by expert
+        xs = x[order // K]  # (N*K, D) the token of each pair
+        counts = torch.bincount(idx.reshape(-1), minlength=E)  # (E,) rows per expert
+        I = self.gate_proj.shape[1]
+        if use_grouped_mm and grouped_mm_ok(x, x.shape[1], I):
+            offs = counts.cumsum(0).to(torch.int32)  # cumulative row ends, as _grouped_mm wants
+            h = F.silu(torch._grouped_mm(xs, self.gate_proj.transpose(1, 2), offs=offs)) * \
+                torch._grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offs)  # (N*K, I)
+            ys = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)  # (N*K, D)
+        else:  # fp64 or odd widths: one plain matmul per expert with rows
+            chunks = []
+            for e, xe in enumerate(xs.split(counts.tolist())):
+                if xe.shape[0]:
+                    chunks.append(F.linear(F.silu(F.linear(xe, self.gate_proj[e])) * F.linear(xe, self.up_proj[e]),
+                                           self.down_proj[e]))
+            ys = torch.cat(chunks) if chunks else xs.new_zeros(0, x.shape[1])
+        ys = ys * w.reshape(-1)[order].unsqueeze(1).to(ys.dtype)
+        # undo the sort with an inverse permutation (deterministic, unlike index_add_'s atomics on CUDA)
+        out = torch.empty_like(ys)
+        out[order] = ys
+        return out.view(N, K, -1).sum(1)
+
+
+class MoE(nn.Module):
+    """Shared experts (always on) + routed experts. Tracks per-expert load while training for balancing."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) \
+            if cfg.n_shared_experts > 0 else None
+        self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)  # tokens per expert
+        self.aux_loss = None
+        self.replay = None  # (N, K) expert ids to use instead of routing (set by a caller replaying a rollout)
+        self.record = None  # a list to append each forward's (N, K) expert ids to (set by a caller recording)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        xf = x.reshape(-1, D)
+        idx, w, scores = self.gate(xf)
+        if self.replay is not None:  # routing replay: same experts as the rollout, gate weights recomputed
+            idx = self.replay
+            w = scores.gather(1, idx)
+            if self.cfg.norm_topk_prob:
+                w = w / (w.sum(-1, keepdim=True) + 1e-20)
+            w = w * self.cfg.routed_scaling_factor
+        if self.record is not None:
+            self.record.append(idx.detach())
+        y = self.experts(xf, idx, w).view(B, T, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        if self.training:
+            with torch.no_grad():
+                self.load += torch.bincount(idx.reshape(-1), minlength=self.load.numel()).to(self.load.dtype)
+            self.aux_loss = self.balance_loss(xf, idx, B, T) if self.cfg.aux_loss_alpha > 0 else None
+        return y
+
+    def balance_loss(self, xf, idx, B, T):
+        """DeepSeek-V3's sequence-wise balance loss alpha * sum_i f_i P_i, averaged over sequences (rows).
+        f_i: the fraction of row tokens sent to expert i (times E/K, so uniform = 1); P_i: the mean normalised
+        score. The scores here see a detached input, so the loss shapes the router weights and nothing upstream."""
+        E, K = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        s = self.gate.scores(xf.detach())  # (N, E)
+        p = (s / s.sum(-1, keepdim=True)).view(B, T, E).mean(1)  # (B, E)
+        hits = F.one_hot(idx, E).sum(1).view(B, T, E).float()  # (B, T, E)
+        f = hits.mean(1) * E / K  # (B, E)
+        return self.cfg.aux_loss_alpha * (f * p).sum(-1).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated per-layer cache for `rows` sequences of up to `max_len` tokens.
+
+    Row b holds its tokens in slots 0..lengths[b]-1 and its next token goes to slot lengths[b], so a token's slot is
+    its position: no left padding, nothing to mask but the future. A forward over T new tokens per row writes slots
+    lengths[b]..lengths[b]+T-1; rows that had fewer real tokens (a ragged prefill) advance by `n_new[b]` only and
+    their padded slots are overwritten later. MLA caches the normalised latent and the shared rotary key
+    (kv_lora_rank + qk_rope_head_dim numbers per token and layer); GQA caches k and v per kv head.
+    """
+
+    def __init__(self, cfg, rows, max_len, device=None, dtype=torch.float32):
+        self.max_len = max_len
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        if cfg.use_mla:
+            shapes = [(rows, max_len, cfg.kv_lora_rank), (rows, max_len, cfg.qk_rope_head_dim)]
+        else:
+            kvh = cfg.num_key_value_heads or cfg.num_attention_heads
+            shapes = [(rows, max_len, kvh, cfg.gqa_head_dim)] * 2
+        self.layers = [[torch.zeros(s, device=device, dtype=dtype) for s in shapes]
+                       for _ in range(cfg.num_hidden_layers)]
+        self.has_past = False
+        self.positions = self.mask = None
+        self.span = 0
+
+    def begin(self, T):
+        """Set up one forward over T new tokens per row: positions (B, T), the attention mask over the filled span."""
+        self.has_past = bool(self.lengths.max() > 0)
+        self.positions = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
+        self.span = int(self.positions.max()) + 1
+        if self.span > self.max_len:
+            raise ValueError(f"KVCache: position {self.span - 1} does not fit max_len={self.max_len}")
+        slots = torch.arange(self.span, device=self.lengths.device)
+        self.mask = (slots[None, None, :] <= self.positions[:, :, None]).unsqueeze(1)  # (B, 1, T, span)
+        return self.positions
+
+    def write(self, layer, *new):
+        """Store each (B, T, ...) tensor at the rows' slots; return the (B, span, ...) views to attend over."""
+        rows = torch.arange(self.positions.shape[0], device=self.positions.device)[:, None]
+        out = []
+        for buf, val in zip(self.layers[layer], new):
+            buf[rows, self.positions] = val.to(buf.dtype)
+            out.append(buf[:, :self.span])
+        return out
+
+    def advance(self, n_new):
+        self.lengths += n_new
+
+    def select(self, index):
+        """Keep/replicate rows: index (R,) of old rows. Used to copy one prefill to G samples and to compact."""
+        self.lengths = self.lengths[index]
+        self.layers = [[buf[index] for buf in bufs] for bufs in self.layers]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the transformer
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, i):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg) if cfg.use_mla else GQA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(i) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.i = i
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.i)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = cfg = config
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        inv_freq, self.rope_scale, _ = rope_parameters(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Normal(0, initializer_range) weights; output projections scaled by 1/sqrt(2 * layers) (GPT-2) so the
+        residual stream does not grow with depth; norms 1, biases and the router correction bias 0."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                out = name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
+                p.normal_(0.0, std / math.sqrt(2 * self.config.num_hidden_layers) if out else std)
+        for m in self.modules():
+            if isinstance(m, Router):
+                m.e_score_correction_bias.zero_()
+
+    def forward(self, tokens, cache=None, n_new=None, positions=None, return_hidden=False):
+        """tokens (B, T) -> logits (B, T, V), or the final-normed hidden states (B, T, D) with return_hidden.
+
+        Without a cache: a causal forward over whole sequences at positions 0..T-1 (training, scoring). Right
+        padding is harmless here: padded positions come after every real token. With a cache: the T tokens of each
+        row continue that row (see KVCache); n_new (B,) says how many of them are real (default all T)."""
+        B, T = tokens.shape
+        if cache is not None:
+            positions = cache.begin(T)
+        elif positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, d/2)
+        cos = (freqs.cos() * self.rope_scale).unsqueeze(1)  # (B, 1, T, d/2)
+        sin = (freqs.sin() * self.rope_scale).unsqueeze(1)
+        x = self.embed_tokens(tokens)  # (B, T, D)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache)
+        if cache is not None:
+            cache.advance(T if n_new is None else n_new)
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    def moe_layers(self):
+        return [l.mlp for l in self.layers if isinstance(l.mlp, MoE)]
+
+    def aux_loss(self):
+        """Sum of the balance losses of the last training forward (0 when alpha = 0)."""
+        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return sum(losses) if losses else torch.zeros((), device=self.lm_head.weight.device)
+
+    @torch.no_grad()
+    def pop_expert_loads(self):
+        """(n_moe_layers, E) tokens routed to each expert since the last call, summed over ranks; resets them."""
+        layers = self.moe_layers()
+        if not layers:
+            return None
+        loads = torch.stack([m.load.clone() for m in layers])
+        for m in layers:
+            m.load.zero_()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(loads)
+        return loads
+
+    @torch.no_grad()
+    def update_router_bias(self, loads, gamma):
+        """Aux-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean load - load_i) per MoE layer. Every rank
+        passes the same all-reduced loads, so every rank holds the same bias."""
+        if gamma == 0 or loads is None:
+            return
+        for m, load in zip(self.moe_layers(), loads):
+            bias = m.gate.e_score_correction_bias
+            bias += gamma * torch.sign(load.mean() - load).to(bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        """Load a Hugging Face directory (config.json + model.safetensors or a sharded index)."""
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{cfg_path}: no config.json; from_pretrained wants a Hugging Face model directory")
+        with open(cfg_path) as f:
+            cfg = config_from_hf(json.load(f), where=cfg_path)
+        state = load_hf_state(path, cfg, dtype)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device)
+        model.inv_freq.copy_(rope_parameters(cfg)[0])
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")
+                   and not k.endswith("e_score_correction_bias")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: checkpoint does not match the config: missing {missing[:8]}, "
+                             f"unexpected {unexpected[:8]}")
+        if not any(k.endswith("e_score_correction_bias") for k in state):
+            for m in model.moe_layers():
+                m.gate.e_score_correction_bias.zero_()
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model.to(dtype)
+
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+        """Write config.json + safetensors (experts per expert, as transformers and vLLM expect)."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        cfg = self.config
+        sd = {}
+        for k, v in self.state_dict().items():
+            if cfg.tie_word_embeddings and k == "lm_head.weight":
+                continue
+            if cfg.architecture != "DeepseekV3ForCausalLM" and k.endswith("e_score_correction_bias"):
+                if v.abs().max() > 0:  # the format has no place for it: refuse rather than save a different model
+                    raise ValueError(f"{cfg.architecture} checkpoints have no router correction bias, but {k} is "
+                                     "nonzero (aux-loss-free balancing ran): keep gamma=0 for this architecture")
+                continue
+            m = re.fullmatch(r"layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)", k)
+            if m:
+                for e in range(v.shape[0]):
+                    sd[f"model.layers.{m[1]}.mlp.experts.{e}.{m[2]}.weight"] = v[e].contiguous()
+            else:
+                sd[k if k.startswith("lm_head") else "model." + k] = v.contiguous()
+        sd = {k: v.detach().cpu() for k, v in sd.items()}
+        shards, cur, size = [], {}, 0
+        for k, v in sd.items():
+            nbytes = v.numel() * v.element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k] = v
+            size += nbytes
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        dtype = str(next(self.parameters()).dtype).replace("torch.", "")
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config_to_hf(cfg, dtype), f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face config and weight mapping
+
+_MODEL_TYPES = {"DeepseekV3ForCausalLM": "deepseek_v3", "Qwen3MoeForCausalLM": "qwen3_moe",
+                "Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+
+
+def config_from_hf(d, where="config.json"):
+    """Map a Hugging Face config dict onto ModelConfig, refusing what this model cannot reproduce exactly."""
+    archs = d.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{where}: architecture {arch!r} is not supported; nano-r1 loads {', '.join(ARCHITECTURES)}")
+    if d.get("quantization_config") is not None:
+        raise ValueError(f"{where}: this checkpoint is quantised ({d['quantization_config'].get('quant_method')}); "
+                         "convert it to bf16 first (e.g. DeepSeek-V3's inference/fp8_cast_bf16.py) and load that")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (silu only)")
+    rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
+    theta = d.get("rope_theta", rope.pop("rope_theta", 10000.0))
+    rope.pop("rope_theta", None)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    c = dict(architecture=arch, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+             intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+             num_attention_heads=d["num_attention_heads"], rope_theta=theta,
+             rope_scaling=None if kind == "default" else rope,
+             max_position_embeddings=d.get("max_position_embeddings", 4096),
+             rms_norm_eps=d.get("rms_norm_eps", 1e-6), tie_word_embeddings=d.get("tie_word_embeddings", False),
+             bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+             initializer_range=d.get("initializer_range", 0.02))
+    if arch == "DeepseekV3ForCausalLM":
+        if d.get("scoring_func", "sigmoid") != "sigmoid" or d.get("topk_method", "noaux_tc") != "noaux_tc":
+            raise ValueError(f"{where}: DeepSeek-V3 routing must be scoring_func=sigmoid, topk_method=noaux_tc")
+        c.update({k: d[k] for k in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                    "v_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+                                    "moe_intermediate_size", "first_k_dense_replace", "n_group", "topk_group",
+                                    "norm_topk_prob", "routed_scaling_factor")})
+        c.update(scoring_func="sigmoid", rope_interleave=d.get("rope_interleave", True),
+                 attention_bias=d.get("attention_bias", False), attention_out_bias=d.get("attention_bias", False))
+    else:
+        c.update(kv_lora_rank=None, num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
+                 n_routed_experts=0, n_shared_experts=0, first_k_dense_replace=0)
+        if d.get("use_sliding_window"):
+            raise ValueError(f"{where}: sliding-window attention is not supported")
+        if arch == "Qwen2ForCausalLM":  # q/k/v always carry a bias in Qwen2, o_proj never
+            c.update(attention_bias=True, attention_out_bias=False)
+        else:
+            if d.get("mlp_bias"):
+                raise ValueError(f"{where}: mlp_bias is not supported")
+            c.update(attention_bias=d.get("attention_bias", False), attention_out_bias=d.get("attention_bias", False),
+                     qk_norm=arch.startswith("Qwen3"))
+        if arch == "Qwen3MoeForCausalLM":
+            step = d.get("decoder_sparse_step", 1)
+            L = d["num_hidden_layers"]
+            dense = set(d.get("mlp_only_layers") or []) | {i for i in range(L) if (i + 1) % step}
+            c.update(n_routed_experts=d.get("num_experts", d.get("num_local_experts")), scoring_func="softmax",
+                     num_experts_per_tok=d["num_experts_per_tok"], moe_intermediate_size=d["moe_intermediate_size"],
+                     norm_topk_prob=d.get("norm_topk_prob", False), mlp_only_layers=sorted(dense))
+    return ModelConfig(**c)
+
+
+def config_to_hf(cfg, dtype="float32"):
+    """ModelConfig -> a config.json dict that transformers (and vLLM) load as cfg.architecture."""
+    arch = cfg.architecture
+    d = dict(architectures=[arch], model_type=_MODEL_TYPES[arch], vocab_size=cfg.vocab_size,
+             hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+             num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+             max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+             tie_word_embeddings=cfg.tie_word_embeddings, hidden_act="silu", rope_theta=cfg.rope_theta,
+             initializer_range=cfg.initializer_range, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+             torch_dtype=dtype)
+    if cfg.rope_scaling:
+        d["rope_scaling"] = dict(cfg.rope_scaling)
+    if arch == "DeepseekV3ForCausalLM":
+        if cfg.attention_bias != cfg.attention_out_bias:
+            raise ValueError("DeepseekV3 has one attention_bias flag: attention_bias must equal attention_out_bias")
+        moe = cfg.n_routed_experts > 0
+        d.update(kv_lora_rank=cfg.kv_lora_rank, q_lora_rank=cfg.q_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+                 qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+                 num_key_value_heads=cfg.num_attention_heads, n_routed_experts=cfg.n_routed_experts,
+                 n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                 moe_intermediate_size=cfg.moe_intermediate_size,
+                 first_k_dense_replace=cfg.first_k_dense_replace if moe else cfg.num_hidden_layers,
+                 n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
+                 routed_scaling_factor=cfg.routed_scaling_factor, scoring_func="sigmoid", topk_method="noaux_tc",
+                 rope_interleave=cfg.rope_interleave, attention_bias=cfg.attention_bias, num_nextn_predict_layers=0)
+        if cfg.mlp_only_layers:
+            raise ValueError("DeepseekV3 places dense layers with first_k_dense_replace only (mlp_only_layers=[])")
+        if moe and cfg.scoring_func != "sigmoid":
+            raise ValueError("DeepseekV3ForCausalLM routes with sigmoid scores; use scoring_func='sigmoid'")
+        return d
+    d.update(num_key_value_heads=cfg.num_key_value_heads or cfg.num_attention_heads, head_dim=cfg.gqa_head_dim)
+    if arch == "Qwen2ForCausalLM":
+        if not cfg.attention_bias or cfg.attention_out_bias or cfg.qk_norm:
+            raise ValueError("Qwen2ForCausalLM has q/k/v bias, no o_proj bias and no q/k norm")
+        return d
+    if cfg.attention_bias != cfg.attention_out_bias:
+        raise ValueError(f"{arch} has one attention_bias flag: attention_bias must equal attention_out_bias")
+    if cfg.qk_norm != arch.startswith("Qwen3"):
+        raise ValueError(f"{arch}: qk_norm must be {arch.startswith('Qwen3')}")
+    d.update(attention_bias=cfg.attention_bias)
+    if arch == "Qwen3MoeForCausalLM":
+        dense = sorted(set(cfg.mlp_only_layers) | set(range(cfg.first_k_dense_replace)))
+        d.update(num_experts=cfg.n_routed_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                 moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+                 decoder_sparse_step=1, mlp_only_layers=dense)
+    return d
+
+
+def load_hf_state(path, cfg, dtype):
+    """Read safetensors into our state_dict naming: drop 'model.', stack per-expert tensors, skip layers beyond
+    num_hidden_layers (DeepSeek-V3's multi-token-prediction module), refuse FP8 block-quantised weights."""
+    from safetensors import safe_open
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    state, experts = {}, {}
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="pt") as f:
+            for key in f.keys():
+                if key.endswith("weight_scale_inv"):
+                    raise ValueError(f"{path}/{name}: {key} is an FP8 block scale; convert the checkpoint to bf16 "
+                                     "first (e.g. DeepSeek-V3's inference/fp8_cast_bf16.py)")
+                k = key[len("model."):] if key.startswith("model.") else key
+                m = re.match(r"layers\.(\d+)\.", k)
+                if m and int(m[1]) >= cfg.num_hidden_layers:
+                    continue
+                if k.endswith("rotary_emb.inv_freq"):
+                    continue
+                t = f.get_tensor(key)
+                t = t.float() if k.endswith("e_score_correction_bias") else t.to(dtype)
+                m = re.fullmatch(r"(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", k)
+                if m:
+                    experts.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = t
+                elif k.endswith("mlp.experts.gate_up_proj"):  # transformers 5's fused in-memory layout
+                    gate, up = t.chunk(2, dim=1)
+                    state[k.replace("gate_up_proj", "gate_proj")] = gate.contiguous()
+                    state[k.replace("gate_up_proj", "up_proj")] = up.contiguous()
+                else:
+                    state[k] = t
+    for k, per in experts.items():
+        if sorted(per) != list(range(cfg.n_routed_experts)):
+            raise ValueError(f"{path}: {k}: found experts {sorted(per)[:5]}..., expected 0..{cfg.n_routed_experts - 1}")
+        state[k] = torch.stack([per[e] for e in range(len(per))])
+    return state
+
+
+if __name__ == "__main__":
+    # self-check on a tiny random MoE: cached decode matches the full forward, HF save/load round-trips
+    import tempfile
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, n_group=2, topk_group=1, n_routed_experts=8)
+    model = Transformer(cfg).eval()
+    print(f"tiny DeepSeek-V3-style MoE: {model.num_params() / 1e6:.2f}M parameters, "
+          f"{cfg.n_routed_experts} routed + {cfg.n_shared_experts} shared experts, MLA latent {cfg.kv_lora_rank}")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = KVCache(cfg, 2, 12)
+        steps = [model(tokens[:, :6], cache)] + [model(tokens[:, t:t + 1], cache) for t in range(6, 12)]
+        cached = torch.cat(steps, dim=1)
+        err = (full - cached).abs().max().item()
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            err2 = (Transformer.from_pretrained(d)(tokens) - full).abs().max().item()
+    print(f"max |full - cached decode| = {err:.2e}; max |logits after save/load - before| = {err2:.2e}")
+    assert err < 1e-4 and err2 == 0.0

@@ -227,22 +227,25 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin, self.interleave)  # (B, 1, T, dr)
         if cache is None or not cache.has_past:
             if cache is not None:  # prefill: cache the latent, attend in the expanded form
-                cache.write(layer, c, k_rope.squeeze(1))
+                cache.write(layer, torch.cat((c, k_rope.squeeze(1)), -1))
             kv = self.kv_b_proj(c).view(B, T, self.h, self.dn + self.dv).transpose(1, 2)
             k_nope, v = kv.split([self.dn, self.dv], dim=-1)  # (B, H, T, dn), (B, H, T, dv)
             k = torch.cat((k_nope, k_rope.expand(B, self.h, T, self.dr)), dim=-1)
             out = F.scaled_dot_product_attention(torch.cat((q_nope, q_rope), -1), k, v, is_causal=True,
                                                  scale=self.scale)  # (B, H, T, dv)
         else:
-            c_all, kr_all = cache.write(layer, c, k_rope.squeeze(1))  # (B, L, r), (B, L, dr)
+            # absorbed: scores = q_nope.(W_k c) + q_rope.k_rope = [q_nope W_k, q_rope].[c, k_rope]; one key per
+            # token shared by all heads, so heads fold into the query rows of two batched matmuls
+            kv_all, = cache.write(layer, torch.cat((c, k_rope.squeeze(1)), -1))  # (B, L, r+dr)
+            L = kv_all.shape[1]
             w = self.kv_b_proj.weight.view(self.h, self.dn + self.dv, self.r)
             w_k, w_v = w[:, :self.dn], w[:, self.dn:]  # (H, dn, r), (H, dv, r)
-            q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_k)  # q_nope . (W_k c) == (q_nope W_k) . c
-            L = c_all.shape[1]
-            keys = torch.cat((c_all, kr_all), -1).unsqueeze(1).expand(B, self.h, L, self.r + self.dr)
-            o_lat = F.scaled_dot_product_attention(torch.cat((q_lat, q_rope), -1), keys,
-                                                   c_all.unsqueeze(1).expand(B, self.h, L, self.r),
-                                                   attn_mask=cache.mask, scale=self.scale)  # (B, H, T, r)
+            q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_k)
+            qq = torch.cat((q_lat, q_rope), -1).reshape(B, self.h * T, self.r + self.dr)
+            scores = torch.bmm(qq, kv_all.transpose(1, 2)).view(B, self.h, T, L) * self.scale  # (B, H, T, L)
+            scores = scores.masked_fill(~cache.mask, float("-inf"))
+            scores = scores.softmax(-1, dtype=torch.promote_types(x.dtype, torch.float32)).to(x.dtype)
+            o_lat = torch.bmm(scores.view(B, self.h * T, L), kv_all[..., :self.r]).view(B, self.h, T, self.r)
             out = torch.einsum("bhtr,hvr->bhtv", o_lat, w_v)  # (B, H, T, dv)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.h * self.dv))
 
@@ -460,8 +463,8 @@ class KVCache:
     def __init__(self, cfg, rows, max_len, device=None, dtype=torch.float32):
         self.max_len = max_len
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
-        if cfg.use_mla:
-            shapes = [(rows, max_len, cfg.kv_lora_rank), (rows, max_len, cfg.qk_rope_head_dim)]
+        if cfg.use_mla:  # latent and rope key side by side: attention reads them as one (B, L, r+dr) key
+            shapes = [(rows, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim)]
         else:
             kvh = cfg.num_key_value_heads or cfg.num_attention_heads
             shapes = [(rows, max_len, kvh, cfg.gqa_head_dim)] * 2

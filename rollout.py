@@ -1,0 +1,172 @@
+"""A naive, readable batched sampler with a preallocated KV cache: G completions for each of many prompts.
+
+    out = generate(model, prompts, max_new_tokens=128, temperature=1.0, num_samples=G, stop_ids=[eot], seed=0)
+    out.tokens[i], out.logprobs[i], out.truncated[i]   # row i belongs to prompt i // G
+
+How it works:
+1. Prefill: all prompts in one right-padded forward; each row's cache holds its own prompt (per-row lengths, the
+   position of a token is its cache slot, so padding never reaches attention or RoPE). The logits at each prompt's
+   last real token give the first next-token distribution.
+2. Replicate: the P prefilled rows are copied to P*G rows (one prefill per prompt, not per sample); every row then
+   samples its own first token.
+3. Decode: one token per row per step. A row stops when it samples a stop id or its text ends with a stop string
+   (the stop token is kept: the trainer must learn to emit it), or after max_new_tokens (truncated). Finished rows
+   leave the batch when enough of them have piled up (the cache is compacted).
+
+The log-prob returned for each sampled token is log_softmax(logits / temperature) over the full valid vocabulary,
+before top-k/top-p filtering: exactly what the trainer computes for the same token at the same temperature
+(PITFALLS P2; with top_p < 1 or top_k > 0 the sampled distribution is narrower than this, so on-policy training
+should keep both off). At temperature 0 (greedy) the log-probs are at temperature 1.
+"""
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from model import KVCache
+
+
+@dataclass
+class Rollout:
+    tokens: list           # R lists of sampled ids (the stop token included when there is one)
+    logprobs: list         # R lists of the sampler's log-prob of each sampled id
+    truncated: list        # R bools: True when the row hit max_new_tokens without a stop
+    num_samples: int       # G: row i belongs to prompt i // G
+    stop_reason: list = field(default_factory=list)  # "stop_id" | "stop_string" | "length"
+    experts: list = None   # record_experts: per row, per MoE layer, the (K,) expert ids of every token fed to the
+    #                        model: (len(prompt) + len(completion) - 1, K); the last sampled token is never fed
+    seconds: float = 0.0
+    new_tokens: int = 0    # sampled tokens in total (for tokens/s)
+
+
+def sample_next(logits, temperature, top_p, top_k, generator):
+    """logits (R, V) fp32, invalid ids already -inf -> (ids (R,), logprobs (R,) of those ids at `temperature`)."""
+    if temperature == 0:
+        ids = logits.argmax(-1)
+        return ids, torch.log_softmax(logits, -1).gather(1, ids[:, None]).squeeze(1)
+    scaled = logits / temperature
+    logp = torch.log_softmax(scaled, -1)  # (R, V) the full-vocabulary distribution the trainer will see
+    filt = scaled
+    if top_k > 0 and top_k < filt.shape[-1]:
+        kth = filt.topk(top_k, dim=-1).values[:, -1:]  # (R, 1)
+        filt = filt.masked_fill(filt < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = filt.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        filt = filt.masked_fill(drop, float("-inf"))
+    # inverse-CDF sampling: one uniform per row (torch.multinomial draws V exponentials per row, far slower);
+    # u is scaled by the row's total so rounding in the cumsum can never select a zero-probability id
+    cdf = filt.softmax(-1).cumsum(-1)  # (R, V)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    ids = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)  # (R,)
+    return ids, logp.gather(1, ids[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=1, stop_ids=(),
+             stop_strings=(), decode=None, vocab_size=None, seed=0, generator=None, record_experts=False,
+             compact_fraction=0.25):
+    """Sample `num_samples` completions for each prompt (a list of token-id lists). See the module docstring.
+
+    decode: ids -> str, needed for stop_strings. vocab_size: ids >= this are never sampled (a padded LM head);
+    default the model's vocab. generator: a torch.Generator (default: one seeded with `seed`, on the model's device).
+    compact_fraction: drop finished rows from the batch once they are this fraction of it.
+    """
+    t0 = time.perf_counter()
+    cfg = model.config
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    V = cfg.vocab_size if vocab_size is None else vocab_size
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    if any(min(p) < 0 or max(p) >= V for p in prompts):
+        raise ValueError(f"generate: prompt ids must be in [0, {V})")
+    if max_new_tokens < 1 or num_samples < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError("generate: need max_new_tokens >= 1, num_samples >= 1, temperature >= 0, 0 < top_p <= 1, "
+                         "top_k >= 0")
+    if stop_strings and decode is None:
+        raise ValueError("generate: stop_strings need a decode function")
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    moes = model.moe_layers() if record_experts else []
+    for m in moes:
+        m.record = []
+
+    P, G = len(prompts), num_samples
+    R = P * G
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    Tp = int(lens.max())
+    batch = torch.zeros(P, Tp, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        batch[i, :len(p)] = torch.tensor(p, device=device)
+    cache = KVCache(cfg, P, Tp + max_new_tokens, device=device, dtype=dtype)
+    logits = model(batch, cache, n_new=lens)  # (P, Tp, V_model)
+    logits = logits[torch.arange(P, device=device), lens - 1]  # (P, V) at each prompt's last real token
+    prefill_routes = [m.record.pop() for m in moes]  # (P*Tp, K) each
+    rows = torch.arange(P, device=device).repeat_interleave(G)  # batch position -> prompt, then -> output row
+    cache.select(rows)
+    logits = logits[rows]
+    rows = torch.arange(R, device=device)  # batch position -> output row
+
+    tokens = [[] for _ in range(R)]
+    logps = [[] for _ in range(R)]
+    reason = ["length"] * R
+    routes = [[[] for _ in moes] for _ in range(R)]
+    stop_set = set(stop_ids)
+    max_stop = max((len(s.encode()) for s in stop_strings), default=0)
+    alive = torch.ones(R, dtype=torch.bool, device=device)  # per batch position
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        if logits.shape[-1] > V:
+            logits[:, V:] = float("-inf")
+        ids, lp = sample_next(logits, temperature, top_p, top_k, generator)
+        ids_l, lp_l, rows_l, alive_l = ids.tolist(), lp.tolist(), rows.tolist(), alive.tolist()
+        for b, r in enumerate(rows_l):
+            if not alive_l[b]:
+                continue
+            tokens[r].append(ids_l[b])
+            logps[r].append(lp_l[b])
+            if ids_l[b] in stop_set:
+                reason[r], alive_l[b] = "stop_id", False
+            elif max_stop:  # a stop string completed by this token lies within the last max_stop tokens
+                tail = decode(tokens[r][-max_stop:])
+                if any(s in tail for s in stop_strings):
+                    reason[r], alive_l[b] = "stop_string", False
+        alive = torch.tensor(alive_l, device=device)
+        if step == max_new_tokens - 1 or not alive.any():
+            break
+        if (~alive).sum() >= compact_fraction * len(rows_l):  # compact: keep only unfinished rows
+            keep = alive.nonzero().squeeze(1)
+            cache.select(keep)
+            rows, ids, alive = rows[keep], ids[keep], alive[keep]
+        logits = model(ids[:, None], cache)[:, 0]  # (B, V)
+        if moes:
+            rl, al = rows.tolist(), alive.tolist()
+            for j, m in enumerate(moes):
+                step_routes = m.record.pop()  # (B, K) the experts of the token just fed in
+                for b, r in enumerate(rl):
+                    if al[b]:
+                        routes[r][j].append(step_routes[b])
+    for m in moes:
+        m.record = None
+    model.train(was_training)
+
+    experts = None
+    if moes:  # per row and layer: prompt routes (from the shared prefill) then the routes of fed-back tokens
+        experts = []
+        for r in range(R):
+            p = r // G
+            per_layer = []
+            for j in range(len(moes)):
+                pr = prefill_routes[j].view(P, Tp, -1)[p, :len(prompts[p])]
+                fed = torch.stack(routes[r][j]) if routes[r][j] else pr[:0]
+                per_layer.append(torch.cat([pr, fed]))
+            experts.append(per_layer)
+    return Rollout(tokens=tokens, logprobs=logps, truncated=[x == "length" for x in reason], num_samples=G,
+                   stop_reason=reason, experts=experts, seconds=time.perf_counter() - t0,
+                   new_tokens=sum(len(t) for t in tokens))

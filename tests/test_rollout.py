@@ -1,0 +1,174 @@
+import pytest
+import torch
+
+import rollout
+from model import ModelConfig, Transformer
+
+V = 203
+
+
+def make(kind="mla", seed=0, vocab=V):
+    if kind == "gqa":
+        cfg = ModelConfig(architecture="Qwen3MoeForCausalLM", vocab_size=vocab, kv_lora_rank=None,
+                          num_key_value_heads=2, qk_norm=True, n_shared_experts=0, scoring_func="softmax",
+                          n_routed_experts=4, num_hidden_layers=2)
+    else:
+        cfg = ModelConfig(vocab_size=vocab, num_hidden_layers=2, n_group=2, topk_group=1)
+    torch.manual_seed(seed)
+    m = Transformer(cfg).eval()
+    with torch.no_grad():  # sharper logits than the 0.02 init, so greedy paths are not decided by noise
+        m.lm_head.weight.mul_(30)
+    return m
+
+
+PROMPTS = [[5, 17, 42, 9, 100], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+
+
+@pytest.mark.parametrize("kind", ["mla", "gqa"])
+def test_greedy_cached_equals_stepwise_full_argmax(kind):
+    m = make(kind)
+    out = rollout.generate(m, PROMPTS, max_new_tokens=10, temperature=0)
+    for p, toks in zip(PROMPTS, out.tokens):
+        seq = list(p)
+        with torch.no_grad():
+            for _ in range(10):
+                seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
+        assert toks == seq[len(p):]
+    assert out.truncated == [True] * 3 and out.new_tokens == 30
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0])
+def test_sampler_logprobs_equal_full_forward_log_softmax(temperature):
+    m = make()
+    out = rollout.generate(m, PROMPTS, max_new_tokens=12, temperature=temperature, num_samples=2, seed=3)
+    for i, (toks, lps) in enumerate(zip(out.tokens, out.logprobs)):
+        p = PROMPTS[i // 2]
+        seq = torch.tensor([p + toks])
+        with torch.no_grad():
+            logits = m(seq)[0].float() / temperature  # (T, V)
+        # logits at position t predict token t+1 (PITFALLS P1)
+        ref = torch.log_softmax(logits[len(p) - 1:-1], -1).gather(1, torch.tensor(toks)[:, None]).squeeze(1)
+        assert (torch.tensor(lps) - ref).abs().max() < 1e-4
+
+
+def test_rows_of_a_group_differ_at_high_temperature_and_seeds_reproduce():
+    m = make()
+    a = rollout.generate(m, [PROMPTS[0]], max_new_tokens=8, temperature=2.0, num_samples=4, seed=1)
+    b = rollout.generate(m, [PROMPTS[0]], max_new_tokens=8, temperature=2.0, num_samples=4, seed=1)
+    c = rollout.generate(m, [PROMPTS[0]], max_new_tokens=8, temperature=2.0, num_samples=4, seed=2)
+    assert len({tuple(t) for t in a.tokens}) == 4  # every row sampled its own first token onwards
+    assert a.tokens == b.tokens and a.logprobs == b.logprobs
+    assert a.tokens != c.tokens
+    g = torch.Generator().manual_seed(1)
+    assert rollout.generate(m, [PROMPTS[0]], max_new_tokens=8, temperature=2.0, num_samples=4,
+                            generator=g).tokens == a.tokens
+
+
+def test_stop_ids_several_and_at_the_last_allowed_position():
+    m = make()
+    free = rollout.generate(m, [PROMPTS[0]], max_new_tokens=12, temperature=0).tokens[0]
+    k = next(i for i in range(3, 12) if free[i] not in free[:i])  # a token making its first appearance at step k
+    # stop exactly at the last allowed position: terminated, not truncated, stop token kept
+    out = rollout.generate(m, [PROMPTS[0]], max_new_tokens=k + 1, temperature=0, stop_ids=[free[k]])
+    assert out.tokens[0] == free[:k + 1] and out.truncated == [False] and out.stop_reason == ["stop_id"]
+    # one position short: truncated
+    out = rollout.generate(m, [PROMPTS[0]], max_new_tokens=k, temperature=0, stop_ids=[free[k]])
+    assert out.tokens[0] == free[:k] and out.truncated == [True] and out.stop_reason == ["length"]
+    # several stop ids: the first one met wins, nothing after it is kept
+    out = rollout.generate(m, [PROMPTS[0]], max_new_tokens=12, temperature=0, stop_ids=[V - 1, free[k], free[1]])
+    first = min(free.index(free[k]), 1)
+    assert out.tokens[0] == free[:first + 1] and out.truncated == [False]
+
+
+def test_stop_strings():
+    m = make()
+    decode = lambda ids: "".join(chr(65 + i % 26) for i in ids)  # noqa: E731 one letter per id
+    free = rollout.generate(m, [PROMPTS[1]], max_new_tokens=12, temperature=0).tokens[0]
+    text = decode(free)
+    j = next(j for j in range(4, 12) if text[j - 2:j + 1] not in text[:j])  # a 3-letter string first ending at j
+    out = rollout.generate(m, [PROMPTS[1]], max_new_tokens=12, temperature=0, stop_strings=[text[j - 2:j + 1]],
+                           decode=decode)
+    assert out.tokens[0] == free[:j + 1] and out.stop_reason == ["stop_string"] and not out.truncated[0]
+    with pytest.raises(ValueError, match="decode"):
+        rollout.generate(m, [PROMPTS[1]], max_new_tokens=3, stop_strings=["x"])
+
+
+@pytest.mark.parametrize("kind", ["mla", "gqa"])
+def test_ragged_batch_equals_each_prompt_alone(kind):
+    m = make(kind)
+    together = rollout.generate(m, PROMPTS, max_new_tokens=8, temperature=0, num_samples=2)
+    for i, p in enumerate(PROMPTS):
+        alone = rollout.generate(m, [p], max_new_tokens=8, temperature=0, num_samples=1)
+        for g in range(2):
+            assert together.tokens[2 * i + g] == alone.tokens[0]
+            assert max(abs(a - b) for a, b in zip(together.logprobs[2 * i + g], alone.logprobs[0])) < 1e-4
+
+
+def test_compaction_does_not_change_results():
+    m = make()
+    stop = rollout.generate(m, PROMPTS, max_new_tokens=10, temperature=0).tokens[1][2]
+    kw = dict(max_new_tokens=10, temperature=0, num_samples=2, stop_ids=[stop])
+    eager = rollout.generate(m, PROMPTS, compact_fraction=0.0, **kw)
+    never = rollout.generate(m, PROMPTS, compact_fraction=2.0, **kw)
+    assert eager.tokens == never.tokens and eager.truncated == never.truncated
+    assert any(not t for t in eager.truncated) and any(eager.truncated)
+
+
+def test_ids_beyond_the_tokenizer_vocab_are_never_sampled():
+    m = make(vocab=256)  # a padded LM head: ids 200..255 are not real tokens
+    with torch.no_grad():
+        m.lm_head.weight[200:] = m.lm_head.weight[:56] * 5  # make the padding rows the likeliest
+    out = rollout.generate(m, PROMPTS, max_new_tokens=40, temperature=3.0, num_samples=8, vocab_size=200, seed=0)
+    assert max(max(t) for t in out.tokens) < 200
+    unrestricted = rollout.generate(m, PROMPTS, max_new_tokens=40, temperature=3.0, num_samples=8, seed=0)
+    assert max(max(t) for t in unrestricted.tokens) >= 200  # the test would catch a missing mask
+
+
+def test_top_k_and_top_p():
+    m = make()
+    greedy = rollout.generate(m, PROMPTS, max_new_tokens=8, temperature=0)
+    k1 = rollout.generate(m, PROMPTS, max_new_tokens=8, temperature=1.0, top_k=1, seed=5)
+    p0 = rollout.generate(m, PROMPTS, max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=5)
+    assert k1.tokens == greedy.tokens == p0.tokens
+    # top_k=5: every sampled token is among the 5 likeliest at its step
+    out = rollout.generate(m, [PROMPTS[0]], max_new_tokens=8, temperature=5.0, top_k=5, num_samples=4, seed=0)
+    for toks in out.tokens:
+        with torch.no_grad():
+            logits = m(torch.tensor([PROMPTS[0] + toks]))[0, len(PROMPTS[0]) - 1:-1]
+        top5 = logits.topk(5, -1).indices
+        assert all(t in top5[i].tolist() for i, t in enumerate(toks))
+    # top_p: sampled tokens lie in the smallest set holding p of the mass
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50)
+    ids, _ = rollout.sample_next(logits, 1.0, 0.5, 0, torch.Generator().manual_seed(0))
+    probs = logits.softmax(-1)
+    for r in range(64):
+        ranked = probs[r].sort(descending=True)
+        mass_before = ranked.values.cumsum(0) - ranked.values
+        allowed = ranked.indices[mass_before < 0.5].tolist()
+        assert ids[r].item() in allowed
+
+
+def test_recorded_experts_match_the_training_forward():
+    m = make()
+    out = rollout.generate(m, PROMPTS, max_new_tokens=6, temperature=1.0, num_samples=2, record_experts=True)
+    moes = m.moe_layers()
+    for i, toks in enumerate(out.tokens):
+        seq = PROMPTS[i // 2] + toks
+        for mo in moes:
+            mo.record = []
+        with torch.no_grad():
+            m(torch.tensor([seq[:-1]]))
+        for j, mo in enumerate(moes):
+            assert torch.equal(out.experts[i][j], mo.record[0]), (i, j)
+            mo.record = None
+
+
+def test_bad_arguments():
+    m = make()
+    with pytest.raises(ValueError, match="at least one token"):
+        rollout.generate(m, [[]], max_new_tokens=3)
+    with pytest.raises(ValueError, match=r"prompt ids must be in \[0, 203\)"):
+        rollout.generate(m, [[V]], max_new_tokens=3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        rollout.generate(m, [[1]], max_new_tokens=0)

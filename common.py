@@ -313,3 +313,65 @@ def _jsonable(v):
     if isinstance(v, (np.floating, np.integer)):
         return v.item()
     return v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints: one file per save, `ckpt_<step>.pt`, written atomically; the newest complete one is the resume point
+
+
+def save_checkpoint(out_dir, step, state, keep_last=2):
+    """Atomically write `state` as out_dir/ckpt_<step>.pt, then delete all but the newest `keep_last` checkpoints.
+    A process killed mid-save leaves only a hidden temporary file, which `latest_checkpoint` ignores."""
+    path = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
+    atomic_torch_save(state, path)
+    for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+        os.remove(old)
+    return path
+
+
+def list_checkpoints(out_dir):
+    if not os.path.isdir(out_dir):
+        return []
+    names = sorted(n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n.endswith(".pt"))
+    return [os.path.join(out_dir, n) for n in names]
+
+
+def latest_checkpoint(out_dir):
+    ckpts = list_checkpoints(out_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(path):
+    """Load a checkpoint file, or the newest checkpoint of a run directory."""
+    if os.path.isdir(path):
+        newest = latest_checkpoint(path)
+        if newest is None:
+            raise FileNotFoundError(f"{path}: no ckpt_*.pt checkpoint in this directory")
+        path = newest
+    # weights_only=False: checkpoints hold python/numpy RNG states; only load checkpoints you wrote yourself
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# optimisation
+
+
+def lr_at(step, lr, warmup_steps, max_steps, schedule="cosine", min_lr_frac=0.1):
+    """Linear warm-up over `warmup_steps`, then constant or cosine decay to min_lr_frac * lr at max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ConfigError(f"--lr-schedule={schedule!r}: one of constant, cosine")
+    t = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + np.cos(np.pi * t)))
+
+
+def adamw(model, lr, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8):
+    """AdamW with weight decay on matrices (and stacked experts) only, not on norms, biases or 1-D tensors."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)

@@ -684,6 +684,27 @@ class Transformer(nn.Module):
             json.dump(config_to_hf(cfg, dtype), f, indent=2)
 
 
+def load_model(path, dtype=torch.float32, device="cpu"):
+    """A Hugging Face directory (config.json + safetensors), a nano-r1 checkpoint file (ckpt_*.pt), or a run
+    directory (its newest checkpoint, else its final/ export) -> Transformer."""
+    import common
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return Transformer.from_pretrained(path, dtype=dtype, device=device)
+    if os.path.isdir(path) and not common.list_checkpoints(path):
+        if os.path.isfile(os.path.join(path, "final", "config.json")):
+            return Transformer.from_pretrained(os.path.join(path, "final"), dtype=dtype, device=device)
+        raise FileNotFoundError(f"{path}: neither a Hugging Face model directory (config.json) nor a run directory "
+                                "with ckpt_*.pt or final/")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint or model directory")
+    state = common.load_checkpoint(path)
+    if "model" not in state or "model_config" not in state:
+        raise ValueError(f"{path}: not a nano-r1 checkpoint (needs 'model' and 'model_config')")
+    model = Transformer(ModelConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model.to(device=device, dtype=dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Hugging Face config and weight mapping
 

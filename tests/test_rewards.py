@@ -1,0 +1,521 @@
+"""Tests for rewards.py and sandbox_runner.py: tables per reward (with the adversarial cases of PITFALLS P12),
+the fast math path against math-verify, the sandbox attack suite, a hypothesis fuzz test and score_batch."""
+import dataclasses
+import functools
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rewards as R
+import sandbox_runner
+
+ROOT = os.geteuid() == 0
+
+
+def tag(ans, think="let me see"):
+    return f"<think>{think}</think> <answer>{ans}</answer>"
+
+
+@dataclasses.dataclass
+class Ex:  # the data module's Example, duck-typed
+    prompt: str
+    answer: str
+    kind: str = "math"
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# accuracy
+
+ACCURACY = [  # (completion, gold, expected)
+    (tag("42"), "42", 1.0),
+    (tag("41"), "42", 0.0),
+    (tag("1,234"), "1234", 1.0),  # thousands separators
+    (tag("1234"), "1,234", 1.0),
+    (tag("5.0"), "5", 1.0),
+    (tag("-3"), "-3", 1.0),
+    (tag("3"), "-3", 0.0),
+    (tag("0.5"), "\\frac{1}{2}", 1.0),  # fractions and decimals
+    (tag("\\frac{1}{2}"), "0.5", 1.0),
+    (tag("\\dfrac{3}{4}"), "3/4", 1.0),
+    (tag("x = 5"), "5", 1.0),  # assignments
+    (tag("5"), "x = 5", 1.0),
+    (tag("2\\pi"), "2\\pi", 1.0),  # LaTeX and symbolic forms
+    (tag("\\sqrt{2}"), "2^{1/2}", 1.0),
+    (tag("\\frac{\\sqrt{3}}{2}"), "\\sqrt{3}/2", 1.0),
+    (tag("\\boxed{7}"), "7", 1.0),  # a box inside the answer block
+    ("so the result is \\boxed{7}", "7", 1.0),  # no answer block: the last box
+    ("first \\boxed{6} then \\boxed{7}", "7", 1.0),
+    ("first \\boxed{7} then \\boxed{6}", "7", 0.0),
+    ("<think>maybe \\boxed{6}</think><answer>5</answer>", "5", 1.0),  # the answer block wins over a box
+    ("The answer is 7", "7", 0.0),  # neither: 0
+    ("<answer>7", "7", 0.0),  # unclosed block
+    (tag(""), "7", 0.0),  # empty answer
+    (tag("   "), "7", 0.0),
+    (tag("5 or 6"), "5", 0.0),  # hedging between candidates
+    (tag("5, 6, 7"), "5", 0.0),
+    (tag("15"), "5", 0.0),  # the gold as a substring of the answer
+    (tag("5"), "15", 0.0),  # and the other way round
+    (tag("5") + tag("6"), "6", 1.0),  # several blocks: the last counts
+    (tag("6") + tag("5"), "6", 0.0),
+    (tag("5") + tag("5"), "5", 1.0),  # answer repeated
+    (tag("5") + " and some trailing text", "5", 1.0),  # trailing text: accuracy still reads the block
+    (tag("7\n"), "7", 1.0),  # an extra newline
+    (tag("x" * 2000), "5", 0.0),  # spam
+    (tag("5"), "", None),  # unparseable gold: skipped, never 1
+    (tag("\\frac{"), "\\frac{", None),
+]
+
+
+@pytest.mark.parametrize("completion,gold,expected", ACCURACY)
+def test_accuracy_table(completion, gold, expected):
+    assert R.accuracy_reward(completion, gold) == expected
+
+
+def test_accuracy_reasons():
+    assert R._math("no tags", "7") == (0.0, "no_answer_tag")
+    assert R._math(tag(""), "7") == (0.0, "empty_answer")
+    assert R._math(tag("8"), "7") == (0.0, "wrong_answer")
+    assert R._math(tag("5"), "") == (None, "unparseable_gold")
+    assert R._math("no tags", "\\frac{") == (None, "unparseable_gold")  # a bad gold is counted even then
+    assert R._math(tag("y" * 2000), "\\pi") == (0.0, "answer_too_long")
+
+
+def test_accuracy_leaves_sigalrm_alone():
+    before = signal.getsignal(signal.SIGALRM)
+    assert R.accuracy_reward(tag("\\frac{2}{4}"), "\\frac{1}{2}") == 1.0
+    assert signal.getsignal(signal.SIGALRM) is before and signal.alarm(0) == 0
+
+
+def test_accuracy_in_a_thread():
+    """math-verify's signal.alarm raises in a non-main thread; the reward must route around it, not fail."""
+    out = []
+    t = threading.Thread(target=lambda: out.extend([R.accuracy_reward(tag("\\sqrt{4}"), "2"),
+                                                    R.accuracy_reward(tag("\\sqrt{5}"), "2")]))
+    t.start()
+    t.join(120)
+    assert out == [1.0, 0.0]
+
+
+def _number_text(draw_int, commas, decimals):
+    s = f"{draw_int:,}" if commas else str(draw_int)
+    return s + decimals
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(-10**7, 10**7), st.integers(-10**7, 10**7), st.booleans(), st.booleans(),
+       st.sampled_from(["", ".0", ".5", ".25", ".125"]), st.sampled_from(["", ".0", ".5", ".250"]), st.booleans())
+def test_fast_path_matches_math_verify(a, b, ca, cb, da, db, same):
+    """The cheap exact-number path must decide exactly as math-verify (gold first) would."""
+    mv = R._mv()
+    gold = _number_text(a, ca, da)
+    pred = _number_text(a if same else b, cb, db)
+    fast = R._math(tag(pred), gold, cheap_only=True)
+    ref = float(mv.verify(mv.parse(f"${gold}$"), mv.parse(f"${pred}$")))
+    if fast is not None:
+        assert fast[0] == ref, (gold, pred)
+    assert R.accuracy_reward(tag(pred), gold) == ref, (gold, pred)
+    if not da and not db:
+        assert fast is not None  # integers never need sympy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# format, language, choice, countdown, reasoning-gym
+
+FORMAT = [  # (completion, think_prefilled, expected)
+    ("<think>a</think><answer>5</answer>", False, 1.0),
+    ("<think>a</think>\n<answer>5</answer>\n", False, 1.0),  # whitespace between and after
+    ("  <think>a</think> <answer>5</answer>", False, 1.0),
+    ("<think></think><answer>5</answer>", False, 1.0),  # an empty think is still the structure
+    ("<think>a</think><answer>5</answer> trailing", False, 0.0),  # nothing after
+    ("<think>a</think> so <answer>5</answer>", False, 0.0),  # nothing between
+    ("<think>a</think><answer></answer>", False, 0.0),  # empty answer
+    ("<think>a</think><answer>  </answer>", False, 0.0),
+    ("<answer>5</answer><think>a</think>", False, 0.0),  # order
+    ("<think>a</think><answer>5</answer><answer>6</answer>", False, 0.0),  # several answer blocks
+    ("<think>a<think>b</think><answer>5</answer>", False, 0.0),
+    ("<think>a</think><answer>5", False, 0.0),
+    ("a</think><answer>5</answer>", False, 0.0),
+    ("a</think><answer>5</answer>", True, 1.0),  # the prompt prefilled <think>
+    ("<think>a</think><answer>5</answer>", True, 0.0),  # ... and the model opened it again
+    ("", False, 0.0),
+]
+
+
+@pytest.mark.parametrize("completion,prefilled,expected", FORMAT)
+def test_format_table(completion, prefilled, expected):
+    assert R.format_reward(completion, think_prefilled=prefilled) == expected
+
+
+LANGUAGE = [  # (text, lang, expected)
+    ("I think the answer is simple", "en", 1.0),
+    ("我们来计算", "zh", 1.0),
+    ("我们 compute", "en", 1 / 3),  # Han counts one word per character
+    ("我们 compute", "zh", 2 / 3),
+    ("Compute $\\frac{a}{b} = 你好$ and 42 + 17 = 59 `你好` then ```python\nprint('你好')\n``` \\alpha \\(你\\)", "en",
+     1.0),  # LaTeX, numbers and code do not count
+    ("", "en", 0.0),
+    ("42 + 17 = 59", "en", 0.0),  # no words at all
+    ("<think>我们</think><answer>the answer</answer>", "zh", 1.0),  # a completion: its think block
+    ("我们</think><answer>yes</answer>", "zh", 1.0),  # prefilled <think>
+    ("Привет мир, hello", "ru", 2 / 3),
+]
+
+
+@pytest.mark.parametrize("text,lang,expected", LANGUAGE)
+def test_language_table(text, lang, expected):
+    assert R.language_consistency_reward(text, lang) == pytest.approx(expected)
+
+
+def test_language_unknown_lang_names_it():
+    with pytest.raises(ValueError, match="xx"):
+        R.language_consistency_reward("hello", "xx")
+
+
+CHOICE = [(tag("C"), "C", 1.0), (tag("(C)"), "C", 1.0), (tag("c"), "C", 1.0), (tag("C. 42 grams"), "C", 1.0),
+          (tag("\\text{C}"), "C", 1.0), (tag("\\boxed{C}"), "(C)", 1.0), (tag("B"), "C", 0.0),
+          (tag("A, C"), "C", 0.0), (tag("AC"), "C", 0.0), (tag("A cat"), "A", 0.0), ("C", "C", 0.0),
+          (tag("C"), "CD", None)]
+
+
+@pytest.mark.parametrize("completion,gold,expected", CHOICE)
+def test_choice_table(completion, gold, expected):
+    assert R.choice_reward(completion, gold) == expected
+
+
+COUNTDOWN = [  # (answer, numbers, target, expected, reason)
+    ("8/(3-8/3)", [8, 3, 8, 3], 24, 1.0, None),  # exact rational arithmetic
+    ("8*3", [8, 3, 5], 24, 1.0, None),  # numbers may go unused
+    ("8*3 = 24", [8, 3], 24, 1.0, None),
+    ("8*3*1", [8, 3], 24, 0.0, "numbers_misused"),  # 1 was not given
+    ("8+8+8", [8, 3], 24, 0.0, "numbers_misused"),  # 8 used three times
+    ("2**3*3", [2, 3, 3], 24, 0.0, "bad_expression"),
+    ("8//3", [8, 3], 2, 0.0, "bad_expression"),
+    ("8/(3-3)", [8, 3, 3], 24, 0.0, "bad_expression"),
+    ("__import__('os')", [1], 1, 0.0, "bad_expression"),
+    ("", [1], 1, 0.0, "bad_expression"),
+    ("8*3", [8, 3], 25, 0.0, "wrong_answer"),
+]
+
+
+@pytest.mark.parametrize("answer,numbers,target,expected,reason", COUNTDOWN)
+def test_countdown_table(answer, numbers, target, expected, reason):
+    assert R._countdown(tag(answer), numbers, target) == (expected, reason)
+    assert R.countdown_reward(tag(answer), numbers, target) == expected
+
+
+def test_countdown_needs_an_answer():
+    assert R._countdown("8*3", [8, 3], 24) == (0.0, "no_answer_tag")
+
+
+def test_reasoning_gym_passthrough():
+    rg = pytest.importorskip("reasoning_gym")
+    entry = rg.create_dataset("basic_arithmetic", size=1, seed=1)[0]
+    gold = entry["answer"]
+    assert R.reasoning_gym_reward(tag(gold), "basic_arithmetic", entry) == 1.0
+    partial = R.reasoning_gym_reward(tag("foo " + gold), "basic_arithmetic", entry)
+    assert partial == pytest.approx(len(gold) / len("foo " + gold))  # the dataset's own partial credit (P12)
+    assert R.reasoning_gym_reward(tag("foo " + gold), "basic_arithmetic", entry, exact=True) == 0.0
+    assert R.reasoning_gym_reward("no tags " + gold, "basic_arithmetic", entry) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# code: behaviour
+
+
+def code(src):
+    return f"<think>easy</think><answer>\n```python\n{src}\n```\n</answer>"
+
+
+INC_TESTS = "assert f(1) == 2\nassert f(2) == 3\nassert f(3) == 5"
+
+
+def test_code_pass_partial_binary():
+    assert R.code_reward(code("def f(x):\n    return x + 1"), "assert f(1) == 2\nassert f(5) == 6") == 1.0
+    assert R.code_reward(code("def f(x):\n    return x + 1"), INC_TESTS) == pytest.approx(2 / 3)
+    assert R.code_reward(code("def f(x):\n    return x + 1"), INC_TESTS, binary=True) == 0.0
+
+
+def test_code_humaneval_check_is_inlined():
+    tests = "METADATA = {}\n\ndef check(candidate):\n    assert candidate(1) == 2\n    assert candidate(2) == 3\n" \
+            "    assert candidate(3) == 5\n\ncheck(inc)\n"
+    units = R.split_tests(tests, entry_point="inc")
+    assert [c for _, c in units] == [False, False, True, True, True]
+    assert R.code_reward(code("def inc(x):\n    return x + 1"), tests, entry_point="inc") == pytest.approx(2 / 3)
+    assert R.code_reward(code("def inc(x):\n    return x + 1"), tests) == 0.0  # no inlining: one failing check
+
+
+def test_code_setup_statements_and_last_block():
+    tests = "import math\ny = f(4)\nassert y == 5\nassert math.isclose(f(0.5), 1.5)"
+    completion = "```python\ndef f(x):\n    return 0\n```\nbetter:\n```python\ndef f(x):\n    return x + 1\n```"
+    assert R.code_reward(completion, tests) == 1.0
+
+
+CODE_ZERO = [  # (completion, tests, reason)
+    ("no code here", INC_TESTS, "no_code"),
+    (code("def f(x) return x"), INC_TESTS, "syntax_error"),
+    (code("raise ValueError('no')\ndef f(x):\n    return x + 1"), INC_TESTS, "exception"),
+    (code("def f(x):\n    return x"), INC_TESTS, "tests_failed"),
+    # the model's code patches the builtins the harness would use: the harness kept its own
+    (code("import builtins\nbuiltins.exec = lambda *a, **k: None\nbuiltins.compile = lambda *a, **k: None\n"
+          "def f(x):\n    return 0"), INC_TESTS, "tests_failed"),
+]
+
+
+@pytest.mark.parametrize("completion,tests,reason", CODE_ZERO)
+def test_code_zero_table(completion, tests, reason):
+    assert R._code(completion, tests, timeout=2.0) == (0.0, reason)
+
+
+def test_code_bad_tests_are_skipped():
+    assert R._code(code("def f(x):\n    return x"), "assert (", timeout=2.0) == (None, "bad_tests")
+    assert R._code(code("def f(x):\n    return x"), "import os\nx = 1", timeout=2.0) == (None, "bad_tests")
+    assert R._code(code("def f(x):\n    return x"), INC_TESTS, 2.0, False, "not valid") == (None, "bad_tests")
+
+
+def test_code_can_use_libraries_and_its_own_dir():
+    src = ("import numpy as np, json\nopen('scratch.json', 'w').write(json.dumps([1, 2]))\n"
+           "def f():\n    return int(np.asarray(json.load(open('scratch.json'))).sum())")
+    assert R.code_reward(code(src), "assert f() == 3", timeout=5.0) == 1.0
+
+
+@pytest.mark.skipif(not ROOT, reason="the fresh uid exists only in root mode")
+def test_code_runs_as_a_fresh_uid():
+    assert R.code_reward(code("import os\ndef f():\n    return os.getuid()"),
+                         f"assert f() > {sandbox_runner.UID_BASE}") == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# code: the attack suite. Each case must score 0 within timeout + a few seconds; afterwards the trainer (this
+# process and a stand-in child of it) is alive, no process the sandbox started is left, the outside file is intact.
+
+TIMEOUT = 1.5
+SECRET = "nano-r1-test-secret-7f3a"
+LIBC = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A world-readable file outside the sandbox, a stand-in trainer process, a secret in our environment and a
+    listening socket."""
+    d = tempfile.mkdtemp(prefix="nano_r1_outside_")
+    os.chmod(d, 0o755)
+    path = os.path.join(d, "keep.txt")
+    with open(path, "w") as f:
+        f.write("precious")
+    os.chmod(path, 0o644)
+    os.environ["NANO_R1_TEST_SECRET"] = SECRET
+    sentinel = subprocess.Popen(["sleep", "600"])
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    yield {"path": path, "dir": d, "port": srv.getsockname()[1], "sentinel": sentinel}
+    srv.close()
+    sentinel.kill()
+    sentinel.wait()
+    os.environ.pop("NANO_R1_TEST_SECRET", None)
+
+
+@functools.lru_cache(maxsize=None)
+def own_namespaces():
+    """Does the sandbox get its own pid (and network) namespace here? Its code is then pid 1."""
+    return R.code_reward(code("import os\ndef f():\n    return os.getpid()"), "assert f() == 1") == 1.0
+
+
+def test_sandbox_has_namespaces_when_root():
+    assert own_namespaces() or not ROOT
+
+
+def leftovers(marker="987.654"):
+    """Processes the sandbox may have left: its uid range (root mode), the marker in a command line, a runner."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                uid = int(f.read().split("Uid:")[1].split()[0])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if uid >= sandbox_runner.UID_BASE or marker in cmd or "sandbox_runner.py" in cmd:
+            found.append((pid, uid, cmd))
+    return found
+
+
+def attacks(w):
+    p, d, port = w["path"], w["dir"], w["port"]
+    detach = (LIBC + "import time\nfor _ in range(3):\n    if libc.fork() == 0:\n        libc.setsid()\n"
+              "        if libc.fork() == 0:\n            argv = (ctypes.c_char_p * 3)(b'sleep', b'987.654', None)\n"
+              "            libc.execv(b'/bin/sleep', argv)\n        libc._exit(0)\ntime.sleep(100)\n"
+              "def f():\n    return 1\n")
+    return {  # name: (code, acceptable reasons, needs: None | "root" | "ns" (own pid+net namespaces))
+        "infinite_loop": ("while True:\n    pass", {"timeout"}, None),
+        "sleep_forever": ("import time\ntime.sleep(1000)", {"timeout"}, None),
+        "detached_grandchildren": (detach, {"timeout"}, None),
+        "python_fork": ("import os\nos.fork()\ndef f():\n    return 1", {"exception"}, None),
+        "fork_bomb": (LIBC + "while True:\n    libc.fork()", {"timeout"}, "root"),
+        "multi_gb_allocation": ("x = bytearray(8 << 30)\ndef f():\n    return 1", {"memory"}, None),
+        "growing_allocation": ("x = []\nwhile True:\n    x.append(bytearray(64 << 20))", {"memory", "timeout"},
+                               None),  # page-faulting the memory in may take longer than TIMEOUT on a busy box
+        "sys_exit_before_tests": ("import sys\nsys.exit(0)\ndef f():\n    return 1", {"exit_before_tests"}, None),
+        "os_exit_before_tests": ("import os\nos._exit(0)\ndef f():\n    return 1", {"no_proof"}, None),
+        "fake_marker": ("import os\nfor fd in range(0, 64):\n    try:\n"
+                        "        os.write(fd, b'0123456789abcdef0123456789abcdef 1 -\\nALL TESTS PASSED\\n')\n"
+                        "    except OSError:\n        pass\nprint('ALL TESTS PASSED')\ndef f():\n    return 1\n"
+                        "os._exit(0)", {"no_proof"}, None),
+        "huge_print": ("print('x' * (64 << 20))\ndef f():\n    return 1", {"output_limit"}, None),
+        "print_flood": ("while True:\n    print('y' * 10000)", {"output_limit"}, None),
+        "delete_outside": (f"import os\nos.remove({p!r})\ndef f():\n    return 1", {"exception"}, None),
+        "truncate_outside": (f"open({p!r}, 'w').close()\ndef f():\n    return 1", {"exception"}, None),
+        "rmtree_outside": (f"import shutil\nshutil.rmtree({d!r})\ndef f():\n    return 1", {"exception"}, None),
+        "delete_outside_ctypes": (LIBC + f"r = libc.unlink({p!r}.encode())\nt = libc.truncate({p!r}.encode(), 0)\n"
+                                  "fd = libc.open(%r.encode(), 1 | 512)\ndef f():\n    return int(r == 0 or t == 0 or "
+                                  "fd >= 0)" % p, {"tests_failed"}, "root"),
+        "read_trainer_env": ("import os\nleak = os.environ.get('NANO_R1_TEST_SECRET', '')\n"
+                             "for pid in os.listdir('/proc'):\n    try:\n"
+                             f"        leak = leak or ({SECRET!r} in open(f'/proc/{{pid}}/environ', errors='ignore').read())\n"
+                             "    except OSError:\n        pass\ndef f():\n    return int(bool(leak))",
+                             {"tests_failed"}, None),
+        "kill_trainer": ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\ndef f():\n    return 1",
+                         {"exception"}, None),
+        # Fires only when contained: in its own pid namespace (pid 1) or as a non-root uid. kill(-1) returns 0
+        # even when every target refused, so harm is judged outside: the stand-in trainer process must live.
+        "kill_everything_ctypes": (LIBC + "import os\nassert os.getpid() == 1 or os.getuid() != 0\n"
+                                   "libc.kill(-1, 9)\nppid = os.getppid()\n"
+                                   "q = libc.kill(ppid, 9) if ppid > 1 else -1\n"
+                                   "def f():\n    return int(q == 0)", {"tests_failed"}, "ns"),
+        "socket": (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+                   "def f():\n    return 1", {"exception"}, None),
+        "socket_raw": (f"import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\ns.settimeout(1)\n"
+                       f"s.connect(('127.0.0.1', {port}))\ndef f():\n    return 1", {"exception"}, "ns"),
+    }
+
+
+ATTACK_NAMES = list(attacks({"path": "", "dir": "", "port": 0}))
+
+
+@pytest.mark.parametrize("name", ATTACK_NAMES)
+def test_sandbox_attack(world, name):
+    src, reasons, needs = attacks(world)[name]
+    if needs == "root" and not ROOT or needs == "ns" and not own_namespaces():
+        pytest.skip(f"bypasses the Python guards; without {needs} no wall would stop it and it would do harm")
+    seen = []  # processes with the marker seen while the attack ran (proves the detach attack really detached)
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.extend(x for x in leftovers() if "987.654" in x[2])
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    t0 = time.monotonic()
+    try:
+        value, reason = R._code(code(src), "assert f() == 1", timeout=TIMEOUT, memory_mb=512)
+    finally:
+        done.set()
+        watcher.join()
+    elapsed = time.monotonic() - t0
+    assert value == 0.0 and reason in reasons, (value, reason)
+    assert elapsed < TIMEOUT + 5, elapsed
+    if name == "detached_grandchildren":
+        assert seen, "the attack never started its detached sleepers: the test proves nothing"
+    assert leftovers() == []
+    with open(world["path"]) as f:
+        assert f.read() == "precious"
+    assert world["sentinel"].poll() is None  # the stand-in trainer process survived
+    assert os.environ["NANO_R1_TEST_SECRET"] == SECRET
+
+
+def test_sandbox_env_is_cleared(world):
+    src = "import os\ndef f():\n    return sorted(os.environ)"
+    assert R.code_reward(code(src), "assert 'NANO_R1_TEST_SECRET' not in f() and 'PATH' in f()") == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fuzz: no reward raises, values stay in [0, 1]
+
+texts = st.one_of(st.text(max_size=200), st.builds(lambda a, b: f"<think>{a}</think><answer>{b}</answer>",
+                                                   st.text(max_size=60), st.text(max_size=60)),
+                  st.builds(lambda a: f"\\boxed{{{a}}}", st.text(max_size=60)))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts, st.sampled_from(["42", "\\frac{1}{2}", "x = 5", "C", "2\\pi"]))
+def test_fuzz_rewards_never_raise(text, gold):
+    for v in (R.accuracy_reward(text, gold), R.format_reward(text), R.format_reward(text, True),
+              R.language_consistency_reward(text, "en"), R.language_consistency_reward(text, "zh"),
+              R.choice_reward(text, "C"), R.countdown_reward(text, [1, 2, 3], 6)):
+        assert v is not None and 0.0 <= v <= 1.0
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.text(max_size=80))
+def test_fuzz_code_reward_never_raises(text):
+    for completion in (text, code(text)):
+        v = R.code_reward(completion, "assert f(1) == 2", timeout=2.0)
+        assert 0.0 <= v <= 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# score_batch
+
+
+def batch():
+    rg_entry = {"question": "1+1", "answer": "2", "metadata": {}}
+    return [
+        (tag("42"), Ex("q", "42")),
+        (tag("41"), Ex("q", "42")),
+        (tag("\\frac{2}{4}"), Ex("q", "\\frac{1}{2}")),
+        ("no tags at all", Ex("q", "7")),
+        (tag("5"), Ex("q", "")),  # unparseable gold
+        (tag("(B)"), Ex("q", "B", "choice")),
+        (tag("8*3"), Ex("q", "", "countdown", {"numbers": [8, 3], "target": 24})),
+        (code("def f(x):\n    return x + 1"), Ex("q", "", "code", {"tests": INC_TESTS})),
+        (code("while True:\n    pass"), Ex("q", "", "code", {"tests": INC_TESTS})),
+        (tag("2"), Ex("q", "2", "rg", {"rg_name": "basic_arithmetic", "rg_entry": rg_entry})),
+        ("<think>我们 think</think><answer>42</answer>", Ex("q", "42", "math", {"lang": "zh"})),
+    ]
+
+
+def test_score_batch_components_totals_and_reasons():
+    pytest.importorskip("reasoning_gym")
+    completions, examples = zip(*batch())
+    total, comps, reasons = R.score_batch(list(completions), list(examples), workers=2, code_timeout=TIMEOUT)
+    acc = comps["accuracy"]
+    assert acc == pytest.approx([1.0, 0.0, 1.0, 0.0, None, 1.0, 1.0, 2 / 3, 0.0, 1.0, 1.0])
+    assert comps["format"] == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert comps["language"] == [None] * len(acc)  # not weighted, not computed
+    assert total == pytest.approx([(a or 0.0) + f for a, f in zip(acc, comps["format"])])
+    assert reasons == {"wrong_answer": 1, "no_answer_tag": 1, "unparseable_gold": 1, "timeout": 1, "bad_format": 1}
+    # the same numbers in this process, and with the language reward added directly
+    total0, comps0, reasons0 = R.score_batch(list(completions), list(examples), workers=0, code_timeout=TIMEOUT)
+    assert comps0 == comps and reasons0 == reasons and total0 == total
+    w = {"accuracy": 1.0, "format": 1.0, "language": 1.0}
+    total_l, comps_l, _ = R.score_batch(list(completions), list(examples), w, workers=2, code_timeout=TIMEOUT)
+    assert comps_l["language"][-1] == pytest.approx(2 / 3)  # target zh from the example's meta
+    assert comps_l["language"][0] == 1.0
+    assert total_l == pytest.approx([t + l for t, l in zip(total, comps_l["language"])])
+
+
+def test_score_batch_bad_input_names_it():
+    with pytest.raises(ValueError, match="accuracy_weight"):
+        R.score_batch([tag("1")], [Ex("q", "1")], {"accuracy_weight": 1.0}, workers=0)
+    with pytest.raises(ValueError, match="'poetry'"):
+        R.score_batch([tag("1")], [Ex("q", "1", "poetry")], workers=0)
+    with pytest.raises(ValueError, match="2 completions but 1 examples"):
+        R.score_batch([tag("1"), tag("2")], [Ex("q", "1")], workers=0)
+
+
+def test_score_batch_prefilled_think():
+    total, comps, _ = R.score_batch(["reasoning</think><answer>3</answer>"], [Ex("q", "3")], workers=0,
+                                    think_prefilled=True)
+    assert comps["format"] == [1.0] and total == [2.0]

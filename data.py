@@ -98,6 +98,8 @@ class Tokenizer:
         """Byte-level BPE: count the pre-split words once, then merge on the distinct words and their counts. A
         heap holds pair counts; a merge updates only the words that contain the pair. Ties go to the smallest pair
         of ids. Stops early when no pair occurs twice. Ranks are merge order, as tiktoken expects."""
+        if vocab_size < 256 + len(specials):
+            raise DataError(f"vocab_size={vocab_size}: a byte-level BPE needs at least 256 + {len(specials)} tokens")
         pat, cut = regex.compile(pattern), re.compile("|".join(map(re.escape, specials)))  # specials never merge
         counts = Counter(w for t in texts for part in cut.split(t) for w in pat.findall(part))
         words, freq = [list(w.encode()) for w in counts], list(counts.values())

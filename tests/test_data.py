@@ -137,6 +137,8 @@ def test_training_is_deterministic_and_hits_vocab_size():
     # stops early (and says so through vocab_size) when nothing occurs twice any more
     small = Tokenizer.train(["ab ab"], 10_000)
     assert small.vocab_size < 300 and small.decode(small.encode("ab ab")) == "ab ab"
+    with pytest.raises(DataError, match="vocab_size=100"):
+        Tokenizer.train(texts, 100)
 
 
 def test_save_load_round_trip(tok, tmp_path):

@@ -12,7 +12,7 @@ GRPO step: dispatch by example kind, weighted total, per-component values, count
 import ast
 import atexit
 import collections
-import json
+import marshal
 import multiprocessing as mp
 import operator
 import os
@@ -330,23 +330,22 @@ RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_runne
 
 def run_sandboxed(code, units, timeout=4.0, memory_mb=1024):
     """Run code, then each unit (test source), in a fresh sandbox. -> (one "1"/"0" per unit or None, reason)."""
-    cfg = {"code": code, "units": units, "nonce": secrets.token_hex(16), "timeout": float(timeout),
+    cfg = {"code": code, "units": list(units), "nonce": secrets.token_hex(16), "timeout": float(timeout),
            "memory_mb": int(memory_mb)}
     try:
-        proc = subprocess.Popen([sys.executable, "-I", RUNNER], env=SANDBOX_ENV,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/",
-                                start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-I", RUNNER], env=SANDBOX_ENV, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", start_new_session=True)
     except OSError:
         return None, "sandbox_error"
     try:
-        out, err = proc.communicate(json.dumps(cfg).encode(), timeout=timeout + 15)
-        verdict = json.loads(out.decode().strip().splitlines()[-1])
-        return verdict["bits"], verdict["reason"]
+        out, err = proc.communicate(marshal.dumps(cfg), timeout=timeout + 15)
+        bits, reason = out.decode().split()
+        return (None if bits == "-" else bits), (None if reason == "-" else reason)
     except subprocess.TimeoutExpired:  # the supervisor itself hung: should not happen
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         return None, "timeout"
-    except (ValueError, KeyError, IndexError):  # a broken sandbox would silently zero every code reward: say so
+    except ValueError:  # a broken sandbox would silently zero every code reward: say so
         print(f"rewards: the sandbox supervisor failed:\n{err.decode(errors='replace')[-2000:]}", file=sys.stderr)
         return None, "sandbox_error"
 

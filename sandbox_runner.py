@@ -1,66 +1,70 @@
-"""The code sandbox's supervisor: `python -I sandbox_runner.py`, config JSON on stdin, verdict JSON on stdout.
-Started by rewards.run_sandboxed in a cleared environment and its own session; never imported by the trainer.
+"""The code sandbox's supervisor: `python -I sandbox_runner.py`, a marshal-ed config on stdin, one verdict line
+("<bits or -> <reason or ->") on stdout. Started by rewards.run_sandboxed in a cleared environment and its own
+session; never imported by the trainer, and it imports nothing slow (it starts once per code completion).
 
-  supervisor (child subreaper) --fork--> child: own session, no network namespace, rlimits (CPU, address space,
-     file size, open files, core), own temp dir, stdin /dev/null, stdout+stderr to a capped file; as root a fresh
-     uid per run with no_new_privs (so it cannot touch root's files or processes, and RLIMIT_NPROC binds); then
-     Python guards; exec(code); exec(each test); write "<nonce> <bits> <error>" to the result pipe.
-When the child exits or the wall clock runs out, the supervisor kills the child's group, every process of the run's
-uid (kill(-1) as that uid) and everything reparented to it (setsid()-ed grandchildren included), until it has no
-children left. Only the nonce line proves the tests ran to the end: sys.exit/os._exit/a printed marker cannot forge
-it. Limits: the tests run in the model's own interpreter, so code that searches its own memory (frames, gc) for the
-nonce, or returns objects whose __eq__ is always true, is not stopped. Without root the uid, NPROC and
-file-ownership walls are missing (a user namespace gives the network wall where the kernel allows it).
+  supervisor (child subreaper) --fork--> child, in new pid + network namespaces (as root; without root inside a new
+     user namespace where the kernel allows it): own session, rlimits (CPU, address space, file size, open files,
+     core), own temp dir, stdin /dev/null, stdout+stderr to a capped file, as root a fresh uid per run with
+     no_new_privs; then Python guards; exec(code); exec(each test); "<nonce> <bits> <error>" to the result pipe.
+When the child exits or the wall clock runs out, the supervisor kills it. As the pid namespace's init, its death
+makes the kernel kill everything left inside; without namespaces the supervisor kills the child's group, every
+process of the run's uid (kill(-1) as that uid) and everything reparented to it (setsid()-ed grandchildren
+included), until it has no children left. Only the nonce line proves that the tests ran to the end: sys.exit,
+os._exit and printed markers cannot forge it.
+Limits: the tests run in the model's own interpreter, so code that searches its own memory (frames, gc) for the
+nonce, or returns objects whose __eq__ is always true, is not stopped. The fresh uid keeps CAP_DAC_READ_SEARCH (to
+read the interpreter wherever it is installed), so it can read files but not write, delete or signal anything
+outside its directory; it has no network to send them to. Without root, the uid, RLIMIT_NPROC and file-ownership
+walls are missing: only the namespaces (if the kernel allows them) and the Python guards remain.
 """
 import ctypes
-import json
+import marshal
 import os
 import resource
 import select
-import shutil
 import signal
 import sys
-import tempfile
 import time
-import traceback
 
 PR_SET_KEEPCAPS, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, CAP_DAC_READ_SEARCH = 8, 36, 38, 2
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 OUTPUT_CAP = 16 << 20  # bytes of stdout+stderr (and of any one file the code writes)
 UID_BASE = 1_000_000  # as root, a run's code gets uid UID_BASE + supervisor pid: unique while the run lives
-ERRORS = {"-": None, "SystemExit": "exit_before_tests", "MemoryError": "memory", "SyntaxError": "syntax_error"}
+ERRORS = {"-": "-", "SystemExit": "exit_before_tests", "MemoryError": "memory", "SyntaxError": "syntax_error"}
 
 
 def _supervise():
-    cfg = json.loads(sys.stdin.buffer.read())
+    cfg = marshal.loads(sys.stdin.buffer.read())
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of the subtree, setsid()-ed or not, come back to us
     uid = UID_BASE + os.getpid() if os.geteuid() == 0 else None
-    tmp = tempfile.mkdtemp(prefix="nano_r1_sandbox_")
+    tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"nano_r1_sandbox_{os.getpid()}_{os.urandom(6).hex()}")
+    os.mkdir(tmp, 0o700)
     if uid is not None:
         os.chown(tmp, uid, uid)
-    # New pid and network namespaces for the child (without root, inside a new user namespace, where the kernel
-    # allows it). The child is the pid namespace's init: kill(-1) from inside reaches only the namespace, and when
-    # the child dies the kernel kills everything left in it. Without them, the uid and subreaper walls remain.
+    # The child will be the new pid namespace's init: kill(-1) from inside reaches only the namespace, and when it
+    # dies the kernel kills everything left in it. The new network namespace has no interfaces but loopback (down).
     own_ns = libc.unshare(CLONE_NEWPID | CLONE_NEWNET | (CLONE_NEWUSER if uid is None else 0)) == 0
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
-        _child(cfg, tmp, uid, w, libc)  # never returns
+        _child(cfg, tmp, uid, w, libc, own_ns)  # never returns
     os.close(w)
     status = _wait(pid, cfg["timeout"])
-    _kill_all(pid, None if own_ns else uid)  # no forks into a dead pid namespace
-    os.set_blocking(r, False)  # every writer is dead now; never block on a pipe anyway
+    _kill_all(pid, None if own_ns else uid)  # (no forks into a dead pid namespace: it is empty anyway)
+    os.set_blocking(r, False)  # every writer is dead now; never block on the pipe anyway
     data = b""
     try:
         while len(data) < 1 << 20 and (chunk := os.read(r, 1 << 16)):
             data += chunk
     except BlockingIOError:
         pass
-    out = os.path.join(tmp, "output.txt")
-    capped = os.path.exists(out) and os.path.getsize(out) >= OUTPUT_CAP
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        capped = os.path.getsize(os.path.join(tmp, "output.txt")) >= OUTPUT_CAP
+    except OSError:
+        capped = False
+    _rmtree(tmp)
     bits = err = None
     for line in data.decode(errors="replace").splitlines():
         parts = line.split()
@@ -75,7 +79,8 @@ def _supervise():
         reason = "timeout"  # wall clock, or RLIMIT_CPU
     else:
         reason = "no_proof"  # exited (os._exit, a crash) before the harness wrote the nonce line
-    print(json.dumps({"bits": bits, "reason": reason}), flush=True)
+    print(bits or "-", reason, flush=True)
+    os._exit(0)  # skip interpreter teardown: it is on every code reward's critical path
 
 
 def _wait(pid, timeout):
@@ -140,7 +145,22 @@ def _kill_all(pid, uid):
         time.sleep(0.001)
 
 
-def _child(cfg, tmp, uid, w, libc):
+def _rmtree(path):
+    """Remove the sandbox directory (everything that could write to it is dead; symlinks are unlinked, not followed)."""
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files + dirs:
+            p = os.path.join(root, name)
+            try:
+                os.rmdir(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+            except OSError:
+                pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _child(cfg, tmp, uid, w, libc, own_ns):
     """The sandboxed process: limits, identity, guards, then the code and the tests. Never returns."""
     try:
         os.setsid()
@@ -162,16 +182,16 @@ def _child(cfg, tmp, uid, w, libc):
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
-            # Keep one capability, CAP_DAC_READ_SEARCH: the fresh uid can still read the interpreter and its
-            # libraries wherever they live (/root/.pyenv is 0700). Writes, deletes and signals are still checked
-            # against its own uid, and /proc/<pid>/environ|mem of other processes needs ptrace rights it lacks.
+            # Keep one capability, CAP_DAC_READ_SEARCH, so the fresh uid can read the interpreter and its libraries
+            # wherever they live (/root/.pyenv is 0700). Writes, deletes and signals are still checked against its
+            # own uid, and other processes' /proc/<pid>/environ|mem need ptrace rights it does not have.
             header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
             data = (ctypes.c_uint32 * 6)(1 << CAP_DAC_READ_SEARCH, 1 << CAP_DAC_READ_SEARCH, 0, 0, 0, 0)
             if libc.capset(header, data) != 0:
                 raise OSError(ctypes.get_errno(), "capset")
         libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # setuid binaries cannot hand root back
         os.environ.update(HOME=tmp, TMPDIR=tmp)
-        _guard(os.path.realpath(tmp))
+        _guard(os.path.realpath(tmp), sockets=not own_ns)
         _run_tests(cfg)
     finally:
         os._exit(0)
@@ -179,24 +199,24 @@ def _child(cfg, tmp, uid, w, libc):
 
 _REFUSED = ("kill killpg fork forkpty system popen execv execve execl execle execlp execlpe execvp execvpe spawnv "
             "spawnve spawnl spawnle spawnlp spawnlpe spawnvp spawnvpe posix_spawn posix_spawnp remove unlink rmdir "
-            "removedirs rename renames replace truncate chmod fchmod lchmod chown fchown lchown link symlink chroot").split()
+            "removedirs rename renames replace truncate chmod fchmod lchmod chown fchown lchown link symlink chroot")
 
 
-def _guard(tmp):
-    """Refuse destructive file, process and network calls at the Python level (a first wall; ctypes gets past
-    it, the OS-level walls do not care). Writes are allowed inside the sandbox directory only."""
+def _guard(tmp, sockets):
+    """Refuse destructive file and process calls (and sockets, when there is no network namespace) at the Python
+    level: a first wall that ctypes gets past (the OS-level walls do not care). shutil and subprocess go through
+    the refused calls. Writes are allowed inside the sandbox directory only."""
+    import _posixsubprocess
     import builtins
     import io
     import posix
-    import socket
-    import subprocess
+    socket = __import__("socket") if sockets else None  # importing it costs a few ms per run
 
     def refuse(*args, **kwargs):
         raise PermissionError("disabled in the nano-r1 sandbox")
 
-    for mod, names in ((os, _REFUSED), (posix, _REFUSED), (shutil, ("rmtree", "move", "chown")),
-                       (subprocess, ("Popen", "call", "run", "check_call", "check_output", "getoutput")),
-                       (socket, ("socket", "create_connection", "socketpair", "fromfd"))):
+    for mod, names in ((os, _REFUSED.split()), (posix, _REFUSED.split()), (_posixsubprocess, ["fork_exec"]),
+                       (socket, ["socket", "create_connection", "socketpair", "fromfd"])):
         for name in names:
             if hasattr(mod, name):
                 setattr(mod, name, refuse)
@@ -222,17 +242,13 @@ def _guard(tmp):
 def _run_tests(cfg):
     import builtins
     run, build, write, nonce = exec, compile, os.write, cfg.pop("nonce")  # bound before the model can patch them
-    pristine = dict(builtins.__dict__)  # the tests get builtins the model's code could not have changed
+    pristine = dict(builtins.__dict__)  # the tests get builtins that the model's code could not have changed
     g = {"__name__": "__main__", "__builtins__": dict(pristine)}
     err = "-"
     try:
         run(build(cfg["code"], "<completion>", "exec"), g)
     except BaseException as e:  # SystemExit too: sys.exit(0) before the tests is a failure, not a pass
         err = type(e).__name__
-        try:
-            traceback.print_exc()
-        except BaseException:
-            pass  # stderr may be at its size cap
     tg, bits = dict(g, __builtins__=pristine), ""
     for src in cfg["units"]:
         ok = err == "-"

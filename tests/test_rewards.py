@@ -3,9 +3,11 @@ the fast math path against math-verify, the sandbox attack suite, a hypothesis f
 import dataclasses
 import functools
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -322,6 +324,7 @@ def world():
     sentinel.kill()
     sentinel.wait()
     os.environ.pop("NANO_R1_TEST_SECRET", None)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -330,8 +333,11 @@ def own_namespaces():
     return R.code_reward(code("import os\ndef f():\n    return os.getpid()"), "assert f() == 1") == 1.0
 
 
-def test_sandbox_has_namespaces_when_root():
-    assert own_namespaces() or not ROOT
+def test_sandbox_uses_namespaces_when_the_kernel_allows():
+    flags = sandbox_runner.CLONE_NEWPID | sandbox_runner.CLONE_NEWNET | (0 if ROOT else sandbox_runner.CLONE_NEWUSER)
+    probe = f"import ctypes, sys; sys.exit(ctypes.CDLL(None).unshare({flags}) != 0)"
+    allowed = subprocess.run([sys.executable, "-c", probe]).returncode == 0
+    assert own_namespaces() == allowed
 
 
 def leftovers(marker="987.654"):
@@ -470,7 +476,6 @@ def test_fuzz_code_reward_never_raises(text):
 
 
 def batch():
-    rg_entry = {"question": "1+1", "answer": "2", "metadata": {}}
     return [
         (tag("42"), Ex("q", "42")),
         (tag("41"), Ex("q", "42")),
@@ -481,29 +486,40 @@ def batch():
         (tag("8*3"), Ex("q", "", "countdown", {"numbers": [8, 3], "target": 24})),
         (code("def f(x):\n    return x + 1"), Ex("q", "", "code", {"tests": INC_TESTS})),
         (code("while True:\n    pass"), Ex("q", "", "code", {"tests": INC_TESTS})),
-        (tag("2"), Ex("q", "2", "rg", {"rg_name": "basic_arithmetic", "rg_entry": rg_entry})),
         ("<think>我们 think</think><answer>42</answer>", Ex("q", "42", "math", {"lang": "zh"})),
     ]
 
 
 def test_score_batch_components_totals_and_reasons():
-    pytest.importorskip("reasoning_gym")
-    completions, examples = zip(*batch())
-    total, comps, reasons = R.score_batch(list(completions), list(examples), workers=2, code_timeout=TIMEOUT)
+    completions, examples = map(list, zip(*batch()))
+    total, comps, reasons = R.score_batch(completions, examples, workers=2, code_timeout=TIMEOUT)
     acc = comps["accuracy"]
-    assert acc == pytest.approx([1.0, 0.0, 1.0, 0.0, None, 1.0, 1.0, 2 / 3, 0.0, 1.0, 1.0])
-    assert comps["format"] == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert acc == pytest.approx([1.0, 0.0, 1.0, 0.0, None, 1.0, 1.0, 2 / 3, 0.0, 1.0])
+    assert comps["format"] == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
     assert comps["language"] == [None] * len(acc)  # not weighted, not computed
     assert total == pytest.approx([(a or 0.0) + f for a, f in zip(acc, comps["format"])])
     assert reasons == {"wrong_answer": 1, "no_answer_tag": 1, "unparseable_gold": 1, "timeout": 1, "bad_format": 1}
     # the same numbers in this process, and with the language reward added directly
-    total0, comps0, reasons0 = R.score_batch(list(completions), list(examples), workers=0, code_timeout=TIMEOUT)
+    total0, comps0, reasons0 = R.score_batch(completions, examples, workers=0, code_timeout=TIMEOUT)
     assert comps0 == comps and reasons0 == reasons and total0 == total
     w = {"accuracy": 1.0, "format": 1.0, "language": 1.0}
-    total_l, comps_l, _ = R.score_batch(list(completions), list(examples), w, workers=2, code_timeout=TIMEOUT)
+    total_l, comps_l, _ = R.score_batch(completions, examples, w, workers=2, code_timeout=TIMEOUT)
     assert comps_l["language"][-1] == pytest.approx(2 / 3)  # target zh from the example's meta
     assert comps_l["language"][0] == 1.0
     assert total_l == pytest.approx([t + l for t, l in zip(total, comps_l["language"])])
+    w = {"accuracy": 2.0, "format": 0.5}
+    total_w, _, _ = R.score_batch(completions, examples, w, workers=0, code_timeout=TIMEOUT)
+    assert total_w == pytest.approx([2 * (a or 0.0) + 0.5 * f for a, f in zip(acc, comps["format"])])
+
+
+def test_score_batch_reasoning_gym():
+    pytest.importorskip("reasoning_gym")
+    entry = {"question": "1+1", "answer": "2", "metadata": {}}
+    examples = [Ex("q", "2", "rg", {"rg_name": "basic_arithmetic", "rg_entry": entry})] * 3
+    for workers in (0, 2):
+        _, comps, reasons = R.score_batch([tag("2"), tag("the sum is 2"), tag("3")], examples, workers=workers,
+                                          rg_exact=True)
+        assert comps["accuracy"] == [1.0, 0.0, 0.0] and reasons == {"wrong_answer": 2}
 
 
 def test_score_batch_bad_input_names_it():
@@ -519,3 +535,15 @@ def test_score_batch_prefilled_think():
     total, comps, _ = R.score_batch(["reasoning</think><answer>3</answer>"], [Ex("q", "3")], workers=0,
                                     think_prefilled=True)
     assert comps["format"] == [1.0] and total == [2.0]
+
+
+def test_score_batch_from_a_thread():
+    """The GRPO loop may score in a background thread (overlapping rollout): math-verify must still be safe."""
+    out = []
+    completions = [tag("\\frac{2}{4}"), tag("\\frac{3}{4}"), tag("7")]
+    examples = [Ex("q", "\\frac{1}{2}"), Ex("q", "\\frac{1}{2}"), Ex("q", "7")]
+    for workers in (0, 2):
+        t = threading.Thread(target=lambda: out.append(R.score_batch(completions, examples, workers=workers)[1]))
+        t.start()
+        t.join(120)
+    assert [c["accuracy"] for c in out] == [[1.0, 0.0, 1.0]] * 2

@@ -132,9 +132,7 @@ def parse_config(cls, argv=None, presets=None):
                 text, i = argv[i], i + 1
             else:
                 raise ConfigError(f"{key} needs a value")
-        if name in values:
-            raise ConfigError(f"{key} given twice")
-        values[name] = _convert(key, tp, text)
+        values[name] = _convert(key, tp, text)  # a flag given twice: the last one wins, as in argparse
     merged = {}
     if preset is not None:
         for name, v in presets[preset].items():

@@ -688,10 +688,14 @@ def load_model(path, dtype=torch.float32, device="cpu"):
     """A Hugging Face directory (config.json + safetensors), a nano-r1 checkpoint file (ckpt_*.pt), or a run
     directory (its newest checkpoint, else its final/ export) -> Transformer."""
     import common
-    if os.path.isfile(os.path.join(path, "config.json")):
+
+    def is_hf(d):  # a run directory has a config.json too (its settings), but no safetensors
+        return os.path.isfile(os.path.join(d, "config.json")) and any(
+            os.path.isfile(os.path.join(d, f)) for f in ("model.safetensors", "model.safetensors.index.json"))
+    if is_hf(path):
         return Transformer.from_pretrained(path, dtype=dtype, device=device)
     if os.path.isdir(path) and not common.list_checkpoints(path):
-        if os.path.isfile(os.path.join(path, "final", "config.json")):
+        if is_hf(os.path.join(path, "final")):
             return Transformer.from_pretrained(os.path.join(path, "final"), dtype=dtype, device=device)
         raise FileNotFoundError(f"{path}: neither a Hugging Face model directory (config.json) nor a run directory "
                                 "with ckpt_*.pt or final/")

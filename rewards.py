@@ -462,5 +462,6 @@ def score_batch(completions, examples, weights=None, workers=2, lang="en", think
     comps = {"accuracy": acc, "format": fmt, "language": lng}
     total = [sum(w * comps[k][i] for k, w in weights.items() if comps[k][i] is not None) for i in range(n)]
     reasons = collections.Counter(r for r, a in zip(why, acc) if r and not a)
-    reasons.update({"bad_format": sum(f == 0.0 for f in fmt)} if 0.0 in fmt else {})
+    if 0.0 in fmt:
+        reasons["bad_format"] = fmt.count(0.0)
     return total, comps, reasons

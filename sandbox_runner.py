@@ -85,8 +85,11 @@ def _supervise():
 
 def _wait(pid, timeout):
     """Exit status of our child pid, or None if it still runs after timeout seconds."""
-    if hasattr(os, "pidfd_open"):
-        fd = os.pidfd_open(pid)
+    try:
+        fd = os.pidfd_open(pid)  # Linux >= 5.3: sleep until the child exits or the time is up
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
         ready = select.select([fd], [], [], timeout)[0]
         os.close(fd)
         return os.waitpid(pid, 0)[1] if ready else None

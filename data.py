@@ -13,6 +13,7 @@ from the digit just written, the order one adds by hand. The fixed width keeps d
 distances from "+" and "=". In usual notation a 0.8M-parameter model learned 5% of the facts in the budget in which
 it learns all of them reversed (../shared/DESIGN.md, "The toy reproduction").
 A toy problem chains 2-4 operands (0-49) with + and -, every running total in 0-99; difficulty = operand count.
+A fact is one step of such a chain, so its first number is a running total (0-99).
 The corpus (knobs in ToyConfig) mixes these documents, each a string (the trainer appends end-of-text):
   fact (~35% in all)       24+70=94
   direct answer            24+70-31=73             a near miss 70% of the time when there are 3+ operands
@@ -285,11 +286,11 @@ def _toy_text(nums, ops, w):
     return toy_num(nums[0], w) + "".join(o + toy_num(b, w) for o, b in zip(ops, nums[1:]))
 
 
-def _toy_sample(rng, k, cfg):
+def _toy_sample(rng, k, cfg, first=None):
     """k operands -> (nums, ops, running totals). Each step draws the signed change uniformly from what the current
     total allows (a random walk), so chains with '-' do not collapse to 0."""
-    nums, ops, totals = [rng.randint(0, cfg.max_operand)], [], []
-    totals.append(nums[0])
+    nums, ops = [rng.randint(0, cfg.max_operand) if first is None else first], []
+    totals = [nums[0]]
     for _ in range(k - 1):
         t = totals[-1]
         d = rng.randint(-min(cfg.max_operand, t) if "-" in cfg.ops else 0,
@@ -330,8 +331,8 @@ def _toy_solution(nums, ops, totals, stepwise, rng, cfg):
 
 
 def toy_document(rng, cfg):
-    if rng.random() < cfg.p_fact:
-        return _toy_solution(*_toy_sample(rng, 2, cfg), False, rng, cfg)[0]
+    if rng.random() < cfg.p_fact:  # a fact is one step of a chain: a running total (0..99) -/+ an operand (0..49)
+        return _toy_solution(*_toy_sample(rng, 2, cfg, first=rng.randint(0, cfg.max_total)), False, rng, cfg)[0]
     k = rng.randint(cfg.min_operands, cfg.max_operands)
     while True:  # rejection keeps held-out problems (and runs of them) out of the corpus
         nums, ops, totals = _toy_sample(rng, k, cfg)

@@ -322,6 +322,9 @@ def test_toy_corpus_has_the_designed_mix(corpus):
     slipped = [r for r in rows if r[4]]
     assert all(r[1] for r in slipped) and abs(len(slipped) / sum(r[1] for r in rows) - c.p_slip) < 0.02
     assert {r[2] for r in rows} == {2, 3, 4}
+    # facts cover what the steps need: a running total anywhere in 0..99 as the first number
+    firsts = {int(d[:2][::-1]) for d, r in zip(corpus, rows) if not r[0] and not r[1] and r[2] == 2}
+    assert firsts == set(range(100))
 
 
 def test_toy_corpus_is_deterministic():

@@ -6,24 +6,27 @@ the CPU default pretrains on -> other sources (Countdown, reasoning-gym, JSONL/P
 name) -> the train/held-out split and the n-gram contamination check.
 
 The toy notation. Toy numbers have a fixed width of two digits, written least-significant digit FIRST: 7 is "70",
-42 is "24", 90 is "09". So the fact "24+70=94" reads 42 + 7 = 49, and the problem "24+70-31" is 42 + 7 - 13 = 36,
-gold "63". Why: a model writes left to right. In the usual order the first digit of a sum depends on a carry from
+42 is "24", 90 is "09". So the fact "24+70=94" reads 42 + 7 = 49, and the problem "24+70+31" is 42 + 7 + 13 = 62,
+gold "26". Why: a model writes left to right. In the usual order the first digit of a sum depends on a carry from
 digits not yet written; reversed, each digit depends only on the operand digits of the same weight and the carry
 from the digit just written, the order one adds by hand. The fixed width keeps digits of equal weight at fixed
 distances from "+" and "=". In usual notation a 0.8M-parameter model learned 5% of the facts in the budget in which
 it learns all of them reversed (../shared/DESIGN.md, "The toy reproduction").
-A toy problem chains 2-4 operands (0-49) with + and -, every running total in 0-99; difficulty = operand count.
-A fact is one step of such a chain, so its first number is a running total (0-99).
+A toy problem chains 2-4 operands (0-49) with + (ToyConfig.ops="+-" adds -), every running total in 0-99;
+difficulty = operand count. A fact is one step of such a chain, so its first number is a running total (0-99).
 The corpus (knobs in ToyConfig) mixes these documents, each a string (the trainer appends end-of-text):
   fact (~35% in all)       24+70=94
-  direct answer            24+70-31=73             a near miss 70% of the time when there are 3+ operands
-  stepwise (always right)  24+70-31: 24+70=94 94-31=63
-  with a slip (10%)        24+70-31: 24+70=95 wait, recheck: 24+70=94 94-31=63    (or a wrong direct guess,
+  direct answer            24+70+31=36             a near miss 70% of the time when there are 3+ operands
+  stepwise (always right)  24+70+31: 24+70=94 94+31=26
+  with a slip (10%)        24+70+31: 24+70=95 wait, recheck: 24+70=94 94+31=26    (or a wrong direct guess,
                            then " wait, recheck: " and the steps)
-  tagged (15%)             User: 24+70-31\\nAssistant:<think>24+70-31=73</think><answer>73</answer>
+  tagged (15%)             User: 24+70+31\\nAssistant:<think>24+70+31=36</think><answer>36</answer>
 Tagged documents are TOY_TEMPLATE + completion, so the base model has seen exactly the prompt GRPO and eval use;
-inside the tags 75% answer directly and 25% stepwise. The base thus uses the tag format and can solve 3+ operand
-problems stepwise, but mostly answers directly and often wrongly: RL has something real to select. Held-out
+inside the tags 70% answer directly and 30% stepwise. The base thus uses the tag format and can solve 3+ operand
+problems stepwise, but mostly answers directly and often wrongly: RL has something real to select. Measured with a
+throwaway 0.9M-parameter dense GPT after 9M tokens (p_tagged_stepwise=0.35), sampling held-out 3-4 operand problems
+at T=0.6: format 100%, stepwise 29% of samples, right 76% of the time stepwise and 8% directly; facts 85-100%.
+With ops="+-" the same budget learned only 75% of + and 53% of - facts, hence "+" by default. Held-out
 problems (a hash of the problem text, is_heldout) never occur in the corpus, not even as a run of 3+ operands
 inside a longer problem; tests/test_data.py proves it with contamination().
 """
@@ -257,11 +260,11 @@ class ToyConfig:
     max_operands: int = 4
     max_operand: int = 49
     max_total: int = 99            # running totals stay in 0..max_total; its digit count is the number width
-    ops: str = "+-"
+    ops: str = "+"                 # "+-" also subtracts: twice the facts to learn, too many for a 5-minute base
     p_fact: float = 0.25           # single-equation documents (2-operand direct answers add ~10% more)
     p_tagged: float = 0.2          # other documents in TOY_TEMPLATE + <think>/<answer> format
     p_stepwise: float = 0.5        # untagged problems solved step by step (else answered directly)
-    p_tagged_stepwise: float = 0.25  # tagged ones solved step by step: the base's starting stepwise rate
+    p_tagged_stepwise: float = 0.3   # tagged ones solved step by step: the base samples ~25-30% stepwise
     p_direct_wrong: float = 0.7    # direct answers to 3+ operand problems that are wrong (a near miss)
     p_slip: float = 0.1            # stepwise solutions that err, say "wait, recheck:" and fix it
     heldout_frac: float = 0.05     # share of 3+ operand problem texts reserved for evaluation (by hash)

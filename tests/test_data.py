@@ -327,6 +327,13 @@ def test_toy_corpus_has_the_designed_mix(corpus):
     assert firsts == set(range(100))
 
 
+@pytest.mark.parametrize("ops", ["+-", "-"])
+def test_toy_corpus_other_ops(ops):
+    rows = [_parse(d) for d in data.toy_corpus(3000, seed=1, cfg=data.ToyConfig(ops=ops))]  # checks every step
+    assert all(r[3] for r in rows if r[1])
+    assert sum(not r[3] for r in rows if r[2] >= 3 and not r[1]) > 0
+
+
 def test_toy_corpus_is_deterministic():
     assert list(data.toy_corpus(300, seed=5)) == list(data.toy_corpus(300, seed=5))
     assert list(data.toy_corpus(300, seed=5)) != list(data.toy_corpus(300, seed=6))

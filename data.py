@@ -379,7 +379,8 @@ def toy_problems(n_train, n_heldout, seed=0, cfg=None, operands=(3, 4)):
         s = "heldout" if is_heldout(text, cfg.heldout_frac) else "train" if _toy_clean(nums, ops, cfg) else None
         if s and text not in out[s] and len(out[s]) < want[s]:
             out[s][text] = Example(text, toy_num(totals[-1], cfg.width), "math", {
-                "difficulty": len(nums), "id": f"toy-{s}-{len(out[s])}", "source": "toy", "value": totals[-1]})
+                "difficulty": len(nums), "id": f"toy-{s}-{len(out[s])}", "source": "toy", "value": totals[-1],
+                "notation": "reversed"})  # gold "09" is 90: compare the text exactly, math-verify reads it as 9
     if any(len(out[s]) < want[s] for s in out):
         raise DataError(f"toy_problems: the problem space is too small for {n_train} train + {n_heldout} held-out")
     return list(out["train"].values()), list(out["heldout"].values())

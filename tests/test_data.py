@@ -360,6 +360,7 @@ def test_toy_problems(corpus):
     for e in train + held:
         v, k = _value(e.prompt)
         assert e.kind == "math" and e.meta["difficulty"] == k and e.meta["value"] == v and e.answer == data.toy_num(v)
+        assert e.meta["notation"] == "reversed"
     assert all(data.is_heldout(e.prompt, 0.05) for e in held) and not any(data.is_heldout(e.prompt, 0.05) for e in train)
     assert [e.prompt for e in data.toy_problems(200, 100, seed=1)[1]] == [e.prompt for e in held]
     with pytest.raises(DataError, match="operands"):

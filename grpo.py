@@ -1,0 +1,537 @@
+"""GRPO, the RL algorithm of DeepSeek-R1-Zero (paper Eq. 1-3), as one readable loop.
+
+    python grpo.py --preset=cpu --init-from=out/base --out-dir=out/rl              # the toy run on a laptop CPU
+    torchrun --standalone --nproc_per_node=8 grpo.py --init-from=/path/to/hf_moe --task=math.jsonl \\
+        --tokenizer=/path/to/hf_moe/tokenizer.json --out-dir=out/r1zero           # the paper's settings (defaults)
+
+One rollout: take rollout_prompts prompts -> sample group_size (G) completions each -> rule rewards -> group
+advantages A_i = (r_i - mean(r)) / (std(r) + eps) -> split the outputs randomly into num_minibatches mini-batches
+and make mu passes over them, one optimizer step per mini-batch: per-token log-probs of the policy (fused LM head,
+kernels.token_logprobs) -> clipped surrogate + beta * k3 KL per token (kernels.grpo_token_loss) -> aggregation ->
+backward -> grad clip -> AdamW. A "step" is one optimizer update, as in the paper (8,192 outputs per rollout,
+16 mini-batches, one pass: 16 steps per rollout).
+
+Deviations from Eq. 1-3 (each is a flag; the paper preset = the dataclass defaults keeps the paper's choice where
+the paper makes one):
+- Ratios and clipping are per token (DeepSeekMath's GRPO), not per sequence as Eq. 1 is written; the paper does
+  not say how tokens are aggregated: --loss-agg=seq_mean_token_mean (1/G sum_i 1/|o_i| sum_t, default),
+  token_mean (DAPO) or dr_grpo (a constant normaliser, max_new_tokens per output).
+- --adv-scale: group (Eq. 3, default), batch (std over the whole batch) or none (Dr. GRPO, no std). The std is the
+  unbiased one (ddof=1, as TRL/verl/OpenRLHF); a group whose rewards span <= 1e-6 gets advantage exactly 0.
+- Separate low/high clip (--eps-low/--eps-high, DAPO); the paper's single epsilon is both (10, PAPER.md).
+- Optional, off by default: --mask-truncated, --overlong-buffer (DAPO soft penalty), --dynamic-sampling (drop
+  zero-variance groups and refill), --routing-replay (train with the experts the sampler used, PITFALLS M6).
+- The reference model is refreshed to the current policy every --ref-refresh-every steps (paper: 400); with
+  beta=0 it is never built.
+Defaults that differ from the paper: max_new_tokens (32,768 in the paper, then 65,536 after step 8.2k; set by
+flag), weight decay and AdamW betas (not given: 0.1 and (0.9, 0.95)), warm-up (none given: 0 steps),
+stop strings (generation also stops at "</answer>", which the format reward requires to end the output).
+The cpu preset (the toy reproduction) changes many of these: see PRESETS.
+"""
+import copy
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import common
+import data
+import eval as evaluation
+import kernels
+import rewards
+import rollout
+from common import ConfigError, print0
+from model import ModelConfig, Transformer, load_model
+
+
+@dataclass
+class GRPOConfig:
+    """nano-r1 grpo.py settings (defaults: the paper's R1-Zero values where it gives them)"""
+    preset: str = "paper"
+    out_dir: str = "out/grpo"
+    init_from: str = ""              # the base policy: a checkpoint, run dir or Hugging Face dir (required)
+    resume: bool = False             # continue from the newest checkpoint in out_dir
+    tokenizer: str = ""              # default: <init_from>/tokenizer.bpe or <init_from>/final/tokenizer.bpe
+    task: str = "toy"                # data.load_task name: toy, countdown, rg:<name>, humaneval, a .jsonl/.parquet
+    task_size: int = 20000           # examples drawn for generated tasks (0 = whole file)
+    template: str = "r1_zero"        # r1_zero (Table 1) | toy (short, CPU toy only) | none
+    heldout_frac: float = 0.1        # this share of the task (by prompt hash) is never trained on
+    # sampling
+    rollout_prompts: int = 512       # prompts per rollout (paper: 8,192 outputs = 512 x 16)
+    group_size: int = 16             # G outputs per prompt
+    num_minibatches: int = 16        # optimizer steps per pass over a rollout (paper: 16)
+    mu: int = 1                      # passes over each rollout (paper: 1)
+    micro_batch_size: int = 16       # sequences per forward/backward (gradient accumulation inside a step)
+    max_new_tokens: int = 32768
+    temperature: float = 1.0
+    top_p: float = 1.0               # must stay 1: the trainer's log-probs are over the full vocabulary (P2)
+    top_k: int = 0                   # must stay 0, likewise
+    stop_strings: list = field(default_factory=lambda: ["</answer>"])
+    # objective
+    lr: float = 3e-6
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eps_low: float = 10.0
+    eps_high: float = 10.0
+    beta: float = 0.001              # k3 KL weight in the loss; 0 = no reference model at all
+    ref_refresh_every: int = 400     # reference <- current policy every this many steps (0 = never)
+    loss_agg: str = "seq_mean_token_mean"  # | token_mean | dr_grpo
+    adv_scale: str = "group"         # | batch | none
+    adv_eps: float = 1e-6
+    old_logp: str = "auto"           # auto (on-policy: detach; else recompute) | recompute | sampler
+    mask_truncated: bool = False     # drop truncated outputs from the loss (and from its normaliser)
+    overlong_buffer: int = 0         # DAPO soft overlong penalty over the last this-many tokens (0 = off)
+    dynamic_sampling: bool = False   # drop zero-variance groups and sample more prompts to refill
+    max_refills: int = 3
+    routing_replay: bool = False     # train with the experts the sampler chose (MoE only)
+    bias_update_rate: float = 0.0    # aux-loss-free balancing gamma; off in RL by default (PITFALLS M6)
+    # rewards
+    accuracy_weight: float = 1.0
+    format_weight: float = 1.0
+    language_weight: float = 0.0     # the language-consistency reward (R1 stage 2); 0 = off
+    lang: str = "en"
+    reward_workers: int = 2
+    # bookkeeping
+    max_steps: int = 10400
+    eval_every: int = 0              # held-out pass@1 every this many steps (0 = off)
+    eval_prompts: int = 128
+    log_every: int = 1
+    sample_every: int = 10           # decoded completions to samples.jsonl
+    ckpt_every: int = 100            # rounded up to a rollout boundary
+    keep_last: int = 2
+    max_bad_steps: int = 5
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int = 0
+    wandb_project: str = ""
+    wandb_mode: str = "online"
+
+
+PRESETS = {
+    "paper": {},  # the dataclass defaults
+    # The toy R1-Zero reproduction on a 2-core CPU (train.sh). Small groups and batches, a short template, short
+    # outputs, lr 1e-4 (DESIGN.md: 1e-4 worked, 3e-4 broke the arithmetic), no KL (beta=0 saves the reference
+    # forward), the policy updated once per rollout (num_minibatches=1: exactly on-policy).
+    "cpu": dict(template="toy", task="toy", task_size=4000, rollout_prompts=16, group_size=8, num_minibatches=1,
+                micro_batch_size=128, max_new_tokens=48, lr=1e-4, beta=0.0, eps_low=0.2, eps_high=0.2,
+                max_steps=150, eval_every=25, eval_prompts=200, ckpt_every=25, sample_every=10, weight_decay=0.0,
+                reward_workers=0, threads=2),
+}
+
+
+def check_config(c):
+    def need(cond, flag, msg):
+        if not cond:
+            raise ConfigError(f"--{flag}: {msg}")
+    need(c.init_from or c.resume, "init-from", "a base policy is required (a checkpoint, run dir or HF dir)")
+    need(c.group_size >= 2, "group-size", "GRPO needs at least 2 outputs per prompt")
+    need(c.rollout_prompts >= 1, "rollout-prompts", "must be >= 1")
+    need(c.num_minibatches >= 1 and (c.rollout_prompts * c.group_size) % c.num_minibatches == 0, "num-minibatches",
+         f"must divide the rollout's {c.rollout_prompts * c.group_size} outputs")
+    need(c.rollout_prompts % common.world_size() == 0, "rollout-prompts", "must be divisible by the number of ranks")
+    for flag in ("mu", "micro_batch_size", "max_new_tokens", "max_steps", "log_every", "ckpt_every"):
+        need(getattr(c, flag) >= 1, flag.replace("_", "-"), "must be >= 1")
+    need(c.eps_low >= 0 and c.eps_high >= 0, "eps-low", "clip epsilons must be >= 0")
+    need(c.beta >= 0, "beta", "must be >= 0")
+    need(c.temperature > 0, "temperature", "must be > 0 (the trainer divides logits by it)")
+    need(c.top_p == 1.0 and c.top_k == 0, "top-p", "top-p/top-k sampling makes sampler and trainer log-probs "
+         "differ (PITFALLS P2); keep --top-p=1 --top-k=0 in training")
+    need(c.loss_agg in ("seq_mean_token_mean", "token_mean", "dr_grpo"), "loss-agg",
+         "one of seq_mean_token_mean, token_mean, dr_grpo")
+    need(c.adv_scale in ("group", "batch", "none"), "adv-scale", "one of group, batch, none")
+    need(c.old_logp in ("auto", "recompute", "sampler"), "old-logp", "one of auto, recompute, sampler")
+    need(c.template in ("r1_zero", "toy", "none"), "template", "one of r1_zero, toy, none")
+    need(0 <= c.overlong_buffer < c.max_new_tokens, "overlong-buffer", "must be in [0, max_new_tokens)")
+    need(c.lr > 0, "lr", "must be > 0")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# advantages, shaping, normalisers
+
+
+def group_advantages(rewards, scale="group", eps=1e-6, tol=1e-6):
+    """rewards (num_prompts, G) -> advantages (num_prompts, G).
+    group: (r - group mean) / (group std + eps), std unbiased (ddof=1); batch: the std over all rewards;
+    none: r - group mean (Dr. GRPO). A group whose rewards span <= tol (max - min, robust to fp32 residue such as
+    0.1 + 0.2) gets exactly 0, never NaN or a blown-up 1/eps (PITFALLS P6)."""
+    r = torch.as_tensor(rewards, dtype=torch.float64)
+    if r.dim() != 2 or r.shape[1] < 2:
+        raise ValueError(f"group_advantages: want (num_prompts, G >= 2) rewards, got shape {tuple(r.shape)}")
+    centered = r - r.mean(1, keepdim=True)
+    if scale == "group":
+        adv = centered / (r.std(1, keepdim=True) + eps)
+    elif scale == "batch":
+        adv = centered / (r.std() + eps)
+    elif scale == "none":
+        adv = centered
+    else:
+        raise ValueError(f"group_advantages: scale {scale!r} is not group, batch or none")
+    constant = (r.max(1, keepdim=True).values - r.min(1, keepdim=True).values) <= tol
+    return torch.where(constant, torch.zeros_like(adv), adv).float()
+
+
+def overlong_penalty(length, max_len, buffer):
+    """DAPO's soft overlong punishment: 0 up to max_len - buffer, then falling linearly to -1 at max_len."""
+    if buffer <= 0 or length <= max_len - buffer:
+        return 0.0
+    return max(-1.0, (max_len - buffer - length) / buffer)
+
+
+def token_weights(rows, c):
+    """Per-token loss weights for one optimizer step, so the step's loss is sum(w * loss_tok) whatever the split
+    into micro-batches or ranks (PITFALLS P8). Masked outputs get weight 0 and leave the normaliser."""
+    kept = [r for r in rows if not r["masked"]]
+    n_seq = common.all_reduce_sum(float(len(kept)))
+    n_tok = common.all_reduce_sum(float(sum(len(r["completion"]) for r in kept)))
+    out = []
+    for r in rows:
+        L = len(r["completion"])
+        if r["masked"]:
+            w = 0.0
+        elif c.loss_agg == "seq_mean_token_mean":
+            w = 1.0 / (L * max(n_seq, 1))
+        elif c.loss_agg == "token_mean":
+            w = 1.0 / max(n_tok, 1)
+        else:  # dr_grpo: a constant normaliser, the same for every step
+            w = 1.0 / (max(n_seq, 1) * c.max_new_tokens)
+        out.append(w)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the rollout
+
+
+def collect_rollout(policy, tok, examples, sampler, c, step, template):
+    """Sample, score and give advantages to one rollout's outputs (this rank's share of the prompts)."""
+    G, n_local = c.group_size, c.rollout_prompts // common.world_size()
+    rows, groups, refills = [], 0, 0
+    stats = {"sample_s": 0.0, "new_tokens": 0, "zero_std_groups": 0, "sampled_groups": 0}
+    while groups < n_local:
+        exs = sampler.take(n_local - groups)
+        prompts = [tok.encode(data.apply_template(template, e.prompt)) if template else tok.encode(e.prompt)
+                   for e in exs]
+        out = rollout.generate(policy, prompts, c.max_new_tokens, c.temperature, num_samples=G,
+                               stop_ids=[tok.eot_id], stop_strings=c.stop_strings, decode=tok.decode,
+                               vocab_size=tok.vocab_size, seed=c.seed * 1_000_003 + step * 101 + refills,
+                               record_experts=c.routing_replay)
+        stats["sample_s"] += out.seconds
+        stats["new_tokens"] += out.new_tokens
+        texts = [tok.decode([t for t in ids if t != tok.eot_id]) for ids in out.tokens]
+        ex_rows = [exs[i // G] for i in range(len(texts))]
+        total, comps, reasons = rewards.score_batch(
+            texts, ex_rows, {"accuracy": c.accuracy_weight, "format": c.format_weight,
+                             "language": c.language_weight}, workers=c.reward_workers, lang=c.lang)
+        stats.setdefault("reasons", {}).update(reasons)
+        shaped = [t + overlong_penalty(len(ids), c.max_new_tokens, c.overlong_buffer)
+                  for t, ids in zip(total, out.tokens)]
+        adv = group_advantages(torch.tensor(shaped).view(len(exs), G), c.adv_scale, c.adv_eps)
+        zero = (adv.abs().sum(1) == 0).tolist()
+        stats["zero_std_groups"] += sum(zero)
+        stats["sampled_groups"] += len(zero)
+        for p in range(len(exs)):
+            if c.dynamic_sampling and zero[p] and refills < c.max_refills:
+                continue  # no learning signal: refill with new prompts
+            for g in range(G):
+                i = p * G + g
+                rows.append(dict(prompt=prompts[p], completion=out.tokens[i], sampler_logp=out.logprobs[i],
+                                 truncated=out.truncated[i], adv=adv[p, g].item(), reward=total[i], shaped=shaped[i],
+                                 acc=comps["accuracy"][i], fmt=comps["format"][i], lang=comps["language"][i],
+                                 text=texts[i], experts=out.experts[i] if out.experts else None,
+                                 masked=c.mask_truncated and out.truncated[i], old_logp=None))
+            groups += 1
+        refills += 1
+    stats["refills"] = refills - 1
+    return rows, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loss of one mini-batch
+
+
+def pack(rows, device):
+    """Right-padded inputs (B, T): prompt + completion minus its last token; and, flat over the completion tokens,
+    the (row, position) whose hidden state predicts each token (position t predicts t+1, PITFALLS P1)."""
+    seqs = [r["prompt"] + r["completion"][:-1] for r in rows]
+    T = max(len(s) for s in seqs)
+    x = torch.zeros(len(rows), T, dtype=torch.long)
+    b_idx, t_idx = [], []
+    for b, (r, s) in enumerate(zip(rows, seqs)):
+        x[b, :len(s)] = torch.tensor(s)
+        P, L = len(r["prompt"]), len(r["completion"])
+        b_idx += [b] * L
+        t_idx += range(P - 1, P - 1 + L)
+    return x.to(device), torch.tensor(b_idx, device=device), torch.tensor(t_idx, device=device)
+
+
+def set_replay(model, rows, T, on):
+    """Routing replay: feed each MoE layer the sampler's experts for every input position (padding: expert 0..K-1)."""
+    for j, moe in enumerate(model.moe_layers()):
+        if not on:
+            moe.replay = None
+            continue
+        K = model.config.num_experts_per_tok
+        rep = torch.arange(K).repeat(len(rows), T, 1)  # (B, T, K)
+        for b, r in enumerate(rows):
+            e = r["experts"][j]
+            rep[b, :len(e)] = e
+        moe.replay = rep.view(-1, K).to(model.lm_head.weight.device)
+
+
+def token_logprobs(model, rows, vocab, temperature, replay=False, entropy=False):
+    x, b_idx, t_idx = pack(rows, model.lm_head.weight.device)
+    set_replay(model, rows, x.shape[1], replay)
+    h = model(x, return_hidden=True)  # (B, T, D)
+    set_replay(model, rows, 0, False)
+    targets = torch.tensor([t for r in rows for t in r["completion"]], device=x.device)
+    # the LM head restricted to the tokenizer's ids: the sampler never gives padded rows any mass (P15)
+    return kernels.token_logprobs(h[b_idx, t_idx], model.lm_head.weight[:vocab], targets, temperature,
+                                  return_entropy=entropy)
+
+
+def train_step(policy, ref, opt, rows, c, vocab, on_policy):
+    """One optimizer update on one mini-batch. Returns metrics (sums over this rank's tokens and rows)."""
+    w_seq = token_weights(rows, c)
+    m = dict(loss=0.0, kl=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0, tokens=0, gap=0.0)
+    for i in range(0, len(rows), c.micro_batch_size):
+        mb, w_mb = rows[i:i + c.micro_batch_size], w_seq[i:i + c.micro_batch_size]
+        logp, ent = token_logprobs(policy, mb, vocab, c.temperature, c.routing_replay, entropy=True)
+        lens = [len(r["completion"]) for r in mb]
+        dev = logp.device
+        per_tok = lambda vals: torch.tensor([v for v, L in zip(vals, lens) for _ in range(L)], device=dev)  # noqa
+        adv, w, mask = per_tok([r["adv"] for r in mb]), per_tok(w_mb), per_tok([not r["masked"] for r in mb])
+        old = None if on_policy else torch.tensor([x for r in mb for x in r["old_logp"]], device=dev)
+        ref_logp = None
+        if ref is not None and c.beta > 0:
+            with torch.no_grad():
+                ref_logp = token_logprobs(ref, mb, vocab, c.temperature)
+        loss_tok = kernels.grpo_token_loss(logp, old, ref_logp, adv, mask, c.eps_low, c.eps_high, c.beta)
+        loss = (loss_tok * w).sum() * common.world_size()  # FSDP averages gradients over ranks: undo it
+        loss = loss + policy.aux_loss() * len(mb) / max(1, len(rows))
+        loss.backward()
+        with torch.no_grad():  # diagnostics, summed over this micro-batch's tokens
+            ratio = torch.exp(logp - (logp if old is None else old))
+            mk = mask.float()
+            m["loss"] += (loss_tok * w).sum().item()
+            m["entropy"] += (ent * mk).sum().item()
+            m["clip_low"] += (((ratio < 1 - c.eps_low) & (adv < 0)).float() * mk).sum().item()
+            m["clip_high"] += (((ratio > 1 + c.eps_high) & (adv > 0)).float() * mk).sum().item()
+            if ref_logp is not None:
+                d = ref_logp - logp
+                m["kl"] += ((torch.exp(d) - d - 1) * mk).sum().item()
+            sampler = torch.tensor([x for r in mb for x in r["sampler_logp"]], device=dev)
+            m["gap"] += (sampler - logp).abs().sum().item()
+            m["tokens"] += int(mk.sum().item())
+    gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), c.grad_clip)
+    gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+    ok = math.isfinite(m["loss"]) and bool(torch.isfinite(gnorm))
+    if ok:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    m["grad_norm"], m["ok"] = gnorm.item(), ok
+    return m
+
+
+@torch.no_grad()
+def recompute_old_logp(policy, rows, c, vocab):
+    """Freeze pi_old before the first update of a rollout (needed when one rollout feeds several updates)."""
+    for i in range(0, len(rows), c.micro_batch_size):
+        mb = rows[i:i + c.micro_batch_size]
+        lp = token_logprobs(policy, mb, vocab, c.temperature, c.routing_replay).tolist()
+        for r in mb:
+            r["old_logp"], lp = lp[:len(r["completion"])], lp[len(r["completion"]):]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def step_metrics(rows, m, stats, c, tok):
+    n = max(1, len(rows))
+    lens = [len(r["completion"]) for r in rows]
+    term = [L for L, r in zip(lens, rows) if not r["truncated"]]
+    acc = [r["acc"] for r in rows if r["acc"] is not None]
+    refl = sum(evaluation.reflective_count(r["text"]) for r in rows)
+    ntok = max(1, m["tokens"])
+    out = {"reward": sum(r["reward"] for r in rows) / n, "accuracy": sum(acc) / max(1, len(acc)),
+           "format": sum(r["fmt"] for r in rows) / n, "len_mean": sum(lens) / n, "len_min": min(lens),
+           "len_max": max(lens), "len_terminated": sum(term) / max(1, len(term)),
+           "truncated": sum(r["truncated"] for r in rows) / n, "reflective_per_token": refl / max(1, sum(lens)),
+           "loss": m["loss"], "entropy": m["entropy"] / ntok, "kl": m["kl"] / ntok, "clip_low": m["clip_low"] / ntok,
+           "clip_high": m["clip_high"] / ntok, "sampler_trainer_gap": m["gap"] / ntok, "grad_norm": m["grad_norm"],
+           "frac_reward_zero_std": stats["zero_std_groups"] / max(1, stats["sampled_groups"])}
+    langs = [r["lang"] for r in rows if r["lang"] is not None]
+    if langs:
+        out["language"] = sum(langs) / len(langs)
+    return out
+
+
+class PromptSampler:
+    """Prompts in a fresh seeded permutation each epoch; (epoch, pos) is the resumable cursor. Every rank walks the
+    same order and takes its own slice of each draw."""
+
+    def __init__(self, examples, seed, epoch=0, pos=0):
+        self.examples, self.seed, self.epoch, self.pos = examples, seed, epoch, pos
+        self._perm()
+
+    def _perm(self):
+        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+
+    def take(self, n_local):
+        n, r = n_local * common.world_size(), common.rank()
+        out = []
+        while len(out) < n:
+            if self.pos >= len(self.order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm()
+            k = min(n - len(out), len(self.order) - self.pos)
+            out += self.order[self.pos:self.pos + k].tolist()
+            self.pos += k
+        return [self.examples[i] for i in out[r * n_local:(r + 1) * n_local]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    c = common.parse_config(GRPOConfig, argv, PRESETS)
+    check_config(c)
+    device = common.get_device(c.device)
+    dtype = common.get_dtype(c.dtype, device)
+    common.set_threads(c.threads)
+    state = None
+    if c.resume:
+        ckpt = common.latest_checkpoint(c.out_dir)
+        if ckpt is None:
+            raise ConfigError(f"--resume: no checkpoint in {c.out_dir}")
+        state = common.load_checkpoint(ckpt)
+        policy = Transformer(ModelConfig(**state["model_config"]))
+        policy.load_state_dict(state["model"])
+        print0(f"resuming {ckpt} at step {state['step']}")
+    else:
+        common.seed_everything(c.seed)
+        policy = load_model(c.init_from)
+    tok_path = c.tokenizer or next((p for p in (os.path.join(c.init_from, "tokenizer.bpe"),
+                                                os.path.join(c.init_from, "final", "tokenizer.bpe"))
+                                    if os.path.isfile(p)), "")
+    if not tok_path:
+        raise ConfigError("--tokenizer: not given and no tokenizer.bpe next to --init-from")
+    tok = data.Tokenizer.from_file(tok_path)
+    vocab = tok.vocab_size
+    template = {"r1_zero": data.R1_ZERO_TEMPLATE, "toy": data.TOY_TEMPLATE, "none": ""}[c.template]
+    train_ex = data.load_task(c.task, n=c.task_size, seed=c.seed, split="train", heldout_frac=c.heldout_frac)
+    held_ex = data.load_task(c.task, n=c.eval_prompts, seed=c.seed, split="heldout", heldout_frac=c.heldout_frac) \
+        if c.eval_every else []
+    policy.to(device=device, dtype=dtype).train()
+    ref = None
+    if c.beta > 0:  # a frozen copy; with beta = 0 it is never built (PITFALLS P11)
+        ref = copy.deepcopy(policy).eval().requires_grad_(False)
+        if state is not None and state.get("ref") is not None:
+            ref.load_state_dict(state["ref"])
+    opt = common.adamw(policy, c.lr, c.weight_decay, (c.beta1, c.beta2))
+    step, sampler, bad = 0, PromptSampler(train_ex, c.seed), 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        common.set_rng_state(state["rng"])
+        step, bad = state["step"], state["bad_steps"]
+        sampler = PromptSampler(train_ex, c.seed, *state["sampler"])
+    os.makedirs(c.out_dir, exist_ok=True)
+    common.atomic_write_json(os.path.join(c.out_dir, "config.json"), dataclasses.asdict(c))
+    log = common.MetricsLogger(c.out_dir, c, c.wandb_project, c.wandb_mode)
+    on_policy_possible = c.mu == 1 and c.num_minibatches == 1
+    print0(f"policy {policy.num_params() / 1e6:.2f}M params; {len(train_ex)} train prompts; preset {c.preset}; "
+           f"{c.rollout_prompts} prompts x {c.group_size} per rollout, {c.num_minibatches} mini-batches, mu={c.mu}")
+    t_start, last_ckpt = time.perf_counter(), step
+    while step < c.max_steps:
+        rows, stats = collect_rollout(policy, tok, train_ex, sampler, c, step, template)
+        if stats["zero_std_groups"] == stats["sampled_groups"]:
+            print0(f"WARNING step {step}: every group has zero reward variance: no policy-gradient signal")
+        on_policy = on_policy_possible and c.old_logp == "auto"
+        if not on_policy:
+            if c.old_logp == "sampler":
+                for r in rows:
+                    r["old_logp"] = r["sampler_logp"]
+            else:
+                recompute_old_logp(policy, rows, c, vocab)
+        rng = np.random.default_rng([c.seed, step])
+        for _ in range(c.mu):
+            perm = rng.permutation(len(rows))
+            per_mb = len(rows) // c.num_minibatches
+            for k in range(c.num_minibatches):
+                if step >= c.max_steps:
+                    break
+                mb = [rows[i] for i in perm[k * per_mb:(k + 1) * per_mb]]
+                lr = common.lr_at(step, c.lr, c.warmup_steps, c.max_steps, c.lr_schedule, 1.0)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                t0 = time.perf_counter()
+                m = train_step(policy, ref, opt, mb, c, vocab, on_policy)
+                train_s = time.perf_counter() - t0
+                loads = policy.pop_expert_loads()
+                policy.update_router_bias(loads, c.bias_update_rate)
+                step += 1
+                bad = 0 if m["ok"] else bad + 1
+                if ref is not None and c.ref_refresh_every and step % c.ref_refresh_every == 0:
+                    ref.load_state_dict(policy.state_dict())
+                met = step_metrics(mb, m, stats, c, tok)
+                met.update(lr=lr, skipped_steps=0 if m["ok"] else 1, sample_tok_s=stats["new_tokens"] /
+                           max(stats["sample_s"], 1e-9), train_tok_s=sum(len(r["prompt"]) + len(r["completion"])
+                                                                         for r in mb) / train_s,
+                           refills=stats["refills"], elapsed_s=time.perf_counter() - t_start)
+                if loads is not None:
+                    met["expert_imbalance"] = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).tolist()
+                if c.eval_every and step % c.eval_every == 0:
+                    ev = evaluation.evaluate(policy, tok, held_ex, k=1, template=template, temperature=0.6,
+                                             top_p=0.95, max_new_tokens=c.max_new_tokens, seed=c.seed,
+                                             workers=c.reward_workers, stop_strings=c.stop_strings)
+                    met.update(heldout_pass1=ev["pass@1"], heldout_format=ev["format_rate"])
+                    policy.train()
+                log.log(met, step)
+                if step % c.sample_every == 0:
+                    common.append_jsonl(os.path.join(c.out_dir, "samples.jsonl"), [
+                        {"step": step, "text": r["text"], "reward": r["reward"], "acc": r["acc"], "adv": r["adv"]}
+                        for r in mb[:4]])
+                if step % c.log_every == 0:
+                    ev = f" | heldout {met['heldout_pass1']:.3f}" if "heldout_pass1" in met else ""
+                    print0(f"step {step} | reward {met['reward']:.3f} acc {met['accuracy']:.3f} fmt "
+                           f"{met['format']:.3f} | len {met['len_mean']:.1f} trunc {met['truncated']:.2f} | kl "
+                           f"{met['kl']:.4f} clip {met['clip_low']:.3f}/{met['clip_high']:.3f} | gnorm "
+                           f"{met['grad_norm']:.2f} lr {lr:.1e} | {met['sample_tok_s']:.0f}/{met['train_tok_s']:.0f}"
+                           f" tok/s{ev} | {met['elapsed_s']:.0f}s")
+                if met["truncated"] > 0.5:
+                    print0(f"WARNING step {step}: {met['truncated']:.0%} of completions hit --max-new-tokens")
+                if not m["ok"]:
+                    print0(f"step {step}: non-finite loss or grad norm, update skipped ({bad} in a row)")
+                    if bad >= c.max_bad_steps:
+                        raise RuntimeError(f"{bad} non-finite steps in a row; lower --lr or check rewards")
+        if step - last_ckpt >= c.ckpt_every or step >= c.max_steps:  # at a rollout boundary: nothing in flight
+            last_ckpt = step
+            common.save_checkpoint(c.out_dir, step, {
+                "model": policy.state_dict(), "model_config": dataclasses.asdict(policy.config),
+                "optimizer": opt.state_dict(), "ref": ref.state_dict() if ref is not None else None, "step": step,
+                "rng": common.rng_state(), "sampler": (sampler.epoch, sampler.pos), "bad_steps": bad,
+                "config": dataclasses.asdict(c)}, c.keep_last)
+    final = os.path.join(c.out_dir, "final")
+    policy.save_pretrained(final)
+    tok.save(os.path.join(final, "tokenizer.bpe"))
+    log.finish()
+    print0(f"done: {step} steps in {time.perf_counter() - t_start:.0f}s; policy saved to {final}")
+    return policy
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, data.DataError) as e:
+        print(f"grpo.py: {e}", file=sys.stderr)
+        sys.exit(2)

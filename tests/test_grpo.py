@@ -1,0 +1,284 @@
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import data
+import grpo
+from grpo import group_advantages
+from model import ModelConfig, Transformer
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# advantages
+
+
+def test_group_advantages_hand_computed():
+    a = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0]]), eps=0.0)
+    std = torch.tensor([1.0, 0, 0, 0]).std()  # unbiased: sqrt(0.25 * 4 / 3) = 0.5774
+    assert torch.allclose(a, torch.tensor([[0.75, -0.25, -0.25, -0.25]]) / std, atol=1e-6)
+    assert a.sum().abs() < 1e-6
+    b = group_advantages(torch.tensor([[2.0, 0.0], [5.0, 5.0]]), scale="none")
+    assert b.tolist() == [[1.0, -1.0], [0.0, 0.0]]
+    c = group_advantages(torch.tensor([[1.0, 0.0], [3.0, 1.0]]), scale="batch", eps=0.0)
+    assert torch.allclose(c, torch.tensor([[0.5, -0.5], [1.0, -1.0]]) / torch.tensor([1.0, 0, 3, 1]).std())
+
+
+@pytest.mark.parametrize("value", [0.1, 0.35, 1.0, 0.0, 1.1 + 0.2])
+def test_constant_groups_get_exactly_zero(value):
+    r = torch.full((3, 8), value, dtype=torch.float32)
+    r[1] = r[1] + torch.tensor([0, 1e-7, 0, 0, 0, 0, 0, 0])  # fp32 residue: still a constant group
+    for scale in ("group", "batch", "none"):
+        a = group_advantages(r, scale=scale)
+        assert torch.equal(a, torch.zeros_like(a)) and not torch.isnan(a).any()
+
+
+def test_group_advantages_rejects_singleton_groups():
+    with pytest.raises(ValueError, match="G >= 2"):
+        group_advantages(torch.ones(4, 1))
+
+
+def test_overlong_penalty_boundaries():
+    # L_max = 20, buffer 4: no penalty up to 16, -1/4 at 17, -1 at 20 (PITFALLS P5)
+    assert grpo.overlong_penalty(16, 20, 4) == 0.0
+    assert grpo.overlong_penalty(17, 20, 4) == pytest.approx(-0.25)
+    assert grpo.overlong_penalty(20, 20, 4) == pytest.approx(-1.0)
+    assert grpo.overlong_penalty(20, 20, 0) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the loss on a tiny model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.toy_tokenizer(n_docs=2000)
+
+
+def tiny(vocab, seed=0):
+    cfg = ModelConfig(vocab_size=64 * ((vocab + 63) // 64), hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                      intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(seed)
+    return Transformer(cfg)
+
+
+def cfg(**kw):
+    base = dict(common.parse_config(grpo.GRPOConfig, ["--preset=cpu", "--init-from=x"], grpo.PRESETS).__dict__)
+    base.update(grad_clip=1e9)  # inspect raw gradients
+    base.update(kw)
+    return grpo.GRPOConfig(**base)
+
+
+def make_rows(n=8, seed=0, vocab=200, masked=()):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        P, L = 3 + i % 3, 2 + (i * 5) % 7  # ragged prompts and completions
+        comp = torch.randint(0, vocab, (L,), generator=g).tolist()
+        rows.append(dict(prompt=torch.randint(0, vocab, (P,), generator=g).tolist(), completion=comp,
+                         sampler_logp=[0.0] * L, adv=float(torch.randn(1, generator=g)), masked=i in masked,
+                         old_logp=None, experts=None, truncated=False))
+    return rows
+
+
+def grads_of(model, rows, c, vocab=200, on_policy=True, ref=None):
+    """Accumulate the step's gradient (without the optimizer update) and return a flat copy."""
+    model.zero_grad(set_to_none=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step is a no-op, the grads stay inspectable
+    opt.zero_grad = lambda set_to_none=True: None
+    m = grpo.train_step(model, ref, opt, rows, c, vocab, on_policy)
+    g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+    return g, m
+
+
+def test_on_policy_gradient_equals_reinforce():
+    """mu=1: ratio == 1, so the loss gradient is -sum_i sum_t w_it A_i grad log p (PITFALLS P9)."""
+    model = tiny(200)
+    rows = make_rows()
+    c = cfg(loss_agg="seq_mean_token_mean")
+    g, m = grads_of(model, rows, c)
+    assert m["clip_low"] == 0 and m["clip_high"] == 0
+    model.zero_grad()
+    logp = grpo.token_logprobs(model, rows, 200, c.temperature)
+    w = torch.tensor([1.0 / (len(r["completion"]) * len(rows)) * r["adv"] for r in rows
+                      for _ in r["completion"]])
+    (-(w * logp).sum()).backward()
+    ref = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+    assert torch.allclose(g, ref, atol=1e-7, rtol=1e-5) and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean", "dr_grpo"])
+def test_gradient_does_not_depend_on_micro_batching(agg):
+    model = tiny(200)
+    rows = make_rows(masked=(2,))
+    g1, _ = grads_of(model, rows, cfg(loss_agg=agg, micro_batch_size=len(rows)))
+    g4, _ = grads_of(model, rows, cfg(loss_agg=agg, micro_batch_size=2))
+    assert torch.allclose(g1, g4, atol=1e-7, rtol=1e-5)
+
+
+def test_clipping_zeroes_the_gradient_exactly_where_eq1_says():
+    """Off-policy tokens with A > 0 and ratio > 1 + eps (or A < 0 and ratio < 1 - eps) give no gradient."""
+    model = tiny(200)
+    rows = make_rows(n=4)
+    c = cfg(eps_low=0.2, eps_high=0.2)
+    with torch.no_grad():
+        lp = grpo.token_logprobs(model, rows, 200, c.temperature).tolist()
+    for r in rows:
+        L = len(r["completion"])
+        own, lp = lp[:L], lp[L:]
+        # ratio = exp(logp - old): push every token far outside the clip range, on the side that clips
+        r["old_logp"] = [x - 1.0 if r["adv"] > 0 else x + 1.0 for x in own]
+    g, m = grads_of(model, rows, c, on_policy=False)
+    assert g.abs().max() == 0
+    assert m["clip_low"] + m["clip_high"] == sum(len(r["completion"]) for r in rows)
+    for r in rows:  # the other side of each clip is not clipped: gradient flows
+        r["old_logp"] = [x + 2.0 if r["adv"] > 0 else x - 2.0 for x in r["old_logp"]]
+    g, m = grads_of(model, rows, c, on_policy=False)
+    assert g.abs().max() > 0 and m["clip_low"] == 0 and m["clip_high"] == 0
+
+
+def test_k3_kl_is_zero_at_the_reference_and_positive_away():
+    model = tiny(200)
+    rows = make_rows()
+    c = cfg(beta=0.1)
+    _, m = grads_of(model, rows, c, ref=copy.deepcopy(model))
+    assert m["kl"] == 0.0
+    other = tiny(200, seed=1)
+    _, m = grads_of(model, rows, c, ref=other)
+    assert m["kl"] > 0
+
+
+def test_padding_never_changes_the_loss_or_gradient():
+    """A row's gradient is the same alone or next to a longer row (more padding), and whatever id pads."""
+    model = tiny(200)
+    rows = make_rows(n=2)
+    c = cfg(loss_agg="token_mean")
+    g_both, _ = grads_of(model, rows, c)
+    orig = grpo.pack
+    grpo.pack = lambda rows, device: (lambda x, b, t: (torch.where(x == 0, torch.full_like(x, 7), x), b, t))(
+        *orig(rows, device))
+    try:
+        g_pad7, _ = grads_of(model, rows, c)
+    finally:
+        grpo.pack = orig
+    assert torch.allclose(g_both, g_pad7, atol=1e-7)
+    # each row alone (its own padding), scaled to the joint token-mean normaliser, sums to the joint gradient
+    n_tok = sum(len(r["completion"]) for r in rows)
+    g_sum = sum(grads_of(model, [r], c)[0] * len(r["completion"]) / n_tok for r in rows)
+    assert torch.allclose(g_both, g_sum, atol=1e-7, rtol=1e-5)
+
+
+def test_masked_rows_leave_the_normaliser_and_all_masked_is_finite():
+    model = tiny(200)
+    rows = make_rows(n=4, masked=(1,))
+    c = cfg(loss_agg="seq_mean_token_mean")
+    w = grpo.token_weights(rows, c)
+    assert w[1] == 0 and w[0] == pytest.approx(1 / (len(rows[0]["completion"]) * 3))
+    everything = make_rows(n=3, masked=(0, 1, 2))
+    g, m = grads_of(model, everything, c)
+    assert torch.isfinite(g).all() and g.abs().max() == 0 and m["ok"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# whole runs through main()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tok):
+    d = tmp_path_factory.mktemp("base")
+    model = tiny(tok.vocab_size)
+    model.save_pretrained(str(d))
+    tok.save(str(d / "tokenizer.bpe"))
+    return str(d)
+
+
+def run(base_dir, out, *extra):
+    args = ["--preset=cpu", f"--init-from={base_dir}", f"--out-dir={out}", "--rollout-prompts=4", "--group-size=4",
+            "--max-new-tokens=6", "--eval-every=0", "--task-size=64", "--micro-batch-size=8", "--sample-every=1",
+            "--threads=1", *extra]
+    return grpo.main(args)
+
+
+def test_every_parameter_changes_after_one_step_and_none_without_signal(base_dir, tmp_path, monkeypatch):
+    start = {k: v.clone() for k, v in Transformer.from_pretrained(base_dir).state_dict().items()}
+
+    def varied(completions, examples, weights=None, **kw):  # non-degenerate rewards: the share of digit chars
+        r = [sum(ch.isdigit() for ch in t) / max(1, len(t)) for t in completions]
+        return r, {"accuracy": r, "format": [0.0] * len(r), "language": [None] * len(r)}, {}
+    monkeypatch.setattr(grpo.rewards, "score_batch", varied)
+    p = run(base_dir, tmp_path / "a", "--max-steps=1", "--rollout-prompts=8", "--group-size=8",
+            "--max-new-tokens=12")
+    changed = {k: not torch.equal(v, start[k]) for k, v in p.state_dict().items() if k in dict(p.named_parameters())}
+    assert all(changed.values()), [k for k, v in changed.items() if not v]
+
+    def constant(completions, examples, weights=None, **kw):
+        return [1.0] * len(completions), {"accuracy": [1.0] * len(completions), "format": [1.0] * len(completions),
+                                          "language": [None] * len(completions)}, {}
+    monkeypatch.setattr(grpo.rewards, "score_batch", constant)
+    p = run(base_dir, tmp_path / "b", "--max-steps=1", "--beta=0", "--weight-decay=0")
+    assert all(torch.equal(v, start[k]) for k, v in p.state_dict().items())
+
+
+def test_resume_equals_uninterrupted_run(base_dir, tmp_path):
+    full = run(base_dir, tmp_path / "full", "--max-steps=4", "--ckpt-every=2")
+    run(base_dir, tmp_path / "part", "--max-steps=2", "--ckpt-every=2")
+    # a new process would see only the files; a second main() call is the same thing here
+    resumed = run(base_dir, tmp_path / "part", "--max-steps=4", "--ckpt-every=2", "--resume")
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    a = torch.load(common.latest_checkpoint(str(tmp_path / "full")), weights_only=False)
+    b = torch.load(common.latest_checkpoint(str(tmp_path / "part")), weights_only=False)
+    assert a["step"] == b["step"] == 4 and a["sampler"] == b["sampler"]
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    lines = [json.loads(l) for l in open(tmp_path / "part" / "metrics.jsonl")]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4]
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(base_dir, tmp_path):
+    run(base_dir, tmp_path / "r", "--max-steps=1", "--ckpt-every=1")
+    code = (f"import sys, os, torch; sys.path.insert(0, {os.getcwd()!r}); import grpo, common\n"
+            f"orig = torch.save\n"
+            f"def dying(obj, f):\n"
+            f"    orig(obj, f); f.flush(); os._exit(9)  # killed after writing, before the rename\n"
+            f"torch.save = dying\n"
+            f"grpo.main(['--preset=cpu', '--init-from={base_dir}', '--out-dir={tmp_path / 'r'}', '--resume',\n"
+            f"           '--max-steps=2', '--rollout-prompts=4', '--group-size=4', '--max-new-tokens=6',\n"
+            f"           '--eval-every=0', '--task-size=64', '--threads=1', '--ckpt-every=1'])\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(grpo.__file__), capture_output=True)
+    assert r.returncode == 9, r.stderr.decode()[-2000:]
+    assert common.load_checkpoint(str(tmp_path / "r"))["step"] == 1
+    p = run(base_dir, tmp_path / "r", "--max-steps=2", "--ckpt-every=1", "--resume")
+    assert common.load_checkpoint(str(tmp_path / "r"))["step"] == 2 and p is not None
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--group-size=1"], "--group-size: GRPO needs at least 2"),
+    (["--num-minibatches=3"], "--num-minibatches: must divide"),
+    (["--eps-low=-0.1"], "--eps-low: clip epsilons must be >= 0"),
+    (["--top-p=0.9"], "--top-p: top-p/top-k sampling"),
+    (["--loss-agg=sum"], "--loss-agg: one of"),
+])
+def test_invalid_settings_fail_at_start(argv, needle, base_dir):
+    with pytest.raises(common.ConfigError, match=needle):
+        grpo.main(["--preset=cpu", f"--init-from={base_dir}", *argv])
+
+
+def test_tiny_run_raises_its_reward(base_dir, tmp_path, monkeypatch):
+    """TinyZero-style smoke test: a random tiny policy learns to emit more digits when digits are rewarded."""
+    def digits(completions, examples, weights=None, **kw):
+        r = [sum(ch.isdigit() for ch in t) / max(1, len(t)) for t in completions]
+        return r, {"accuracy": r, "format": [0.0] * len(r), "language": [None] * len(r)}, {}
+    monkeypatch.setattr(grpo.rewards, "score_batch", digits)
+    run(base_dir, tmp_path / "smoke", "--max-steps=40", "--lr=1e-2", "--rollout-prompts=8", "--group-size=8",
+        "--max-new-tokens=8", "--micro-batch-size=64")
+    rewards = [json.loads(l)["reward"] for l in open(tmp_path / "smoke" / "metrics.jsonl")]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.2, (first, last)

@@ -37,6 +37,7 @@ import json
 import os
 import random
 import re
+import time
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -582,3 +583,44 @@ def contamination(train, evals, n=10):
                 hit.update(grams.get(tuple(w[j:j + k]), ()))
     return {"n": n, "eval": len(evals), "contaminated": len(hit), "fraction": len(hit) / max(1, len(evals)),
             "indices": sorted(hit)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The CPU default's files: python data.py --out-dir=out/toy/data [--docs=500000] [--seed=1]
+
+
+@dataclass
+class ToyDataConfig:
+    """nano-r1 data.py: write the toy pretraining corpus and tokenizer, and check the held-out problems"""
+    out_dir: str = "out/toy/data"
+    docs: int = 500_000            # ~20 tokens each
+    seed: int = 1
+    heldout: int = 200             # held-out problems checked against the corpus ...
+    eval_seed: int = 1337          # ... drawn as eval.py/grpo.py draw them (their --seed)
+
+
+def write_toy_data(c):
+    os.makedirs(c.out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    tok = toy_tokenizer()
+    t_tok = time.perf_counter() - t0
+    docs = list(toy_corpus(c.docs, c.seed))
+    text = tok.eot.join(docs) + tok.eot
+    with open(os.path.join(c.out_dir, "corpus.txt"), "w", encoding="utf-8") as f:
+        f.write(text)
+    tok.save(os.path.join(c.out_dir, "tokenizer.bpe"))
+    held = load_task("toy", n=c.heldout, seed=c.eval_seed, split="heldout")
+    report = contamination(docs, held, n=10)
+    report.pop("indices")
+    with open(os.path.join(c.out_dir, "contamination.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"{c.out_dir}: {len(docs):,} documents, {len(text):,} characters; tokenizer {tok.vocab_size} tokens "
+          f"(trained in {t_tok:.2f}s); held-out problems found in the corpus: {report['contaminated']} of "
+          f"{report['eval']} ({time.perf_counter() - t0:.0f}s)")
+    if report["contaminated"]:
+        raise DataError(f"{report['contaminated']} held-out problems occur in the corpus")
+
+
+if __name__ == "__main__":
+    import common
+    write_toy_data(common.parse_config(ToyDataConfig))

@@ -87,7 +87,7 @@ def evaluate(model, tok, examples, k=16, template="", temperature=0.6, top_p=0.9
                                num_samples=k, stop_ids=[tok.eot_id], stop_strings=list(stop_strings),
                                decode=tok.decode, vocab_size=tok.vocab_size, seed=seed * 7919 + idx[0])
         comps = [tok.decode([t for t in ids if t != tok.eot_id]) for ids in out.tokens]
-        exs = [examples[i // k] for i in idx for _ in range(k)]
+        exs = [examples[i] for i in idx for _ in range(k)]
         total, parts, _ = rewards.score_batch(comps, exs, workers=workers, lang=lang)
         for j, i in enumerate(idx):
             ex = examples[i]
@@ -96,7 +96,8 @@ def evaluate(model, tok, examples, k=16, template="", temperature=0.6, top_p=0.9
                             reward=total[j * k + g], tokens=len(out.tokens[j * k + g]),
                             truncated=out.truncated[j * k + g]) for g in range(k)]
             instances.append(dict(index=i, id=ex.meta.get("id"), prompt=texts[j], gold=ex.answer, kind=ex.kind,
-                                  difficulty=ex.meta.get("difficulty"), samples=samples))
+                                  difficulty=ex.meta.get("difficulty"), samples=samples,
+                                  exact=ex.meta.get("notation") == "reversed"))
     if common.distributed():
         gathered = [None] * common.world_size()
         torch.distributed.all_gather_object(gathered, instances)
@@ -118,7 +119,8 @@ def summarize(instances, k):
         p = sum(acc) / len(acc)
         per.append(p)
         inst["pass@1"] = p
-        votes = [normalise_answer(s["answer"]) for s in inst["samples"]]
+        norm = (lambda a: a.strip() or None if a else None) if inst.get("exact") else normalise_answer
+        votes = [norm(s["answer"]) for s in inst["samples"]]
         winner = majority_vote(votes)
         inst["cons"] = float(winner is not None and any(v == winner and s["accuracy"] >= 1.0
                                                         for v, s in zip(votes, inst["samples"])))
@@ -184,6 +186,66 @@ def rejection_sample(instances, max_per_prompt=0, dedup=True):
     return rows
 
 
+def report(dirs, metrics_path="", png=""):
+    """A before/after table of two eval directories (markdown), and curves of a training run's metrics.jsonl."""
+    sums = []
+    for d in dirs:
+        path = os.path.join(d, "summary.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"--report: {path} does not exist (run eval.py with --out-dir={d} first)")
+        with open(path) as f:
+            sums.append(json.load(f))
+    k = sums[0]["k"]
+    rows = [("problems", lambda s: f"{s['problems']}"),
+            (f"pass@1 (k={k}, ± se)", lambda s: f"{s['pass@1']:.3f} ± {s['pass@1_se']:.3f}"),
+            (f"cons@{k}", lambda s: f"{s.get(f'cons@{k}', float('nan')):.3f}"),
+            (f"pass@{k}", lambda s: f"{s['pass@k'].get(str(k), float('nan')):.3f}"),
+            ("format rate", lambda s: f"{s['format_rate']:.3f}"),
+            ("mean length (tokens)", lambda s: f"{s['mean_length']:.1f}"),
+            ("reflective words / token", lambda s: f"{s['reflective_per_token']:.4f}")]
+    diffs = sorted(set().union(*(s["by_difficulty"] for s in sums)), key=float)
+    rows += [(f"pass@1, {d} operands", lambda s, d=d: f"{s['by_difficulty'][d]['pass@1']:.3f}"
+              if d in s["by_difficulty"] else "-") for d in diffs]
+    lines = ["| | " + " | ".join(os.path.basename(os.path.normpath(d)) for d in dirs) + " |",
+             "|---|" + "---|" * len(dirs)]
+    lines += [f"| {name} | " + " | ".join(f(s) for s in sums) + " |" for name, f in rows]
+    print("\n".join(lines))
+    if metrics_path:  # the curves as text (always) and as a PNG (with matplotlib)
+        with open(metrics_path) as f:
+            m = [json.loads(l) for l in f]
+        keys = ["reward", "accuracy", "format", "len_mean", "reflective_per_token", "heldout_pass1"]
+        picks = sorted({m[round(i * (len(m) - 1) / 9)]["step"] for i in range(10)} |
+                       {r["step"] for r in m if r.get("heldout_pass1") is not None})
+        print("\n" + " ".join(f"{k:>20s}" for k in ["step"] + keys))
+        for r in (r for r in m if r["step"] in picks):
+            print(" ".join(f"{r.get(k):>20.4f}" if isinstance(r.get(k), float) else f"{str(r.get(k, '')):>20s}"
+                           for k in ["step"] + keys))
+    if metrics_path and png:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print(f"(matplotlib is not installed: no {png}; pip install matplotlib to get the curves)")
+            return "\n".join(lines)
+        fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+        panels = [("reward", ["reward"]), ("accuracy", ["accuracy", "heldout_pass1"]),
+                  ("completion length", ["len_mean"]), ("reflective words / token", ["reflective_per_token"])]
+        for ax, (title, keys) in zip(axes, panels):
+            for key in keys:
+                pts = [(r["step"], r[key]) for r in m if r.get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o" if key.startswith("heldout") else None, label=key)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            if len(keys) > 1:
+                ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=100)
+        print(f"curves: {png}")
+    return "\n".join(lines)
+
+
 @dataclass
 class EvalConfig:
     """nano-r1 eval.py settings"""
@@ -205,6 +267,9 @@ class EvalConfig:
     batch_prompts: int = 64
     lang: str = "en"
     compare: list = dataclasses.field(default_factory=list)  # two eval out_dirs: A,B -> paired bootstrap of B - A
+    report: list = dataclasses.field(default_factory=list)  # eval out_dirs to tabulate side by side
+    curves: str = ""             # with --report: a training run's metrics.jsonl ...
+    curves_png: str = ""         # ... plotted to this PNG (needs matplotlib)
     rejection_sampling: bool = False
     max_per_prompt: int = 0      # 0 = keep every correct sample
     dedup: bool = True
@@ -237,6 +302,8 @@ def main(argv=None):
     c = common.parse_config(EvalConfig, argv)
     if c.compare:
         return compare(c.compare, c.seed)
+    if c.report:
+        return report(c.report, c.curves, c.curves_png)
     if not c.model:
         raise ConfigError("--model: required (a checkpoint, run dir or Hugging Face dir)")
     if c.template not in ("r1_zero", "toy", "none"):

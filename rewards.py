@@ -139,6 +139,15 @@ def _math(completion, gold, cheap_only=False):
     return (1.0, None) if ok else (0.0, "wrong_answer")
 
 
+def _exact(completion, gold):
+    """Text equality of the extracted answer and the gold, for notations math-verify would misread (the toy's
+    reversed digits: gold "09" is ninety, and "9" must not match it)."""
+    ans = extract_answer(completion)
+    if ans is None:
+        return 0.0, "no_answer_tag"
+    return (1.0, None) if ans == str(gold).strip() else (0.0, "wrong_answer")
+
+
 def accuracy_reward(completion, answer):
     """1.0 if the last <answer> block (else the last \\boxed{}) equals the gold, 0.0 if not, None if the gold
     cannot be parsed. Plain numbers are compared exactly; everything else through math-verify, gold first."""
@@ -449,7 +458,8 @@ def score_batch(completions, examples, weights=None, workers=2, lang="en", think
         kind = "rg" if "rg_name" in meta else ex.kind  # any reasoning-gym task is scored by its own verifier
         if kind not in KINDS:
             raise ValueError(f"score_batch: example {i} has kind {kind!r}; expected one of {KINDS}")
-        r = (_safe(_choice, c, ex.answer) if kind == "choice" else
+        r = (_safe(_exact, c, ex.answer) if meta.get("notation") == "reversed" else
+             _safe(_choice, c, ex.answer) if kind == "choice" else
              _safe(_countdown, c, meta.get("numbers", ()), meta.get("target")) if kind == "countdown" else
              _safe(_math, c, ex.answer, True) if kind == "math" else None)
         if r is None:

@@ -1,6 +1,53 @@
 #!/usr/bin/env bash
-# nano-r1 pipeline. The toy R1-Zero reproduction lands stage by stage; for now this runs what exists:
-# a self-check of the model (a tiny DeepSeek-V3-style MoE: forward, cached decode, HF save/load round trip).
+# nano-r1: the R1-Zero pipeline as a readable script.
+#
+# Default (no GPU needed): a complete toy R1-Zero reproduction on CPU in about a quarter of an hour.
+#   1. toy corpus + tokenizer       (data.py)     reversed-digit addition, direct and stepwise solutions, some tagged
+#   2. pretrain the toy MoE base    (sft.py)      a 1.8M-parameter DeepSeek-V3-style MoE (MLA, 8 routed + 1 shared)
+#   3. evaluate the base            (eval.py)     held-out problems, R1-Zero-style template, k=4 at T=0.6, top-p 0.95
+#   4. GRPO from the base           (grpo.py)     --preset=cpu: accuracy + format rewards, no length/reflection terms
+#   5. evaluate the policy, print the before/after table, plot curves.png
+# Every stage is skipped when its output exists; an interrupted training stage resumes from its last checkpoint.
+# OUT=out/toy2 bash train.sh writes elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")"
-python model.py
+OUT=${OUT:-out/toy}
+THREADS=${THREADS:-2}
+resume() { ls "$1"/ckpt_*.pt >/dev/null 2>&1 && echo --resume || true; }
+start=$(date +%s)
+
+# 1. corpus and tokenizer
+[ -f "$OUT/data/tokenizer.bpe" ] || python data.py --out-dir="$OUT/data" --docs=500000 --seed=1
+
+# 2. pretraining (the "base model"): ~6 minutes on 2 cores
+[ -f "$OUT/base/final/config.json" ] || python sft.py --data="$OUT/data/corpus.txt" \
+    --tokenizer="$OUT/data/tokenizer.bpe" --out-dir="$OUT/base" --max-steps=1500 --batch-size=32 --seq-len=128 \
+    --lr=2e-3 --warmup-steps=100 --log-every=100 --eval-every=500 --ckpt-every=250 --threads="$THREADS" \
+    $(resume "$OUT/base")
+
+# 3. the base on held-out problems (never in the corpus; data.py checked)
+EVAL="--task=toy --split=heldout --n=200 --k=4 --template=toy --max-new-tokens=48 --workers=0 --threads=$THREADS"
+[ -f "$OUT/eval_base/summary.json" ] || python eval.py --model="$OUT/base" $EVAL --out-dir="$OUT/eval_base"
+
+# 4. R1-Zero: GRPO from the base with rule rewards only
+[ -f "$OUT/rl/final/config.json" ] || python grpo.py --preset=cpu --init-from="$OUT/base" --out-dir="$OUT/rl" \
+    $(resume "$OUT/rl")
+
+# 5. the policy on the same problems; before/after table, paired bootstrap, curves
+[ -f "$OUT/eval_rl/summary.json" ] || python eval.py --model="$OUT/rl" $EVAL --out-dir="$OUT/eval_rl"
+python eval.py --report="$OUT/eval_base,$OUT/eval_rl" --curves="$OUT/rl/metrics.jsonl" --curves-png="$OUT/curves.png"
+python eval.py --compare="$OUT/eval_base,$OUT/eval_rl"
+echo "total wall time: $(( $(date +%s) - start ))s"
+
+# ------------------------------------------------------------------------------------------------------------------
+# The real run (GPUs): R1-Zero on a Hugging Face MoE base with math prompts, the paper's settings (grpo.py defaults:
+# G=16, 512 prompts x 16 per rollout in 16 mini-batches, mu=1, beta=0.001, lr 3e-6, T=1.0, ref refresh 400).
+# BASE=/path/to/DeepSeek-V3-Base-bf16   (or a Qwen3-MoE directory; FP8 checkpoints must be converted to bf16 first)
+# torchrun --standalone --nproc_per_node=8 grpo.py --preset=paper --init-from=$BASE --tokenizer=$BASE/tokenizer.json \
+#     --task=data/math_train.jsonl --template=r1_zero --max-new-tokens=32768 --out-dir=out/r1zero \
+#     --wandb-project=nano-r1
+# torchrun --standalone --nproc_per_node=8 eval.py --model=out/r1zero --tokenizer=$BASE/tokenizer.json \
+#     --task=data/aime24.jsonl --split=all --k=64 --template=r1_zero --out-dir=out/r1zero_aime
+# Cold start / rejection-sampling SFT / distillation: sft.py on prompt/completion JSONL, e.g.
+# torchrun --standalone --nproc_per_node=8 sft.py --init-from=$BASE --tokenizer=$BASE/tokenizer.json \
+#     --data=cold_start.jsonl --lr=5e-5 --max-steps=2000 --out-dir=out/cold_start

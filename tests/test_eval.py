@@ -3,6 +3,7 @@ import math
 from itertools import combinations
 
 import numpy as np
+import torch
 import pytest
 
 import eval as ev
@@ -116,3 +117,28 @@ def test_rejection_sampling_keeps_only_correct_well_formed_samples():
 
 def test_reflective_count_whole_words_case_insensitive():
     assert ev.reflective_count("Wait, but I should CHECK. Waiting is not checking; however: wrong") == 5
+
+
+def test_evaluate_scores_each_prompt_against_its_own_gold(monkeypatch):
+    """Plumbing: an oracle sampler answering each prompt's gold gets pass@1 = 1; a shifted one gets 0."""
+    import data
+    import rollout
+    tok = data.toy_tokenizer(n_docs=500)
+    exs = data.toy_problems(0, 7, seed=3)[1]
+    gold = {data.apply_template(data.TOY_TEMPLATE, e.prompt): e.answer for e in exs}
+    order = list(gold)
+
+    def oracle(shift):
+        def gen(model, prompts, max_new_tokens, temperature, top_p, num_samples, **kw):
+            texts = [order[(order.index(tok.decode(p)) + shift) % len(order)] for p in prompts]
+            toks = [tok.encode(f"<think>x</think><answer>{gold[t]}</answer>") for t in texts for _ in range(num_samples)]
+            return rollout.Rollout(tokens=toks, logprobs=[[0.0] * len(t) for t in toks],
+                                   truncated=[False] * len(toks), num_samples=num_samples)
+        return gen
+    model = torch.nn.Linear(1, 1)
+    monkeypatch.setattr(rollout, "generate", oracle(0))
+    s = ev.evaluate(model, tok, exs, k=3, template=data.TOY_TEMPLATE, workers=0, batch_prompts=3)
+    assert s["pass@1"] == 1.0 and s["cons@3"] == 1.0 and s["problems"] == 7
+    assert [i["gold"] for i in s["instances"]] == [e.answer for e in exs]
+    monkeypatch.setattr(rollout, "generate", oracle(1))
+    assert ev.evaluate(model, tok, exs, k=2, template=data.TOY_TEMPLATE, workers=0)["pass@1"] < 0.3

@@ -547,3 +547,19 @@ def test_score_batch_from_a_thread():
         t.start()
         t.join(120)
     assert [c["accuracy"] for c in out] == [[1.0, 0.0, 1.0]] * 2
+
+
+def test_reversed_notation_golds_compare_as_exact_text():
+    """The toy writes ninety as "09": math-verify would read it as 9 and accept "9"."""
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Ex:
+        prompt: str
+        answer: str
+        kind: str = "math"
+        meta: dict = field(default_factory=lambda: {"notation": "reversed"})
+    ex = Ex("54+54", "09")
+    done = lambda a: f"<think>54+54=09</think><answer>{a}</answer>"  # noqa: E731
+    _, comps, _ = R.score_batch([done("09"), done("9"), done("90"), done(" 09 "), "09"], [ex] * 5, workers=0)
+    assert comps["accuracy"] == [1.0, 0.0, 0.0, 1.0, 0.0]

@@ -11,6 +11,8 @@ import difflib
 import json
 import os
 import random
+import re
+import shutil
 import sys
 import types
 import typing
@@ -22,7 +24,11 @@ import torch
 # config -> flags
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake in the input (flags, files, data): entry points print the message, not a traceback."""
+
+
+class ConfigError(UserError):
     """A bad flag or setting; the message names the flag."""
 
 
@@ -316,23 +322,43 @@ def _jsonable(v):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# checkpoints: one file per save, `ckpt_<step>.pt`, written atomically; the newest complete one is the resume point
+# checkpoints. One process: ckpt_<step>.pt, one file, written to a temporary name and renamed. Under torchrun:
+# ckpt_<step>/, a torch.distributed.checkpoint (DCP) directory of the sharded model and optimizer plus one small
+# extra_rank<r>.pt per rank (its RNG state), written as ckpt_<step>.tmp/ and renamed by rank 0 once every rank is
+# done. Either way a process killed mid-save leaves the previous checkpoint as the newest complete one.
 
 
-def save_checkpoint(out_dir, step, state, keep_last=2):
-    """Atomically write `state` as out_dir/ckpt_<step>.pt, then delete all but the newest `keep_last` checkpoints.
-    A process killed mid-save leaves only a hidden temporary file, which `latest_checkpoint` ignores."""
-    path = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
-    atomic_torch_save(state, path)
-    for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
-        os.remove(old)
+def save_checkpoint(out_dir, step, modules, optimizer, extra, keep_last=2):
+    """modules: {"model": policy, "ref": ...} (None entries skipped); extra: plain data (step, RNG, cursors...)."""
+    modules = {k: m for k, m in modules.items() if m is not None}
+    if not distributed():
+        state = {k: m.state_dict() for k, m in modules.items()}
+        state.update(optimizer=optimizer.state_dict(), **extra)
+        path = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
+        atomic_torch_save(state, path)
+    else:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        path = os.path.join(out_dir, f"ckpt_{step:07d}")
+        tmp = path + ".tmp"
+        state = {k: get_model_state_dict(m) for k, m in modules.items()}
+        state["optimizer"] = get_optimizer_state_dict(modules["model"], optimizer)
+        dcp.save(state, checkpoint_id=tmp)
+        torch.save({**extra, "world_size": world_size()}, os.path.join(tmp, f"extra_rank{rank()}.pt"))
+        torch.distributed.barrier()
+        if rank() == 0:
+            os.replace(tmp, path)
+        torch.distributed.barrier()
+    if rank() == 0:
+        for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
     return path
 
 
 def list_checkpoints(out_dir):
     if not os.path.isdir(out_dir):
         return []
-    names = sorted(n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n.endswith(".pt"))
+    names = sorted(n for n in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d+(\.pt)?", n))
     return [os.path.join(out_dir, n) for n in names]
 
 
@@ -342,14 +368,40 @@ def latest_checkpoint(out_dir):
 
 
 def load_checkpoint(path):
-    """Load a checkpoint file, or the newest checkpoint of a run directory."""
-    if os.path.isdir(path):
+    """A checkpoint (file or DCP directory), or the newest checkpoint of a run directory. For a DCP checkpoint this
+    returns this rank's extra data with "dcp" set to the directory; restore_checkpoint loads the shards."""
+    if os.path.isdir(path) and not re.fullmatch(r"ckpt_\d+", os.path.basename(os.path.normpath(path))):
         newest = latest_checkpoint(path)
         if newest is None:
-            raise FileNotFoundError(f"{path}: no ckpt_*.pt checkpoint in this directory")
+            raise FileNotFoundError(f"{path}: no ckpt_* checkpoint in this directory")
         path = newest
+    if os.path.isdir(path):
+        extra = torch.load(os.path.join(path, f"extra_rank{rank()}.pt"), weights_only=False)
+        if extra["world_size"] != world_size():
+            raise ConfigError(f"--resume: {path} was written by {extra['world_size']} ranks; resume it with as many "
+                              f"(this run has {world_size()})")
+        return {**extra, "dcp": path}
     # weights_only=False: checkpoints hold python/numpy RNG states; only load checkpoints you wrote yourself
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def restore_checkpoint(state, modules, optimizer):
+    """Load the model(s) and optimizer of a load_checkpoint() result (after the model is built and sharded)."""
+    modules = {k: m for k, m in modules.items() if m is not None}
+    if "dcp" not in state:
+        for k, m in modules.items():
+            m.load_state_dict(state[k])
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    sd = {k: get_model_state_dict(m) for k, m in modules.items()}
+    sd["optimizer"] = get_optimizer_state_dict(modules["model"], optimizer)
+    dcp.load(sd, checkpoint_id=state["dcp"])
+    for k, m in modules.items():
+        set_model_state_dict(m, sd[k])
+    set_optimizer_state_dict(modules["model"], optimizer, sd["optimizer"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,6 +445,15 @@ def distributed():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def all_gather(items):
+    """Concatenate a python list over ranks (the same list on every rank)."""
+    if not distributed():
+        return list(items)
+    parts = [None] * world_size()
+    torch.distributed.all_gather_object(parts, list(items))
+    return [x for p in parts for x in p]
+
+
 def all_reduce_sum(x):
     """Sum a python number or tensor over ranks; returns the same kind."""
     if not distributed():
@@ -402,3 +463,111 @@ def all_reduce_sum(x):
         t = t.cuda()
     torch.distributed.all_reduce(t)
     return t.item() if not isinstance(x, torch.Tensor) else t.to(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what every entry point does at its start and end
+
+
+def cli(main, name):
+    """Run an entry point's main(); a UserError prints one line naming the bad input and exits with status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def find_tokenizer(flag_value, model_path, flag="--tokenizer"):
+    """The tokenizer file: the flag if given, else tokenizer.bpe saved next to the model (sft/grpo final/)."""
+    if flag_value:
+        if not os.path.isfile(flag_value):
+            raise ConfigError(f"{flag}={flag_value}: no such file")
+        return flag_value
+    for p in (os.path.join(model_path, "tokenizer.bpe"), os.path.join(model_path, "final", "tokenizer.bpe")):
+        if os.path.isfile(p):
+            return p
+    raise ConfigError(f"{flag}: not given, and no tokenizer.bpe next to {model_path}")
+
+
+def resume_state(out_dir):
+    """The newest checkpoint of a run, for --resume (see load_checkpoint)."""
+    path = latest_checkpoint(out_dir)
+    if path is None:
+        raise ConfigError(f"--resume: no checkpoint in {out_dir}")
+    print0(f"resuming from {path}")
+    return load_checkpoint(path)
+
+
+def export_final(model, tok, out_dir):
+    """out_dir/final: a Hugging Face directory plus the tokenizer, loadable by every entry point and transformers.
+    A sharded model is gathered first (every rank takes part) and written by rank 0 from an unsharded copy."""
+    final = os.path.join(out_dir, "final")
+    if distributed():
+        sd = full_state_dict(model)
+        if rank() == 0:
+            plain = type(model)(model.config)
+            plain.load_state_dict(sd)
+            plain.save_pretrained(final)
+    else:
+        model.save_pretrained(final)
+    if rank() == 0:
+        tok.save(os.path.join(final, "tokenizer.bpe"))
+    if distributed():
+        torch.distributed.barrier()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torchrun + FSDP2
+
+
+def init_distributed():
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU); a plain run needs nothing."""
+    if world_size() > 1 and not distributed():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+
+
+def shard_model(model, bf16=False):
+    """FSDP2: fully_shard every transformer block, then the root. bf16: compute in bf16, reduce gradients in fp32.
+    Transformer.logprobs (the training forward) is registered so it unshards like forward does."""
+    if not distributed():
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    register_fsdp_forward_method(model, "logprobs")
+    return model
+
+
+class gathered:
+    """with gathered(model): ... -- parameters unsharded once for a whole generation (not all-gathered again at
+    every decode step), resharded on exit. A no-op without FSDP."""
+
+    def __init__(self, model):
+        from torch.distributed.fsdp import FSDPModule
+        self.mods = [m for m in model.modules() if isinstance(m, FSDPModule)] if distributed() else []
+
+    def __enter__(self):
+        for m in self.mods:
+            m.set_reshard_after_forward(False)
+            m.unshard()
+
+    def __exit__(self, *exc):
+        for m in self.mods:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+
+def full_state_dict(model):
+    """The whole (unsharded) state dict on CPU, on rank 0 (other ranks get an empty dict; all must call it)."""
+    if not distributed():
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -46,8 +46,10 @@ from heapq import heapify, heappop, heappush
 import regex
 import tiktoken
 
+from common import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad data or a bad name; the message names the file, line and field (or lists the valid names)."""
 
 
@@ -623,4 +625,4 @@ def write_toy_data(c):
 
 if __name__ == "__main__":
     import common
-    write_toy_data(common.parse_config(ToyDataConfig))
+    common.cli(lambda: write_toy_data(common.parse_config(ToyDataConfig)), "data.py")

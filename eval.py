@@ -1,8 +1,8 @@
 """Evaluation: pass@1 over k samples, cons@k, pass@k, per-instance outputs, paired comparison, rejection sampling.
 
-    python eval.py --model=out/rl --task=toy --split=heldout --n=200 --k=4 --out-dir=out/eval_rl
+    python eval.py --model=out/rl --task=toy --split=heldout --problems=200 --k=4 --out-dir=out/eval_rl
     python eval.py --compare=out/eval_base,out/eval_rl          # paired bootstrap over the shared problems
-    python eval.py --model=out/rl --task=toy --split=train --n=2000 --k=8 --rejection-sampling --out-dir=out/rs
+    python eval.py --model=out/rl --task=toy --split=train --problems=2000 --k=8 --rejection-sampling --out-dir=out/rs
     torchrun --standalone --nproc_per_node=8 eval.py --model=/path/to/hf --task=aime.jsonl --k=64 ...
 
 Protocol (PAPER.md section 5): k samples per problem at temperature 0.6, top-p 0.95 (greedy decoding is avoided);
@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -79,6 +78,16 @@ def evaluate(model, tok, examples, k=16, template="", temperature=0.6, top_p=0.9
     was_training = model.training
     model.eval()
     mine = list(range(common.rank(), len(examples), common.world_size()))
+    with common.gathered(model):  # under FSDP: weights all-gathered once, not at every decode step
+        instances = _sample_and_score(model, tok, examples, mine, k, template, temperature, top_p, max_new_tokens,
+                                      seed, workers, stop_strings, batch_prompts, lang)
+    instances = sorted(common.all_gather(instances), key=lambda x: x["index"])
+    model.train(was_training)
+    return summarize(instances, k)
+
+
+def _sample_and_score(model, tok, examples, mine, k, template, temperature, top_p, max_new_tokens, seed, workers,
+                      stop_strings, batch_prompts, lang):
     instances = []
     for s in range(0, len(mine), batch_prompts):
         idx = mine[s:s + batch_prompts]
@@ -98,12 +107,7 @@ def evaluate(model, tok, examples, k=16, template="", temperature=0.6, top_p=0.9
             instances.append(dict(index=i, id=ex.meta.get("id"), prompt=texts[j], gold=ex.answer, kind=ex.kind,
                                   difficulty=ex.meta.get("difficulty"), samples=samples,
                                   exact=ex.meta.get("notation") == "reversed"))
-    if common.distributed():
-        gathered = [None] * common.world_size()
-        torch.distributed.all_gather_object(gathered, instances)
-        instances = sorted((x for part in gathered for x in part), key=lambda x: x["index"])
-    model.train(was_training)
-    return summarize(instances, k)
+    return instances
 
 
 def summarize(instances, k):
@@ -252,7 +256,8 @@ class EvalConfig:
     model: str = ""              # a checkpoint, run dir or Hugging Face dir
     tokenizer: str = ""          # default: <model>/tokenizer.bpe or <model>/final/tokenizer.bpe
     task: str = "toy"
-    n: int = 200                 # problems (for generated tasks; 0 = a whole file)
+    problems: int = 200          # how many (generated tasks need one; 0 = a whole file); not --n:
+    #                              torchrun would read --n as an abbreviation of its own flags
     split: str = "heldout"       # heldout | train | all
     heldout_frac: float = 0.1
     template: str = "r1_zero"    # r1_zero | toy | none
@@ -311,16 +316,12 @@ def main(argv=None):
     if c.k < 1:
         raise ConfigError("--k: must be >= 1")
     from model import load_model
+    common.init_distributed()
     common.set_threads(c.threads)
     device = common.get_device(c.device)
-    model = load_model(c.model).to(device=device, dtype=common.get_dtype(c.dtype, device))
-    tok_path = c.tokenizer or next((p for p in (os.path.join(c.model, "tokenizer.bpe"),
-                                                os.path.join(c.model, "final", "tokenizer.bpe")) if os.path.isfile(p)),
-                                   "")
-    if not tok_path:
-        raise ConfigError("--tokenizer: not given and no tokenizer.bpe next to --model")
-    tok = data.Tokenizer.from_file(tok_path)
-    examples = data.load_task(c.task, n=c.n, seed=c.seed, split=c.split, heldout_frac=c.heldout_frac)
+    model = common.shard_model(load_model(c.model).to(device=device, dtype=common.get_dtype(c.dtype, device)))
+    tok = data.Tokenizer.from_file(common.find_tokenizer(c.tokenizer, c.model))
+    examples = data.load_task(c.task, n=c.problems, seed=c.seed, split=c.split, heldout_frac=c.heldout_frac)
     template = {"r1_zero": data.R1_ZERO_TEMPLATE, "toy": data.TOY_TEMPLATE, "none": ""}[c.template]
     summary = evaluate(model, tok, examples, c.k, template, c.temperature, c.top_p, c.max_new_tokens, c.seed,
                        c.workers, c.stop_strings, c.batch_prompts, c.lang)
@@ -345,8 +346,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, data.DataError) as e:
-        print(f"eval.py: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.cli(main, "eval.py")

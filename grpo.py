@@ -32,7 +32,6 @@ import copy
 import dataclasses
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -221,10 +220,11 @@ def collect_rollout(policy, tok, examples, sampler, c, step, template):
         exs = sampler.take(n_local - groups)
         prompts = [tok.encode(data.apply_template(template, e.prompt)) if template else tok.encode(e.prompt)
                    for e in exs]
-        out = rollout.generate(policy, prompts, c.max_new_tokens, c.temperature, num_samples=G,
-                               stop_ids=[tok.eot_id], stop_strings=c.stop_strings, decode=tok.decode,
-                               vocab_size=tok.vocab_size, seed=c.seed * 1_000_003 + step * 101 + refills,
-                               record_experts=c.routing_replay)
+        with common.gathered(policy):  # under FSDP: all-gather the weights once for the whole generation
+            out = rollout.generate(policy, prompts, c.max_new_tokens, c.temperature, num_samples=G,
+                                   stop_ids=[tok.eot_id], stop_strings=c.stop_strings, decode=tok.decode,
+                                   vocab_size=tok.vocab_size, seed=(c.seed * 1_000_003 + step * 101 + refills) * 8 +
+                                   common.rank(), record_experts=c.routing_replay)
         stats["sample_s"] += out.seconds
         stats["new_tokens"] += out.new_tokens
         texts = [tok.decode([t for t in ids if t != tok.eot_id]) for ids in out.tokens]
@@ -291,12 +291,11 @@ def set_replay(model, rows, T, on):
 def token_logprobs(model, rows, vocab, temperature, replay=False, entropy=False):
     x, b_idx, t_idx = pack(rows, model.lm_head.weight.device)
     set_replay(model, rows, x.shape[1], replay)
-    h = model(x, return_hidden=True)  # (B, T, D)
-    set_replay(model, rows, 0, False)
     targets = torch.tensor([t for r in rows for t in r["completion"]], device=x.device)
-    # the LM head restricted to the tokenizer's ids: the sampler never gives padded rows any mass (P15)
-    return kernels.token_logprobs(h[b_idx, t_idx], model.lm_head.weight[:vocab], targets, temperature,
-                                  return_entropy=entropy)
+    # over the tokenizer's ids only: the sampler never gives a padded LM head's rows any mass (P15)
+    out = model.logprobs(x, b_idx, t_idx, targets, temperature, vocab, return_entropy=entropy)
+    set_replay(model, rows, 0, False)
+    return out
 
 
 def train_step(policy, ref, opt, rows, c, vocab, on_policy):
@@ -305,6 +304,8 @@ def train_step(policy, ref, opt, rows, c, vocab, on_policy):
     m = dict(loss=0.0, kl=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0, tokens=0, gap=0.0)
     for i in range(0, len(rows), c.micro_batch_size):
         mb, w_mb = rows[i:i + c.micro_batch_size], w_seq[i:i + c.micro_batch_size]
+        if common.distributed():  # reduce gradients over ranks once, after the last micro-batch
+            policy.set_requires_gradient_sync(i + c.micro_batch_size >= len(rows))
         logp, ent = token_logprobs(policy, mb, vocab, c.temperature, c.routing_replay, entropy=True)
         lens = [len(r["completion"]) for r in mb]
         dev = logp.device
@@ -356,23 +357,26 @@ def recompute_old_logp(policy, rows, c, vocab):
 # metrics
 
 
-def step_metrics(rows, m, stats, c, tok):
-    n = max(1, len(rows))
-    lens = [len(r["completion"]) for r in rows]
-    term = [L for L, r in zip(lens, rows) if not r["truncated"]]
-    acc = [r["acc"] for r in rows if r["acc"] is not None]
-    refl = sum(evaluation.reflective_count(r["text"]) for r in rows)
-    ntok = max(1, m["tokens"])
-    out = {"reward": sum(r["reward"] for r in rows) / n, "accuracy": sum(acc) / max(1, len(acc)),
-           "format": sum(r["fmt"] for r in rows) / n, "len_mean": sum(lens) / n, "len_min": min(lens),
-           "len_max": max(lens), "len_terminated": sum(term) / max(1, len(term)),
-           "truncated": sum(r["truncated"] for r in rows) / n, "reflective_per_token": refl / max(1, sum(lens)),
-           "loss": m["loss"], "entropy": m["entropy"] / ntok, "kl": m["kl"] / ntok, "clip_low": m["clip_low"] / ntok,
-           "clip_high": m["clip_high"] / ntok, "sampler_trainer_gap": m["gap"] / ntok, "grad_norm": m["grad_norm"],
-           "frac_reward_zero_std": stats["zero_std_groups"] / max(1, stats["sampled_groups"])}
-    langs = [r["lang"] for r in rows if r["lang"] is not None]
-    if langs:
-        out["language"] = sum(langs) / len(langs)
+def step_metrics(rows, m, stats):
+    """Metrics of one optimizer step over every rank's rows (gathered) and loss sums (all-reduced)."""
+    rows = common.all_gather([(r["reward"], r["acc"], r["fmt"], r["lang"], len(r["completion"]), r["truncated"],
+                               evaluation.reflective_count(r["text"])) for r in rows])
+    reward, acc, fmt, lang, lens, trunc, refl = zip(*rows)
+    m = {k: common.all_reduce_sum(v) for k, v in m.items() if k not in ("grad_norm", "ok")} | \
+        {"grad_norm": m["grad_norm"]}
+    n, ntok = len(rows), max(1, m["tokens"])
+    acc, lang = [a for a in acc if a is not None], [x for x in lang if x is not None]
+    term = [L for L, t in zip(lens, trunc) if not t]
+    out = {"reward": sum(reward) / n, "accuracy": sum(acc) / max(1, len(acc)), "format": sum(fmt) / n,
+           "len_mean": sum(lens) / n, "len_min": min(lens), "len_max": max(lens),
+           "len_terminated": sum(term) / max(1, len(term)), "truncated": sum(trunc) / n,
+           "reflective_per_token": sum(refl) / max(1, sum(lens)), "loss": m["loss"], "entropy": m["entropy"] / ntok,
+           "kl": m["kl"] / ntok, "clip_low": m["clip_low"] / ntok, "clip_high": m["clip_high"] / ntok,
+           "sampler_trainer_gap": m["gap"] / ntok, "grad_norm": m["grad_norm"],
+           "frac_reward_zero_std": common.all_reduce_sum(stats["zero_std_groups"]) /
+           max(1, common.all_reduce_sum(stats["sampled_groups"]))}
+    if lang:
+        out["language"] = sum(lang) / len(lang)
     return out
 
 
@@ -409,44 +413,34 @@ def main(argv=None):
     device = common.get_device(c.device)
     dtype = common.get_dtype(c.dtype, device)
     common.set_threads(c.threads)
-    state = None
-    if c.resume:
-        ckpt = common.latest_checkpoint(c.out_dir)
-        if ckpt is None:
-            raise ConfigError(f"--resume: no checkpoint in {c.out_dir}")
-        state = common.load_checkpoint(ckpt)
-        policy = Transformer(ModelConfig(**state["model_config"]))
-        policy.load_state_dict(state["model"])
-        print0(f"resuming {ckpt} at step {state['step']}")
-    else:
-        common.seed_everything(c.seed)
-        policy = load_model(c.init_from)
-    tok_path = c.tokenizer or next((p for p in (os.path.join(c.init_from, "tokenizer.bpe"),
-                                                os.path.join(c.init_from, "final", "tokenizer.bpe"))
-                                    if os.path.isfile(p)), "")
-    if not tok_path:
-        raise ConfigError("--tokenizer: not given and no tokenizer.bpe next to --init-from")
-    tok = data.Tokenizer.from_file(tok_path)
+    common.init_distributed()
+    state = common.resume_state(c.out_dir) if c.resume else None
+    common.seed_everything(c.seed)
+    # on resume the weights come with restore_checkpoint below
+    policy = Transformer(ModelConfig(**state["model_config"])) if state else load_model(c.init_from)
+    tok = data.Tokenizer.from_file(common.find_tokenizer(c.tokenizer, c.init_from or c.out_dir))
     vocab = tok.vocab_size
     template = {"r1_zero": data.R1_ZERO_TEMPLATE, "toy": data.TOY_TEMPLATE, "none": ""}[c.template]
     train_ex = data.load_task(c.task, n=c.task_size, seed=c.seed, split="train", heldout_frac=c.heldout_frac)
     held_ex = data.load_task(c.task, n=c.eval_prompts, seed=c.seed, split="heldout", heldout_frac=c.heldout_frac) \
         if c.eval_every else []
-    policy.to(device=device, dtype=dtype).train()
+    fsdp_bf16 = common.distributed() and dtype == torch.bfloat16  # bf16 compute over fp32 master weights
+    policy.to(device=device, dtype=torch.float32 if fsdp_bf16 else dtype).train()
     ref = None
-    if c.beta > 0:  # a frozen copy; with beta = 0 it is never built (PITFALLS P11)
-        ref = copy.deepcopy(policy).eval().requires_grad_(False)
-        if state is not None and state.get("ref") is not None:
-            ref.load_state_dict(state["ref"])
+    if c.beta > 0:  # a frozen copy, sharded like the policy; with beta = 0 it is never built (PITFALLS P11)
+        ref = common.shard_model(copy.deepcopy(policy).eval().requires_grad_(False), bf16=fsdp_bf16)
+    policy = common.shard_model(policy, bf16=fsdp_bf16)
     opt = common.adamw(policy, c.lr, c.weight_decay, (c.beta1, c.beta2))
     step, sampler, bad = 0, PromptSampler(train_ex, c.seed), 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        common.restore_checkpoint(state, {"model": policy, "ref": ref}, opt)
         common.set_rng_state(state["rng"])
         step, bad = state["step"], state["bad_steps"]
         sampler = PromptSampler(train_ex, c.seed, *state["sampler"])
-    os.makedirs(c.out_dir, exist_ok=True)
-    common.atomic_write_json(os.path.join(c.out_dir, "config.json"), dataclasses.asdict(c))
+    if common.rank() == 0:
+        os.makedirs(c.out_dir, exist_ok=True)
+        common.atomic_write_json(os.path.join(c.out_dir, "config.json"), dataclasses.asdict(c))
+        tok.save(os.path.join(c.out_dir, "tokenizer.bpe"))  # a --resume needs nothing but out_dir
     log = common.MetricsLogger(c.out_dir, c, c.wandb_project, c.wandb_mode)
     on_policy_possible = c.mu == 1 and c.num_minibatches == 1
     print0(f"policy {policy.num_params() / 1e6:.2f}M params; {len(train_ex)} train prompts; preset {c.preset}; "
@@ -483,10 +477,10 @@ def main(argv=None):
                 bad = 0 if m["ok"] else bad + 1
                 if ref is not None and c.ref_refresh_every and step % c.ref_refresh_every == 0:
                     ref.load_state_dict(policy.state_dict())
-                met = step_metrics(mb, m, stats, c, tok)
-                met.update(lr=lr, skipped_steps=0 if m["ok"] else 1, sample_tok_s=stats["new_tokens"] /
-                           max(stats["sample_s"], 1e-9), train_tok_s=sum(len(r["prompt"]) + len(r["completion"])
-                                                                         for r in mb) / train_s,
+                met = step_metrics(mb, m, stats)
+                train_tokens = common.all_reduce_sum(sum(len(r["prompt"]) + len(r["completion"]) for r in mb))
+                met.update(lr=lr, skipped_steps=0 if m["ok"] else 1, train_tok_s=train_tokens / train_s,
+                           sample_tok_s=common.all_reduce_sum(stats["new_tokens"]) / max(stats["sample_s"], 1e-9),
                            refills=stats["refills"], elapsed_s=time.perf_counter() - t_start)
                 if loads is not None:
                     met["expert_imbalance"] = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).tolist()
@@ -516,22 +510,15 @@ def main(argv=None):
                         raise RuntimeError(f"{bad} non-finite steps in a row; lower --lr or check rewards")
         if step - last_ckpt >= c.ckpt_every or step >= c.max_steps:  # at a rollout boundary: nothing in flight
             last_ckpt = step
-            common.save_checkpoint(c.out_dir, step, {
-                "model": policy.state_dict(), "model_config": dataclasses.asdict(policy.config),
-                "optimizer": opt.state_dict(), "ref": ref.state_dict() if ref is not None else None, "step": step,
-                "rng": common.rng_state(), "sampler": (sampler.epoch, sampler.pos), "bad_steps": bad,
-                "config": dataclasses.asdict(c)}, c.keep_last)
-    final = os.path.join(c.out_dir, "final")
-    policy.save_pretrained(final)
-    tok.save(os.path.join(final, "tokenizer.bpe"))
+            common.save_checkpoint(c.out_dir, step, {"model": policy, "ref": ref}, opt, {
+                "model_config": dataclasses.asdict(policy.config), "step": step, "rng": common.rng_state(),
+                "sampler": (sampler.epoch, sampler.pos), "bad_steps": bad, "config": dataclasses.asdict(c)},
+                c.keep_last)
+    final = common.export_final(policy, tok, c.out_dir)
     log.finish()
     print0(f"done: {step} steps in {time.perf_counter() - t_start:.0f}s; policy saved to {final}")
     return policy
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, data.DataError) as e:
-        print(f"grpo.py: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.cli(main, "grpo.py")

@@ -575,6 +575,16 @@ class Transformer(nn.Module):
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
 
+    def logprobs(self, tokens, rows, cols, targets, temperature=1.0, vocab=None, return_entropy=False):
+        """The training path: log p(targets) (N,) read off the hidden states at (rows, cols) of a causal forward
+        over tokens (B, T), with the LM head fused into kernels.token_logprobs (no (N, V) logits kept). vocab:
+        score over the first `vocab` ids only (the tokenizer's; a padded LM head's extra rows get no mass). A
+        method of the model, not a caller's use of lm_head.weight, so FSDP unshards the head for it."""
+        import kernels
+        h = self.forward(tokens, return_hidden=True)  # (B, T, D)
+        w = self.lm_head.weight if vocab is None else self.lm_head.weight[:vocab]
+        return kernels.token_logprobs(h[rows, cols], w, targets, temperature, return_entropy=return_entropy)
+
     def moe_layers(self):
         return [l.mlp for l in self.layers if isinstance(l.mlp, MoE)]
 
@@ -685,28 +695,33 @@ class Transformer(nn.Module):
 
 
 def load_model(path, dtype=torch.float32, device="cpu"):
-    """A Hugging Face directory (config.json + safetensors), a nano-r1 checkpoint file (ckpt_*.pt), or a run
-    directory (its newest checkpoint, else its final/ export) -> Transformer."""
+    """A Hugging Face directory (config.json + safetensors), a run directory (its final/ export, else its newest
+    checkpoint) or a nano-r1 checkpoint file (ckpt_*.pt) -> Transformer."""
     import common
 
     def is_hf(d):  # a run directory has a config.json too (its settings), but no safetensors
         return os.path.isfile(os.path.join(d, "config.json")) and any(
             os.path.isfile(os.path.join(d, f)) for f in ("model.safetensors", "model.safetensors.index.json"))
-    if is_hf(path):
-        return Transformer.from_pretrained(path, dtype=dtype, device=device)
-    if os.path.isdir(path) and not common.list_checkpoints(path):
-        if is_hf(os.path.join(path, "final")):
-            return Transformer.from_pretrained(os.path.join(path, "final"), dtype=dtype, device=device)
+    for d in (path, os.path.join(path, "final")):
+        if is_hf(d):
+            return Transformer.from_pretrained(d, dtype=dtype, device=device)
+    if not os.path.exists(path) or (os.path.isdir(path) and not common.list_checkpoints(path)):
         raise FileNotFoundError(f"{path}: neither a Hugging Face model directory (config.json) nor a run directory "
-                                "with ckpt_*.pt or final/")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint or model directory")
+                                "with final/ or ckpt_* checkpoints, nor a checkpoint file")
     state = common.load_checkpoint(path)
+    if "dcp" in state:
+        raise ValueError(f"{state['dcp']}: a sharded (torchrun) checkpoint; load the run's final/ export, or "
+                         "continue the run with torchrun and --resume")
     if "model" not in state or "model_config" not in state:
         raise ValueError(f"{path}: not a nano-r1 checkpoint (needs 'model' and 'model_config')")
+    return model_from_state(state).to(device=device, dtype=dtype)
+
+
+def model_from_state(state):
+    """The model of a nano-r1 checkpoint dict (keys model_config and model)."""
     model = Transformer(ModelConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
-    return model.to(device=device, dtype=dtype)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -26,7 +25,6 @@ import numpy as np
 import torch
 
 import common
-import kernels
 from common import ConfigError, print0
 from data import DataError, Tokenizer
 from model import ModelConfig, Transformer, load_model
@@ -167,8 +165,8 @@ def pair_batch(rows, n, T, rng):
 
 def token_loss_sum(model, x, y, mask, vocab):
     """Sum of -log p(target) over masked positions, through the fused LM-head log-prob (no (N, V) logits kept)."""
-    h = model(x, return_hidden=True)  # (B, T, D)
-    logp = kernels.token_logprobs(h[mask], model.lm_head.weight[:vocab], y[mask])  # (N,)
+    rows, cols = mask.nonzero(as_tuple=True)
+    logp = model.logprobs(x, rows, cols, y[rows, cols], vocab=vocab)  # (N,)
     return -logp.sum(), int(mask.sum())
 
 
@@ -178,22 +176,18 @@ def token_loss_sum(model, x, y, mask, vocab):
 def main(argv=None):
     c = common.parse_config(SFTConfig, argv)
     check_config(c)
+    common.init_distributed()
     device = common.get_device(c.device)
     dtype = common.get_dtype(c.dtype, device)
     common.set_threads(c.threads)
     tok = Tokenizer.from_file(c.tokenizer)
     vocab = tok.vocab_size
+    R, W = common.rank(), common.world_size()
 
-    start_step, state = 0, None
-    if c.resume:
-        ckpt = common.latest_checkpoint(c.out_dir)
-        if ckpt is None:
-            raise ConfigError(f"--resume: no checkpoint in {c.out_dir}")
-        state = common.load_checkpoint(ckpt)
-        start_step = state["step"]
-        model = Transformer(ModelConfig(**state["model_config"]))
-        model.load_state_dict(state["model"])
-        print0(f"resuming {ckpt} at step {start_step}")
+    common.seed_everything(c.seed)
+    state = common.resume_state(c.out_dir) if c.resume else None
+    if state:
+        model = Transformer(ModelConfig(**state["model_config"]))  # weights come with restore_checkpoint below
     elif c.init_from:
         model = load_model(c.init_from)
     else:
@@ -201,15 +195,19 @@ def main(argv=None):
                          **{f.name: getattr(c, f.name) for f in dataclasses.fields(ModelConfig)
                             if hasattr(c, f.name) and f.name != "vocab_size"},
                          eos_token_id=tok.eot_id)
-        common.seed_everything(c.seed)
         model = Transformer(mc)
     if model.config.vocab_size < vocab:
         raise ConfigError(f"--tokenizer: {vocab} tokens do not fit the model's vocab_size {model.config.vocab_size}")
-    model.to(device=device, dtype=dtype).train()
+    # under FSDP, bf16 means bf16 compute over fp32 master weights (MixedPrecisionPolicy)
+    fsdp_bf16 = common.distributed() and dtype == torch.bfloat16
+    model.to(device=device, dtype=torch.float32 if fsdp_bf16 else dtype).train()
+    model = common.shard_model(model, bf16=fsdp_bf16)
     opt = common.adamw(model, c.lr, c.weight_decay, (c.beta1, c.beta2))
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
+    start_step = 0
+    if state:
+        common.restore_checkpoint(state, {"model": model}, opt)
         common.set_rng_state(state["rng"])
+        start_step = state["step"]
 
     if c.data.endswith(".txt"):
         ids = load_text(c.data, tok)
@@ -230,11 +228,17 @@ def main(argv=None):
         val_batch = (lambda rng, n: pair_batch(val, n, c.seq_len, rng)) if val else None  # noqa: E731
         print0(f"{c.data}: {len(rows):,} prompt/completion pairs" + (f", {len(val):,} held-out" if val else ""))
 
-    os.makedirs(c.out_dir, exist_ok=True)
-    common.atomic_write_json(os.path.join(c.out_dir, "config.json"), dataclasses.asdict(c))
+    def my_share(xym):
+        """This rank's rows of a global batch: every rank draws the same W * batch_size rows, keeps its slice,
+        so W ranks see exactly the batch one process with W times the batch size would."""
+        return tuple(t[R * c.batch_size:(R + 1) * c.batch_size].to(device) for t in xym)
+
+    if R == 0:
+        os.makedirs(c.out_dir, exist_ok=True)
+        common.atomic_write_json(os.path.join(c.out_dir, "config.json"), dataclasses.asdict(c))
     log = common.MetricsLogger(c.out_dir, c, c.wandb_project, c.wandb_mode)
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.config.architecture}, "
-           f"{model.config.n_routed_experts} routed experts), {device}, {dtype}")
+           f"{model.config.n_routed_experts} routed experts), {device}, {dtype}, {W} process(es)")
 
     @torch.no_grad()
     def evaluate():
@@ -244,18 +248,12 @@ def main(argv=None):
         rng = np.random.default_rng(c.seed + 1)  # the same held-out windows every time
         tot, n = 0.0, 0
         for _ in range(c.eval_batches):
-            x, y, m = (t.to(device) for t in val_batch(rng, c.batch_size))
+            x, y, m = my_share(val_batch(rng, c.batch_size * W))
             s, k = token_loss_sum(model, x, y, m, vocab)
             tot, n = tot + s.item(), n + k
         model.train()
         model.pop_expert_loads()  # eval forwards do not count toward balancing
-        return tot / max(n, 1)
-
-    def checkpoint(step):
-        common.save_checkpoint(c.out_dir, step, {
-            "model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-            "optimizer": opt.state_dict(), "step": step, "rng": common.rng_state(), "config": dataclasses.asdict(c)},
-            c.keep_last)
+        return common.all_reduce_sum(tot) / max(common.all_reduce_sum(n), 1)
 
     t0, tokens_seen, bad = time.perf_counter(), 0, 0
     for step in range(start_step, c.max_steps):
@@ -263,15 +261,20 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         rng = np.random.default_rng([c.seed, step])  # batches depend only on (seed, step): exact resume
-        micro = [tuple(t.to(device) for t in batch(rng, c.batch_size)) for _ in range(c.grad_accum)]
-        n_tok = sum(int(m.sum()) for _, _, m in micro)  # the normaliser of the whole optimizer step
+        micro = [my_share(batch(rng, c.batch_size * W)) for _ in range(c.grad_accum)]
+        n_tok = common.all_reduce_sum(sum(int(m.sum()) for _, _, m in micro))  # the whole step's normaliser
         total = 0.0
-        for x, y, m in micro:
+        for i, (x, y, m) in enumerate(micro):
+            if common.distributed():  # gradients are reduced across ranks once, after the last micro-batch
+                model.set_requires_gradient_sync(i == len(micro) - 1)
             s, _ = token_loss_sum(model, x, y, m, vocab)
-            loss = s / max(n_tok, 1) + model.aux_loss() / c.grad_accum
+            # FSDP averages gradients over ranks: times W, the step's loss is sum(-log p) / n_tok over all ranks
+            loss = s / max(n_tok, 1) * W + model.aux_loss() / c.grad_accum
             loss.backward()
             total += s.item()
+        total = common.all_reduce_sum(total)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
         if not (math.isfinite(total) and torch.isfinite(gnorm)):
             bad += 1
             opt.zero_grad(set_to_none=True)
@@ -299,18 +302,13 @@ def main(argv=None):
                    f"gnorm {metrics['grad_norm']:.2f} {metrics['tokens_per_s']:.0f} tok/s "
                    f"{time.perf_counter() - t0:.0f}s")
         if done % c.ckpt_every == 0 or done == c.max_steps:
-            checkpoint(done)
-    final = os.path.join(c.out_dir, "final")
-    model.save_pretrained(final)
-    tok.save(os.path.join(final, "tokenizer.bpe"))
+            common.save_checkpoint(c.out_dir, done, {"model": model}, opt, {
+                "model_config": dataclasses.asdict(model.config), "step": done, "rng": common.rng_state(),
+                "config": dataclasses.asdict(c)}, c.keep_last)
+    print0(f"saved {common.export_final(model, tok, c.out_dir)}")
     log.finish()
-    print0(f"saved {final}")
     return model
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError) as e:
-        print(f"sft.py: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.cli(main, "sft.py")

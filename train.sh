@@ -26,7 +26,7 @@ start=$(date +%s)
     $(resume "$OUT/base")
 
 # 3. the base on held-out problems (never in the corpus; data.py checked)
-EVAL="--task=toy --split=heldout --n=200 --k=4 --template=toy --max-new-tokens=48 --workers=0 --threads=$THREADS"
+EVAL="--task=toy --split=heldout --problems=200 --k=4 --template=toy --max-new-tokens=48 --workers=0 --threads=$THREADS"
 [ -f "$OUT/eval_base/summary.json" ] || python eval.py --model="$OUT/base" $EVAL --out-dir="$OUT/eval_base"
 
 # 4. R1-Zero: GRPO from the base with rule rewards only

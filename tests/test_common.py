@@ -117,12 +117,19 @@ def test_metrics_logger_writes_jsonl(tmp_path):
 
 
 def test_checkpoints_keep_last_and_ignore_partial_files(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in (10, 20, 30):
-        common.save_checkpoint(str(tmp_path), step, {"step": step}, keep_last=2)
+        common.save_checkpoint(str(tmp_path), step, {"model": model}, opt, {"step": step}, keep_last=2)
     (tmp_path / ".ckpt_0000040.pt.tmp123").write_bytes(b"half a checkpoint")  # a save killed midway
     names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt_"))
     assert names == ["ckpt_0000020.pt", "ckpt_0000030.pt"]
-    assert common.load_checkpoint(str(tmp_path))["step"] == 30
+    state = common.load_checkpoint(str(tmp_path))
+    assert state["step"] == 30
+    other = torch.nn.Linear(2, 2)
+    opt2 = torch.optim.SGD(other.parameters(), lr=0.5)
+    common.restore_checkpoint(state, {"model": other}, opt2)
+    assert torch.equal(other.weight, model.weight) and opt2.param_groups[0]["lr"] == 0.1
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no ckpt_"):
         common.load_checkpoint(str(tmp_path / "empty"))

@@ -389,8 +389,8 @@ def test_load_model_from_checkpoint_run_dir_and_hf_dir(tmp_path):
     import dataclasses
     import common
     m = perturb(Transformer(ModelConfig(vocab_size=V))).eval()
-    common.save_checkpoint(str(tmp_path / "run"), 5, {"model": m.state_dict(),
-                                                      "model_config": dataclasses.asdict(m.config)})
+    common.save_checkpoint(str(tmp_path / "run"), 5, {"model": m}, torch.optim.SGD(m.parameters(), lr=0.1),
+                           {"model_config": dataclasses.asdict(m.config)})
     m.save_pretrained(str(tmp_path / "hf"))
     tokens = torch.randint(0, V, (1, T))
     with torch.no_grad():

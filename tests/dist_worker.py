@@ -1,0 +1,82 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node=2` (gloo, CPU): one GRPO optimizer step and a
+greedy generation with an FSDP2-sharded model, written to <out>/rank<r>.pt for the test to compare with one
+process doing the same work. Usage: torchrun ... tests/dist_worker.py <out_dir>"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import grpo  # noqa: E402
+import rollout  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+
+VOCAB = 200
+
+
+def tiny(vocab=256):
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16,
+                      qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64,
+                      moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    return Transformer(cfg)
+
+
+def rows(n=8):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        P, L = 3 + i % 3, 2 + (i * 5) % 7
+        out.append(dict(prompt=torch.randint(0, VOCAB, (P,), generator=g).tolist(),
+                        completion=torch.randint(0, VOCAB, (L,), generator=g).tolist(), sampler_logp=[0.0] * L,
+                        adv=float(torch.randn(1, generator=g)), masked=i == 5, old_logp=None, experts=None,
+                        truncated=False))
+    return out
+
+
+PROMPTS = [[5, 17, 42, 9, 100], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [11, 12]]
+
+
+def run(out_dir):
+    common.init_distributed()
+    torch.set_num_threads(1)
+    r, w = common.rank(), common.world_size()
+    c = grpo.GRPOConfig(**{**grpo.GRPOConfig().__dict__, **grpo.PRESETS["cpu"], "init_from": "x", "beta": 0.05,
+                           "micro_batch_size": 2, "loss_agg": "token_mean"})
+    policy = tiny().train()
+    ref = common.shard_model(tiny().eval().requires_grad_(False))
+    with torch.no_grad():  # a reference different from the policy, so the KL term is live
+        for p in ref.parameters():
+            p.mul_(0.9)
+    policy = common.shard_model(policy)
+    opt = common.adamw(policy, 1e-2, 0.1)
+    mine = rows()[r * 8 // w:(r + 1) * 8 // w]  # this rank's share of the step's 8 rows
+    m = grpo.train_step(policy, ref, opt, mine, c, VOCAB, on_policy=True)
+    loss = common.all_reduce_sum(m["loss"])
+    params = {k: v.clone() for k, v in common.full_state_dict(policy).items()}
+    policy.eval()
+    with common.gathered(policy):  # each rank generates for its own prompts, weights gathered once
+        gen = rollout.generate(policy, PROMPTS[r::w], max_new_tokens=6 + 3 * r, temperature=0, stop_ids=[3])
+    torch.save({"loss": loss, "grad_norm": m["grad_norm"], "params": params, "tokens": gen.tokens},
+               os.path.join(out_dir, f"rank{r}.pt"))
+
+
+def reference(out_dir):
+    """The same work in one process: the whole batch, every prompt."""
+    c = grpo.GRPOConfig(**{**grpo.GRPOConfig().__dict__, **grpo.PRESETS["cpu"], "init_from": "x", "beta": 0.05,
+                           "micro_batch_size": 2, "loss_agg": "token_mean"})
+    policy, ref = tiny().train(), tiny().eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(0.9)
+    opt = common.adamw(policy, 1e-2, 0.1)
+    m = grpo.train_step(policy, ref, opt, rows(), c, VOCAB, on_policy=True)
+    policy.eval()
+    gens = [rollout.generate(policy, [p], max_new_tokens=6 + 3 * (i % 2), temperature=0, stop_ids=[3]).tokens[0]
+            for i, p in enumerate(PROMPTS)]
+    return {"loss": m["loss"], "grad_norm": m["grad_norm"], "params": policy.state_dict(), "tokens": gens}
+
+
+if __name__ == "__main__":
+    run(sys.argv[1])

@@ -1,0 +1,110 @@
+"""torchrun + FSDP2 on 2 CPU processes (gloo): the same update as one process, sharded checkpoints that resume
+exactly, generation under FSDP, and an exported Hugging Face directory that loads in one process."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import data
+from model import Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+
+
+def torchrun(*args, n=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                        *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r.stdout
+
+
+def test_grpo_step_and_generation_match_one_process(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import dist_worker
+    torchrun("tests/dist_worker.py", str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ref = dist_worker.reference(tmp_path)
+    for got in ranks:
+        assert abs(got["loss"] - ref["loss"]) < 1e-6
+        assert abs(got["grad_norm"] - ref["grad_norm"]) < 1e-5
+    assert set(ranks[0]["params"]) == set(ref["params"])  # the gathered full state dict lands on rank 0
+    for k, v in ref["params"].items():
+        assert (ranks[0]["params"][k] - v).abs().max() < 1e-5, k
+    # rank r generated prompts r, r+2 (different lengths and stops: different numbers of decode steps per rank)
+    assert ranks[0]["tokens"] == ref["tokens"][0::2] and ranks[1]["tokens"] == ref["tokens"][1::2]
+
+
+TINY = ["--hidden-size=32", "--num-hidden-layers=2", "--num-attention-heads=2", "--kv-lora-rank=16",
+        "--qk-nope-head-dim=8", "--qk-rope-head-dim=8", "--v-head-dim=8", "--intermediate-size=64",
+        "--moe-intermediate-size=32", "--n-routed-experts=4", "--threads=1", "--seq-len=32", "--lr=3e-3",
+        "--warmup-steps=0", "--lr-schedule=constant", "--log-every=1", "--eval-every=2", "--eval-batches=2",
+        "--ckpt-every=2"]
+
+
+def test_sft_two_ranks_equal_one_rank_and_dcp_resume_is_exact(tmp_path):
+    import sft
+    docs = list(data.toy_corpus(2000, seed=0))
+    (tmp_path / "c.txt").write_text("<|endoftext|>".join(docs) + "<|endoftext|>")
+    data.toy_tokenizer(n_docs=500).save(str(tmp_path / "tok.bpe"))
+    args = [f"--data={tmp_path / 'c.txt'}", f"--tokenizer={tmp_path / 'tok.bpe'}", *TINY]
+    # one process, batch 8 per step
+    one = sft.main(args + [f"--out-dir={tmp_path / 'one'}", "--batch-size=8", "--max-steps=4"])
+    # two ranks, batch 4 each: the same global batch
+    torchrun("sft.py", *args, f"--out-dir={tmp_path / 'two'}", "--batch-size=4", "--max-steps=4")
+    # two ranks, stopped after the step-2 checkpoint, resumed on two ranks
+    torchrun("sft.py", *args, f"--out-dir={tmp_path / 'res'}", "--batch-size=4", "--max-steps=2")
+    assert os.path.isdir(tmp_path / "res" / "ckpt_0000002")  # a DCP directory, not a single file
+    torchrun("sft.py", *args, f"--out-dir={tmp_path / 'res'}", "--batch-size=4", "--max-steps=4", "--resume")
+
+    m1 = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl")]
+    m2 = [json.loads(l) for l in open(tmp_path / "two" / "metrics.jsonl")]
+    for a, b in zip(m1, m2):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
+    assert abs(m1[-1]["val_loss"] - m2[-1]["val_loss"]) < 1e-5
+    # the exported HF directories load in one process; the 2-rank model equals the 1-rank model
+    two = Transformer.from_pretrained(str(tmp_path / "two" / "final")).eval()
+    res = Transformer.from_pretrained(str(tmp_path / "res" / "final")).eval()
+    tokens = torch.randint(0, 200, (2, 17))
+    with torch.no_grad():
+        ref = one.eval()(tokens)
+        assert (two(tokens) - ref).abs().max() < 1e-4
+        assert torch.equal(res(tokens), two(tokens))  # resume on the same world size: bit-identical
+
+
+def test_resume_refuses_another_world_size(tmp_path, monkeypatch):
+    d = tmp_path / "ckpt_0000002"
+    d.mkdir()
+    torch.save({"world_size": 2, "step": 2}, d / "extra_rank0.pt")
+    with pytest.raises(common.ConfigError, match="written by 2 ranks"):
+        common.load_checkpoint(str(tmp_path))
+
+
+def test_grpo_and_eval_entry_points_under_torchrun(tmp_path):
+    """grpo.py on 2 ranks runs, checkpoints (DCP) and resumes; eval.py on 2 ranks (greedy) equals 1 process."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import dist_worker
+    import eval as ev
+    tok = data.toy_tokenizer(n_docs=500)
+    base = tmp_path / "base"
+    dist_worker.tiny(vocab=64 * (tok.vocab_size // 64 + 1)).save_pretrained(str(base))
+    tok.save(str(base / "tokenizer.bpe"))
+    g = ["grpo.py", "--preset=cpu", f"--init-from={base}", f"--out-dir={tmp_path / 'rl'}", "--rollout-prompts=4",
+         "--group-size=4", "--max-new-tokens=6", "--eval-every=2", "--eval-prompts=8", "--task-size=64",
+         "--threads=1", "--ckpt-every=1", "--beta=0.01"]
+    torchrun(*g, "--max-steps=1")
+    assert os.path.isdir(tmp_path / "rl" / "ckpt_0000001")
+    torchrun(*g, "--max-steps=2", "--resume")
+    rows = [json.loads(l) for l in open(tmp_path / "rl" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2] and "heldout_pass1" in rows[1]
+    e = ["eval.py", f"--model={tmp_path / 'rl'}", "--task=toy", "--problems=6", "--k=2", "--temperature=0",
+         "--template=toy", "--max-new-tokens=6", "--workers=0", "--threads=1"]
+    torchrun(*e, f"--out-dir={tmp_path / 'e2'}")
+    ev.main(e[1:] + [f"--out-dir={tmp_path / 'e1'}"])
+    one, two = ([json.loads(l) for l in open(tmp_path / d / "instances.jsonl")] for d in ("e1", "e2"))
+    assert [i["samples"] for i in one] == [i["samples"] for i in two] and len(two) == 6

@@ -1,36 +1,173 @@
-"""The GRPO per-token loss (paper Eq. 1-2, token level): clipped surrogate with separate low/high epsilon plus
-beta times the k3 KL estimator, masked. The reduction over tokens (sequence-mean, token-mean, Dr. GRPO) is the
-caller's (grpo.py), so the normaliser can span micro-batches and ranks.
+"""The GRPO per-token loss (paper Eq. 1-2 at token level), forward and backward in one Triton kernel each.
 
-  ratio = exp(logp - old_logp)               (old_logp None: on-policy, ratio == 1 with gradient d logp)
-  surrogate = min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
-  k3 = exp(ref - logp) - (ref - logp) - 1    (>= 0, 0 when logp == ref; Schulman's unbiased estimator)
-  loss = (-surrogate + beta * k3) * mask
+    ratio   = exp(logp - old_logp)                 old_logp None: on-policy, old = logp.detach() (ratio 1, grad -A)
+    surr    = min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+    k3      = exp(ref - logp) - (ref - logp) - 1   Schulman's estimator of KL(pi || ref): >= 0, 0 at logp == ref
+    loss    = mask * (-surr + beta * k3)           k3 only when ref_logp is given and beta != 0
+    d loss / d logp = mask * (-A * ratio * [not clipped] + beta * (1 - exp(ref - logp)))
+
+A token is clipped (zero surrogate gradient) when A > 0 and ratio > 1 + eps_high ("clipped_high") or A < 0 and
+ratio < 1 - eps_low ("clipped_low"); exactly where torch's min/clamp give zero gradient (PITFALLS P10). With
+return_stats the same kernel also writes those indicators and k3 per token, so the trainer logs clip fractions
+and KL without recomputing anything. Masked tokens (mask == 0) give exactly 0 loss, gradient and statistics even
+when their inputs are inf/NaN garbage (padding, PITFALLS P3): the kernel selects instead of multiplying. A float
+mask acts as a per-token weight on the loss. The reduction over tokens stays with the caller (grpo.py), so its
+normaliser can span micro-batches and ranks. Elementwise: on a GPU this is launch-bound (see kernels/__init__.py).
 """
+import dataclasses
+import math
+
 import torch
 
-
-def grpo_token_loss_torch(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta):
-    old = logp.detach() if old_logp is None else old_logp
-    ratio = torch.exp(logp - old)
-    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
-    loss = -surrogate
-    if ref_logp is not None and beta != 0:
-        d = ref_logp - logp
-        loss = loss + beta * (torch.exp(d) - d - 1)
-    return loss * mask.to(loss.dtype)
+from ._backend import jit, tl, triton, use_triton
 
 
-def grpo_token_loss_reference(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta):
-    """float64 twin for tests (same formula, written out with where instead of min/clamp)."""
-    lp = logp.double()
-    ratio = torch.exp(lp - (lp.detach() if old_logp is None else old_logp.double()))
-    A = advantages.double()
-    clipped = torch.where(ratio < 1 - eps_low, torch.full_like(ratio, 1 - eps_low),
-                          torch.where(ratio > 1 + eps_high, torch.full_like(ratio, 1 + eps_high), ratio))
-    s1, s2 = ratio * A, clipped * A
-    loss = -torch.where(s1 < s2, s1, s2)
-    if ref_logp is not None and beta != 0:
-        d = ref_logp.double() - lp
-        loss = loss + beta * (torch.exp(d) - d - 1)
-    return loss * mask.double()
+@dataclasses.dataclass
+class GRPOTokenStats:
+    """Per-token diagnostics, fp32, 0 on masked tokens: sum them with the mask's token count for fractions/means."""
+    clipped_low: torch.Tensor  # 1.0 where A < 0 and ratio < 1 - eps_low
+    clipped_high: torch.Tensor  # 1.0 where A > 0 and ratio > 1 + eps_high
+    kl: torch.Tensor  # k3 per token (0 everywhere when ref_logp is None; computed even when beta == 0)
+
+
+@jit
+def _terms(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, offs, N, eps_low, eps_high,
+           HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr):
+    """Shared by forward and backward: sanitised inputs, ratio, clip indicators, ref - logp."""
+    ok = offs < N
+    mk = tl.load(mask_ptr + offs, mask=ok, other=0.0)
+    keep = mk != 0
+    lp = tl.where(keep, tl.load(logp_ptr + offs, mask=ok, other=0.0), 0.0)
+    a = tl.where(keep, tl.load(adv_ptr + offs, mask=ok, other=0.0), 0.0)
+    ratio = tl.full(lp.shape, 1.0, tl.float32)
+    if HAS_OLD:
+        ratio = tl.exp(lp - tl.where(keep, tl.load(old_ptr + offs, mask=ok, other=0.0), 0.0))
+    clip_lo = keep & (a < 0) & (ratio < 1 - eps_low)
+    clip_hi = keep & (a > 0) & (ratio > 1 + eps_high)
+    d = tl.zeros(lp.shape, tl.float32)
+    if HAS_REF:
+        d = tl.where(keep, tl.load(ref_ptr + offs, mask=ok, other=0.0), 0.0) - lp
+    return ok, mk, keep, a, ratio, clip_lo, clip_hi, d
+
+
+@jit
+def _fwd_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, loss_ptr, lo_ptr, hi_ptr, kl_ptr, N,
+                eps_low, eps_high, beta, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, ADD_KL: tl.constexpr,
+                STATS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok, mk, keep, a, ratio, clip_lo, clip_hi, d = _terms(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, offs, N,
+                                                         eps_low, eps_high, HAS_OLD, HAS_REF)
+    clipped = tl.minimum(tl.maximum(ratio, 1 - eps_low), 1 + eps_high)
+    loss = -tl.minimum(ratio * a, clipped * a)
+    kl = tl.exp(d) - d - 1  # 0 when HAS_REF is off (d == 0)
+    if ADD_KL:
+        loss += beta * kl
+    tl.store(loss_ptr + offs, tl.where(keep, loss * mk, 0.0), mask=ok)
+    if STATS:
+        tl.store(lo_ptr + offs, clip_lo.to(tl.float32), mask=ok)
+        tl.store(hi_ptr + offs, clip_hi.to(tl.float32), mask=ok)
+        tl.store(kl_ptr + offs, tl.where(keep, kl, 0.0), mask=ok)
+
+
+@jit
+def _bwd_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, gout_ptr, glogp_ptr, N, eps_low, eps_high, beta,
+                HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, ADD_KL: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok, mk, keep, a, ratio, clip_lo, clip_hi, d = _terms(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, offs, N,
+                                                         eps_low, eps_high, HAS_OLD, HAS_REF)
+    g = tl.where(clip_lo | clip_hi, 0.0, -a * ratio)  # d ratio / d logp = ratio
+    if ADD_KL:
+        g += beta * (1 - tl.exp(d))
+    g_out = tl.load(gout_ptr + offs, mask=ok, other=0.0)
+    tl.store(glogp_ptr + offs, tl.where(keep, g * mk * g_out, 0.0), mask=ok)
+
+
+def _grid(N, x):
+    block = 1024 if x.is_cuda else 64  # 64 keeps the interpreter tests multi-block at small N
+    return (triton.cdiv(N, block),), block
+
+
+class GRPOTokenLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logp, old, ref, adv, mask, eps_low, eps_high, beta, stats):
+        N, has_old, has_ref = logp.numel(), old is not None, ref is not None
+        add_kl = has_ref and beta != 0
+        grid, block = _grid(N, logp)
+        loss = torch.empty_like(logp)
+        out = [torch.empty_like(logp) for _ in range(3)] if stats else [loss] * 3  # never written without STATS
+        _fwd_kernel[grid](logp, old if has_old else logp, ref if has_ref else logp, adv, mask, loss, *out, N,
+                          eps_low, eps_high, beta, has_old, has_ref, add_kl, stats, BLOCK=block)
+        ctx.save_for_backward(logp, old, ref, adv, mask)
+        ctx.opts = (eps_low, eps_high, beta, has_old, has_ref, add_kl)
+        if not stats:
+            return (loss,)
+        ctx.mark_non_differentiable(*out)
+        return (loss, *out)
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        logp, old, ref, adv, mask = ctx.saved_tensors
+        eps_low, eps_high, beta, has_old, has_ref, add_kl = ctx.opts
+        N = logp.numel()
+        g_logp = torch.empty_like(logp)
+        grid, block = _grid(N, logp)
+        _bwd_kernel[grid](logp, old if has_old else logp, ref if has_ref else logp, adv, mask, g_loss.contiguous(),
+                          g_logp, N, eps_low, eps_high, beta, has_old, has_ref, add_kl, BLOCK=block)
+        return g_logp, None, None, None, None, None, None, None, None
+
+
+def _torch_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta):
+    """The same math with torch ops and autograd. Inputs are sanitised first (where, not multiply), so inf/NaN
+    on masked tokens reaches neither the loss nor, through 0 * inf, the gradient."""
+    keep = mask != 0
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    lp = torch.where(keep, logp, zero)
+    a = torch.where(keep, adv, zero)
+    ratio = torch.exp(lp - (lp.detach() if old is None else torch.where(keep, old, zero)))
+    loss = -torch.minimum(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
+    kl = torch.zeros_like(lp)
+    if ref is not None:
+        d = torch.where(keep, ref, zero) - lp
+        kl = torch.exp(d) - d - 1
+        if beta != 0:
+            loss = loss + beta * kl
+    loss = torch.where(keep, loss * mask, zero)
+    with torch.no_grad():
+        ratio = ratio.detach()
+        stats = ((keep & (a < 0) & (ratio < 1 - eps_low)).to(logp.dtype),
+                 (keep & (a > 0) & (ratio > 1 + eps_high)).to(logp.dtype), torch.where(keep, kl.detach(), zero))
+    return loss, stats
+
+
+def grpo_token_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, backend="auto", *,
+                    return_stats=False):
+    """Per-token GRPO loss, shaped like logp (fp32, or fp64 for fp64 inputs on the torch path); with
+    return_stats, (loss, GRPOTokenStats). Only logp is differentiated: old_logp, ref_logp, advantages and mask are
+    constants (detached). advantages are per token (the caller broadcasts sequence advantages); mask is bool or
+    float (a float mask weights the loss). old_logp=None: on-policy; ref_logp=None or beta=0: no KL term."""
+    where = "kernels.grpo_token_loss"
+    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("advantages", advantages), ("mask", mask)):
+        if x is not None and x.shape != logp.shape:
+            raise ValueError(f"{where}: {name} has shape {tuple(x.shape)}, logp has {tuple(logp.shape)}")
+    if not logp.is_floating_point():
+        raise ValueError(f"{where}: logp must be a float tensor, got {logp.dtype}")
+    for name, v in (("eps_low", eps_low), ("eps_high", eps_high), ("beta", beta)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{where}: {name}={v!r} must be a finite number >= 0")
+    if eps_low >= 1:
+        raise ValueError(f"{where}: eps_low={eps_low} must be < 1 (the lower clip bound 1 - eps_low must be > 0)")
+    triton_ = use_triton(backend, logp, where=where) and logp.numel() > 0
+    dt = torch.float64 if logp.dtype == torch.float64 and not triton_ else torch.float32
+    prep = lambda x: None if x is None else x.detach().reshape(-1).to(dt).contiguous()  # noqa: E731
+    old, ref, adv, mk = prep(old_logp), prep(ref_logp), prep(advantages), prep(mask)
+    lp = logp.reshape(-1).to(dt)
+    if triton_:
+        out = GRPOTokenLoss.apply(lp.contiguous(), old, ref, adv, mk, float(eps_low), float(eps_high),
+                                  float(beta), return_stats)
+        loss, stats = out[0], out[1:]
+    else:
+        loss, stats = _torch_loss(lp, old, ref, adv, mk, eps_low, eps_high, beta)
+    loss = loss.reshape(logp.shape)
+    if not return_stats:
+        return loss
+    return loss, GRPOTokenStats(*(s.reshape(logp.shape) for s in stats))

@@ -1,79 +1,279 @@
-"""Per-token log-probs (and entropies) of targets under an LM head, without keeping (N, V) logits.
+"""Per-token log-prob (and entropy) of the sampled tokens, fused with the LM head.
 
-token_logprobs(hidden (N, D), weight (V, D), targets (N,), temperature) -> logp (N,) fp32 [, entropy (N,)]
-  logits = hidden @ weight.T / temperature, accumulated in fp32 whatever the input dtype (PITFALLS M8);
-  logp = logits[target] - logsumexp(logits); entropy = -sum softmax * log_softmax.
-The torch path works on `chunk` rows at a time: only (chunk, V) fp32 logits are alive, in the forward and in the
-backward, which recomputes each chunk's logits instead of storing them (a custom autograd.Function: autograd
-would keep every chunk's softmax for the backward). Gradients: d logp / d z = onehot - p and
-d H / d z = -p (log p + H), both divided by the temperature, then chained through the matmul.
-Restricting the vocabulary (a padded LM head) is done by the caller: pass weight[:vocab].
+    z_ij    = (h_i . W_j) / temperature                  j < V (= vocab_limit; padded LM-head rows are not logits)
+    logp_i  = z_i,t_i - logsumexp_j z_ij
+    H_i     = -sum_j p_ij log p_ij,   p = softmax(z)
+
+Forward: one pass over vocabulary tiles per block of rows keeps three running numbers per row (max m, s = sum
+e^(z-m), u = sum e^(z-m)(z-m)) and the target logit, so neither backend ever holds the (N, V) logits. Entropy is
+log s - u/s, which avoids the cancellation of lse - E[z] when logits are large (all-negative logits, P20).
+Backward, with g = dL/dlogp and k = dL/dH:
+    dL/dz_ij = g_i (1[j = t_i] - p_ij) - k_i p_ij (log p_ij + H_i)
+recomputed tile by tile for one chunk of rows at a time into a (rows, V) buffer, then dh = dz @ W and
+dW += dz^T @ h with ordinary matmuls (deterministic: no atomics). The (N, V) logits never exist; at most one chunk of
+rows does, in the backward. GPU cost on paper: see kernels/__init__.py.
+
+Triton path: `_fwd_kernel` (grid: row blocks x vocabulary splits; the splits' partial (m, s, u, z_t) are merged in
+torch) and `_grad_logits_kernel` (grid: row blocks x vocabulary tiles of one chunk). Torch path: the same math,
+chunk of rows by chunk of rows. Both accumulate logits in fp32 whatever the input dtype (PITFALLS M8); float64
+inputs stay float64 on the torch path (for references).
 """
+import math
+
 import torch
 
+from ._backend import INTERPRET, jit, tl, triton, use_triton
 
-def _acc(dtype):  # accumulate in fp32 at least (fp64 stays fp64, for exact tests)
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _chunk_stats(h, w, t, temperature):
-    dt = _acc(h.dtype)
-    z = (h.to(dt) @ w.to(dt).T) / temperature  # (C, V) fp32
-    lse = torch.logsumexp(z, dim=-1)  # (C,)
-    logp = z.gather(1, t[:, None]).squeeze(1) - lse
-    return z, lse, logp
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
 
 
-class _TokenLogprobs(torch.autograd.Function):
+@jit
+def _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_h, stride_w, temperature,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """(BLOCK_N, BLOCK_V) fp32 tile of h @ W.T / temperature; the K loop runs over D in BLOCK_D steps."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ks = d0 + tl.arange(0, BLOCK_D)
+        k_ok = ks < D
+        a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        # W tile loaded already transposed: (BLOCK_D, BLOCK_V)
+        b = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST:  # the interpreter's bf16 tl.dot multiplies raw bit patterns (PITFALLS M7)
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc / temperature  # divide, exactly like the sampler's logits / T
+
+
+@jit
+def _fwd_kernel(h_ptr, w_ptr, tgt_ptr, part_ptr, N, V, D, stride_h, stride_w, temperature, v_per_split,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    m = tl.full((BLOCK_N,), -1.0e30, tl.float32)  # finite start: (m - m_new) * s stays 0 * finite, not NaN
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    u = tl.zeros((BLOCK_N,), tl.float32)
+    zt = tl.zeros((BLOCK_N,), tl.float32)
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_hi
+        z = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_h, stride_w, temperature,
+                         BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, 1))  # finite: every tile has a valid column
+        zc = tl.where(col_ok[None, :], z - m_new[:, None], 0.0)
+        e = tl.where(col_ok[None, :], tl.exp(zc), 0.0)  # selects, so padded columns never make 0 * inf
+        alpha = tl.exp(m - m_new)
+        u = alpha * (u + (m - m_new) * s) + tl.sum(e * zc, 1)
+        s = alpha * s + tl.sum(e, 1)
+        m = m_new
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
+    offs = pid_s * N + rows  # part is (4, n_splits, N)
+    tl.store(part_ptr + offs, m, mask=row_ok)
+    tl.store(part_ptr + n_splits * N + offs, s, mask=row_ok)
+    tl.store(part_ptr + 2 * n_splits * N + offs, u, mask=row_ok)
+    tl.store(part_ptr + 3 * n_splits * N + offs, zt, mask=row_ok)
+
+
+@jit
+def _grad_logits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, gz_ptr, N, V, D,
+                        stride_h, stride_w, stride_g, temperature, HAS_ENT: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < N
+    col_ok = cols < V
+    z = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_h, stride_w, temperature,
+                     BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)
+    lp = z - tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None]  # log p
+    p = tl.exp(lp)
+    g = tl.load(glogp_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    dz = tl.where(cols[None, :] == tgt[:, None], g, 0.0) - g * p
+    if HAS_ENT:
+        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        k = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        dz -= k * p * (lp + ent)
+    dz = dz / temperature  # chain rule through z = logits / T
+    tl.store(gz_ptr + rows[:, None] * stride_g + cols[None, :], dz.to(gz_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _launch_cfg(x):
+    """Block sizes: tiny in the interpreter (tests), GEMM-sized on GPU (not tuned; see kernels/__init__.py)."""
+    interp = INTERPRET and not x.is_cuda
+    cfg = dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16) if interp else dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64,
+                                                                       num_warps=8, num_stages=3)
+    cfg.update(UPCAST=interp and x.dtype != torch.float32, PRECISION="ieee" if x.dtype == torch.float32 else None)
+    return cfg
+
+
+def _triton_forward(h, w, tgt, temperature, vocab_splits):
+    """(logp, lse, entropy), each (N,) fp32, from the split-vocabulary kernel and a small torch merge."""
+    (N, D), V = h.shape, w.shape[0]
+    cfg = _launch_cfg(h)
+    row_blocks, vocab_tiles = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
+    if vocab_splits is None:  # enough programs for ~2 waves on the GPU; small N then splits the vocabulary
+        sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 1
+        vocab_splits = triton.cdiv(2 * sms, row_blocks)
+    tiles_per_split = triton.cdiv(vocab_tiles, max(1, min(vocab_splits, vocab_tiles)))
+    v_per_split = tiles_per_split * cfg["BLOCK_V"]
+    n_splits = triton.cdiv(V, v_per_split)  # every split starts below V, so none is empty
+    part = torch.empty(4, n_splits, N, device=h.device, dtype=torch.float32)
+    _fwd_kernel[(row_blocks, n_splits)](h, w, tgt, part, N, V, D, h.stride(0), w.stride(0), temperature,
+                                        v_per_split, **cfg)
+    m, s, u, zt = part.unbind(0)  # (n_splits, N) each
+    m_all = m.amax(0)  # merge the splits' running stats exactly as the kernel merges tiles
+    scale = torch.exp(m - m_all)
+    s_all = (scale * s).sum(0)
+    u_all = (scale * (u + (m - m_all) * s)).sum(0)
+    lse = m_all + torch.log(s_all)
+    return zt.sum(0) - lse, lse, torch.log(s_all) - u_all / s_all
+
+
+def _triton_grad_logits(h, w, tgt, lse, ent, g_logp, g_ent, temperature, out_dtype):
+    (N, D), V = h.shape, w.shape[0]
+    cfg = _launch_cfg(h)
+    gz = torch.empty(N, V, device=h.device, dtype=out_dtype)  # (C, V): one chunk of rows
+    has_ent = g_ent is not None
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
+    _grad_logits_kernel[grid](h, w, tgt, lse, ent if has_ent else lse, g_logp, g_ent if has_ent else g_logp, gz,
+                              N, V, D, h.stride(0), w.stride(0), gz.stride(0), temperature, has_ent, **cfg)
+    return gz
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch path: the same math, one chunk of rows at a time
+
+
+def _torch_logits(h, w_c, temperature):
+    return (h.to(w_c.dtype) @ w_c.T).div_(temperature)  # (C, V) in the compute dtype
+
+
+def _torch_forward(h, w, tgt, temperature, chunk, want_ent):
+    cdt = torch.promote_types(h.dtype, torch.float32)
+    w_c = w.to(cdt)  # one upcast copy of W for all chunks (no copy when W is already fp32)
+    logp, lse = (torch.empty(h.shape[0], device=h.device, dtype=cdt) for _ in range(2))
+    ent = torch.empty(h.shape[0] if want_ent else 0, device=h.device, dtype=cdt)
+    for c0 in range(0, h.shape[0], chunk):
+        c1 = min(c0 + chunk, h.shape[0])
+        z = _torch_logits(h[c0:c1], w_c, temperature)  # (C, V)
+        lse[c0:c1] = torch.logsumexp(z, 1)
+        lp = z.sub_(lse[c0:c1, None])  # in place: log p
+        logp[c0:c1] = lp.gather(1, tgt[c0:c1, None]).squeeze(1)
+        if want_ent:
+            ent[c0:c1] = -(lp.exp().mul_(lp)).sum(1)
+    return logp, lse, ent
+
+
+def _torch_grad_logits(h, w_c, tgt, lse, ent, g_logp, g_ent, temperature):
+    lp = _torch_logits(h, w_c, temperature).sub_(lse[:, None])  # (C, V) log p
+    p = lp.exp()
+    dz = p * -g_logp[:, None]
+    dz.scatter_add_(1, tgt[:, None], g_logp[:, None].to(dz.dtype))
+    if g_ent is not None:
+        dz -= lp.add_(ent[:, None]).mul_(p).mul_(g_ent[:, None])
+    return dz.div_(temperature)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd
+
+
+class TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy):
-        N = hidden.shape[0]
-        logp = torch.empty(N, dtype=_acc(hidden.dtype), device=hidden.device)
-        ent = torch.empty(N, dtype=_acc(hidden.dtype), device=hidden.device) if with_entropy else None
-        for s in range(0, N, chunk):
-            z, lse, lp = _chunk_stats(hidden[s:s + chunk], weight, targets[s:s + chunk], temperature)
-            logp[s:s + chunk] = lp
-            if with_entropy:  # -sum p log p on log-softmax values: no cancellation of two large terms
-                logq = z - lse[:, None]
-                ent[s:s + chunk] = -(torch.exp(logq) * logq).sum(-1)
-        ctx.save_for_backward(hidden, weight, targets, logp, ent if with_entropy else logp)
-        ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
-        return (logp, ent) if with_entropy else (logp, logp.new_empty(0))
+    def forward(ctx, h, w, tgt, temperature, want_ent, triton_, chunk, vocab_splits):
+        if triton_:
+            logp, lse, ent = _triton_forward(h, w, tgt, temperature, vocab_splits)
+        else:
+            logp, lse, ent = _torch_forward(h, w, tgt, temperature, chunk, want_ent)
+        ctx.save_for_backward(h, w, tgt, lse, ent)
+        ctx.opts = (temperature, triton_, chunk)
+        ctx.set_materialize_grads(False)
+        return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        hidden, weight, targets, logp, ent = ctx.saved_tensors
-        T, chunk = ctx.temperature, ctx.chunk
-        dt = _acc(hidden.dtype)
-        gh = torch.zeros(hidden.shape, dtype=dt, device=hidden.device) if ctx.needs_input_grad[0] else None
-        gw = torch.zeros(weight.shape, dtype=dt, device=weight.device) if ctx.needs_input_grad[1] else None
-        wf = weight.to(dt)
-        for s in range(0, hidden.shape[0], chunk):
-            h, t = hidden[s:s + chunk], targets[s:s + chunk]
-            z, lse, _ = _chunk_stats(h, weight, t, T)
-            logq = z - lse[:, None]  # (C, V) log-softmax
-            p = torch.exp(logq)
-            gl = g_logp[s:s + chunk, None].to(dt)
-            gz = -p * gl  # d logp / dz = onehot - p
-            gz.scatter_add_(1, t[:, None], gl)
-            if ctx.with_entropy and g_ent is not None and g_ent.numel():
-                gz -= g_ent[s:s + chunk, None].to(dt) * p * (logq + ent[s:s + chunk, None])
-            gz /= T  # z = logits / T
-            if gh is not None:
-                gh[s:s + chunk] = gz @ wf
-            if gw is not None:
-                gw += gz.T @ h.to(dt)
-        return (gh.to(hidden.dtype) if gh is not None else None, gw.to(weight.dtype) if gw is not None else None,
-                None, None, None, None)
+        h, w, tgt, lse, ent = ctx.saved_tensors
+        temperature, triton_, chunk = ctx.opts
+        if g_logp is None:
+            g_logp = torch.zeros_like(lse)
+        g_logp, g_ent = g_logp.to(lse.dtype).contiguous(), None if g_ent is None else g_ent.to(lse.dtype).contiguous()
+        # matmul dtype: fp32 (or fp64) on CPU, where bf16 matmuls are slow; the input dtype on GPU (fp32 accumulate)
+        mdt = w.dtype if w.is_cuda else lse.dtype
+        w_m = w.to(mdt)
+        need_h, need_w = ctx.needs_input_grad[:2]
+        dh = torch.empty(h.shape, device=h.device, dtype=mdt) if need_h else None
+        dw = torch.zeros(w.shape, device=w.device, dtype=lse.dtype) if need_w else None  # fp32 over chunks
+        for c0 in range(0, h.shape[0], chunk):
+            c1 = min(c0 + chunk, h.shape[0])
+            args = (h[c0:c1], tgt[c0:c1], lse[c0:c1], ent[c0:c1], g_logp[c0:c1],
+                    None if g_ent is None else g_ent[c0:c1])
+            if triton_:
+                dz = _triton_grad_logits(args[0], w, *args[1:], temperature, mdt)  # (C, V)
+            else:
+                dz = _torch_grad_logits(args[0], w_m, *args[1:], temperature).to(mdt)  # (C, V)
+            if need_h:
+                dh[c0:c1] = dz @ w_m
+            if need_w:
+                dw += (dz.T @ h[c0:c1].to(mdt)).to(dw.dtype)
+        return (dh.to(h.dtype) if need_h else None, dw.to(w.dtype) if need_w else None,
+                None, None, None, None, None, None)
 
 
-def token_logprobs_torch(hidden, weight, targets, temperature=1.0, return_entropy=False, chunk=1024):
-    logp, ent = _TokenLogprobs.apply(hidden, weight, targets, float(temperature), chunk, return_entropy)
-    return (logp, ent) if return_entropy else logp
+def token_logprobs(hidden, weight, targets, temperature=1.0, backend="auto", return_entropy=False, *,
+                   vocab_limit=None, chunk=None, vocab_splits=None):
+    """Log-prob of `targets` under softmax(hidden @ weight[:vocab_limit].T / temperature), never holding (N, V).
 
-
-def token_logprobs_reference(hidden, weight, targets, temperature=1.0):
-    """float64, all logits at once: the naive twin for tests."""
-    z = (hidden.double() @ weight.double().T) / temperature
-    lq = torch.log_softmax(z, -1)
-    return lq.gather(1, targets[:, None]).squeeze(1), -(lq.exp() * lq).sum(-1)
+    hidden (..., D) final hidden states (after the final norm); weight (V_padded, D) the LM head; targets (...) int
+    ids. Returns logp (...) fp32 (fp64 for fp64 inputs on the torch path), or (logp, entropy) with return_entropy.
+    vocab_limit: rows of `weight` at and beyond it (LM-head padding past the tokenizer's vocabulary) are excluded
+    from the softmax. The sampler never samples them because it masks them out of *its* softmax (PITFALLS P15), so
+    the trainer must normalise over the same support or sampler and trainer log-probs disagree by log(mass of the
+    padded rows); those rows get exactly zero gradient. chunk: rows per chunk (torch forward; both backwards).
+    vocab_splits: Triton forward programs per row block along the vocabulary (default: fill the GPU).
+    """
+    where = "kernels.token_logprobs"
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{where}: hidden {tuple(hidden.shape)} must be (..., D) and weight {tuple(weight.shape)} "
+                         "(V, D) with the same D")
+    if targets.shape != hidden.shape[:-1] or targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{where}: targets {tuple(targets.shape)} {targets.dtype} must be an integer tensor of "
+                         f"shape {tuple(hidden.shape[:-1])}")
+    if hidden.dtype != weight.dtype or not hidden.is_floating_point():
+        raise ValueError(f"{where}: hidden {hidden.dtype} and weight {weight.dtype} must share a float dtype")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{where}: temperature={temperature!r} must be a positive number (greedy T=0 has no "
+                         "log-probs)")
+    V = weight.shape[0] if vocab_limit is None else int(vocab_limit)
+    if not 0 < V <= weight.shape[0]:
+        raise ValueError(f"{where}: vocab_limit={vocab_limit} must be in [1, {weight.shape[0]}]")
+    triton_ = use_triton(backend, hidden, weight, targets, where=where) and targets.numel() > 0
+    if triton_ and hidden.dtype == torch.float64:
+        raise ValueError(f"{where}: backend='triton' does not take float64; use backend='torch'")
+    lead = hidden.shape[:-1]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    w = weight[:V] if weight.stride(-1) == 1 else weight[:V].contiguous()  # a view: padded rows get zero grad
+    tgt = targets.reshape(-1).to(torch.int64).contiguous()
+    if tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) >= V):
+        raise ValueError(f"{where}: target ids must lie in [0, {V}) (vocab_limit), got [{int(tgt.min())}, "
+                         f"{int(tgt.max())}]")
+    if chunk is None:  # about 64 MB (CPU) / 1 GB (GPU) of fp32 logits per chunk
+        chunk = max(16, (2**30 if h.is_cuda else 2**26) // (4 * V))
+    if chunk < 1:
+        raise ValueError(f"{where}: chunk={chunk} must be >= 1")
+    logp, ent = TokenLogprobs.apply(h, w, tgt, float(temperature), return_entropy, triton_, int(chunk),
+                                    vocab_splits)
+    logp = logp.reshape(lead)
+    return (logp, ent.reshape(lead)) if return_entropy else logp

@@ -43,9 +43,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from heapq import heapify, heappop, heappush
 
+import numpy as np
 import regex
 import tiktoken
 
+import common
 from common import UserError
 
 
@@ -588,6 +590,34 @@ def contamination(train, evals, n=10):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Prompt order for training
+
+
+class PromptSampler:
+    """Prompts in a fresh seeded permutation each epoch; (epoch, pos) is the resumable cursor. Every rank walks the
+    same order and takes its own slice of each draw."""
+
+    def __init__(self, examples, seed, epoch=0, pos=0):
+        self.examples, self.seed, self.epoch, self.pos = examples, seed, epoch, pos
+        self._perm()
+
+    def _perm(self):
+        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+
+    def take(self, n_local):
+        n, r = n_local * common.world_size(), common.rank()
+        out = []
+        while len(out) < n:
+            if self.pos >= len(self.order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm()
+            k = min(n - len(out), len(self.order) - self.pos)
+            out += self.order[self.pos:self.pos + k].tolist()
+            self.pos += k
+        return [self.examples[i] for i in out[r * n_local:(r + 1) * n_local]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The CPU default's files: python data.py --out-dir=out/toy/data [--docs=500000] [--seed=1]
 
 
@@ -624,5 +654,4 @@ def write_toy_data(c):
 
 
 if __name__ == "__main__":
-    import common
     common.cli(lambda: write_toy_data(common.parse_config(ToyDataConfig)), "data.py")

@@ -380,28 +380,31 @@ def step_metrics(rows, m, stats):
     return out
 
 
-class PromptSampler:
-    """Prompts in a fresh seeded permutation each epoch; (epoch, pos) is the resumable cursor. Every rank walks the
-    same order and takes its own slice of each draw."""
-
-    def __init__(self, examples, seed, epoch=0, pos=0):
-        self.examples, self.seed, self.epoch, self.pos = examples, seed, epoch, pos
-        self._perm()
-
-    def _perm(self):
-        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
-
-    def take(self, n_local):
-        n, r = n_local * common.world_size(), common.rank()
-        out = []
-        while len(out) < n:
-            if self.pos >= len(self.order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._perm()
-            k = min(n - len(out), len(self.order) - self.pos)
-            out += self.order[self.pos:self.pos + k].tolist()
-            self.pos += k
-        return [self.examples[i] for i in out[r * n_local:(r + 1) * n_local]]
+def log_step(log, step, mb, m, stats, loads, lr, train_s, elapsed, c, heldout_eval):
+    """metrics.jsonl (+ wandb), samples.jsonl, the console line and the warnings of one optimizer step."""
+    met = step_metrics(mb, m, stats)
+    train_tokens = common.all_reduce_sum(sum(len(r["prompt"]) + len(r["completion"]) for r in mb))
+    met.update(lr=lr, skipped_steps=0 if m["ok"] else 1, train_tok_s=train_tokens / train_s,
+               sample_tok_s=common.all_reduce_sum(stats["new_tokens"]) / max(stats["sample_s"], 1e-9),
+               refills=stats["refills"], elapsed_s=elapsed)
+    if loads is not None:
+        met["expert_imbalance"] = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).tolist()
+    if c.eval_every and step % c.eval_every == 0:
+        ev = heldout_eval()
+        met.update(heldout_pass1=ev["pass@1"], heldout_format=ev["format_rate"])
+    log.log(met, step)
+    if step % c.sample_every == 0:
+        common.append_jsonl(os.path.join(c.out_dir, "samples.jsonl"), [
+            {"step": step, "text": r["text"], "reward": r["reward"], "acc": r["acc"], "adv": r["adv"]}
+            for r in mb[:4]])
+    if step % c.log_every == 0:
+        ev = f" | heldout {met['heldout_pass1']:.3f}" if "heldout_pass1" in met else ""
+        print0(f"step {step} | reward {met['reward']:.3f} acc {met['accuracy']:.3f} fmt {met['format']:.3f} | len "
+               f"{met['len_mean']:.1f} trunc {met['truncated']:.2f} | kl {met['kl']:.4f} clip {met['clip_low']:.3f}"
+               f"/{met['clip_high']:.3f} | gnorm {met['grad_norm']:.2f} lr {lr:.1e} | {met['sample_tok_s']:.0f}/"
+               f"{met['train_tok_s']:.0f} tok/s{ev} | {elapsed:.0f}s")
+    if met["truncated"] > 0.5:
+        print0(f"WARNING step {step}: {met['truncated']:.0%} of completions hit --max-new-tokens")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -431,12 +434,12 @@ def main(argv=None):
         ref = common.shard_model(copy.deepcopy(policy).eval().requires_grad_(False), bf16=fsdp_bf16)
     policy = common.shard_model(policy, bf16=fsdp_bf16)
     opt = common.adamw(policy, c.lr, c.weight_decay, (c.beta1, c.beta2))
-    step, sampler, bad = 0, PromptSampler(train_ex, c.seed), 0
+    step, sampler, bad = 0, data.PromptSampler(train_ex, c.seed), 0
     if state is not None:
         common.restore_checkpoint(state, {"model": policy, "ref": ref}, opt)
         common.set_rng_state(state["rng"])
         step, bad = state["step"], state["bad_steps"]
-        sampler = PromptSampler(train_ex, c.seed, *state["sampler"])
+        sampler = data.PromptSampler(train_ex, c.seed, *state["sampler"])
     if common.rank() == 0:
         os.makedirs(c.out_dir, exist_ok=True)
         common.atomic_write_json(os.path.join(c.out_dir, "config.json"), dataclasses.asdict(c))
@@ -477,33 +480,10 @@ def main(argv=None):
                 bad = 0 if m["ok"] else bad + 1
                 if ref is not None and c.ref_refresh_every and step % c.ref_refresh_every == 0:
                     ref.load_state_dict(policy.state_dict())
-                met = step_metrics(mb, m, stats)
-                train_tokens = common.all_reduce_sum(sum(len(r["prompt"]) + len(r["completion"]) for r in mb))
-                met.update(lr=lr, skipped_steps=0 if m["ok"] else 1, train_tok_s=train_tokens / train_s,
-                           sample_tok_s=common.all_reduce_sum(stats["new_tokens"]) / max(stats["sample_s"], 1e-9),
-                           refills=stats["refills"], elapsed_s=time.perf_counter() - t_start)
-                if loads is not None:
-                    met["expert_imbalance"] = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).tolist()
-                if c.eval_every and step % c.eval_every == 0:
-                    ev = evaluation.evaluate(policy, tok, held_ex, k=1, template=template, temperature=0.6,
-                                             top_p=0.95, max_new_tokens=c.max_new_tokens, seed=c.seed,
-                                             workers=c.reward_workers, stop_strings=c.stop_strings)
-                    met.update(heldout_pass1=ev["pass@1"], heldout_format=ev["format_rate"])
-                    policy.train()
-                log.log(met, step)
-                if step % c.sample_every == 0:
-                    common.append_jsonl(os.path.join(c.out_dir, "samples.jsonl"), [
-                        {"step": step, "text": r["text"], "reward": r["reward"], "acc": r["acc"], "adv": r["adv"]}
-                        for r in mb[:4]])
-                if step % c.log_every == 0:
-                    ev = f" | heldout {met['heldout_pass1']:.3f}" if "heldout_pass1" in met else ""
-                    print0(f"step {step} | reward {met['reward']:.3f} acc {met['accuracy']:.3f} fmt "
-                           f"{met['format']:.3f} | len {met['len_mean']:.1f} trunc {met['truncated']:.2f} | kl "
-                           f"{met['kl']:.4f} clip {met['clip_low']:.3f}/{met['clip_high']:.3f} | gnorm "
-                           f"{met['grad_norm']:.2f} lr {lr:.1e} | {met['sample_tok_s']:.0f}/{met['train_tok_s']:.0f}"
-                           f" tok/s{ev} | {met['elapsed_s']:.0f}s")
-                if met["truncated"] > 0.5:
-                    print0(f"WARNING step {step}: {met['truncated']:.0%} of completions hit --max-new-tokens")
+                log_step(log, step, mb, m, stats, loads, lr, train_s, time.perf_counter() - t_start, c,
+                         lambda: evaluation.evaluate(policy, tok, held_ex, k=1, template=template, temperature=0.6,
+                                                     top_p=0.95, max_new_tokens=c.max_new_tokens, seed=c.seed,
+                                                     workers=c.reward_workers, stop_strings=c.stop_strings))
                 if not m["ok"]:
                     print0(f"step {step}: non-finite loss or grad norm, update skipped ({bad} in a row)")
                     if bad >= c.max_bad_steps:

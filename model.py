@@ -8,13 +8,11 @@ One class, `Transformer(ModelConfig)`, covers four Hugging Face families with lo
   Qwen2ForCausalLM, LlamaForCausalLM
 Module and parameter names follow Hugging Face's so a checkpoint maps onto `state_dict()` by dropping the
 "model." prefix; the one difference is that routed experts are stored stacked, (E, out, in), so they can run as
-one grouped matmul, while files hold them per expert.
+one grouped matmul, while files hold them per expert. hf.py does that mapping (from_pretrained/save_pretrained).
 
 Reading order: config -> norms and RoPE -> attention (MLA, GQA) -> MLP and MoE -> KV cache -> Transformer ->
 Hugging Face load/save.
 """
-import dataclasses
-import json
 import math
 import os
 import re
@@ -620,78 +618,18 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------------------------------------------------
-    # Hugging Face checkpoints
+    # Hugging Face checkpoints (the format mapping lives in hf.py)
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         """Load a Hugging Face directory (config.json + model.safetensors or a sharded index)."""
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{cfg_path}: no config.json; from_pretrained wants a Hugging Face model directory")
-        with open(cfg_path) as f:
-            cfg = config_from_hf(json.load(f), where=cfg_path)
-        state = load_hf_state(path, cfg, dtype)
-        with torch.device("meta"):
-            model = cls(cfg)
-        model.to_empty(device=device)
-        model.inv_freq.copy_(rope_parameters(cfg)[0])
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")
-                   and not k.endswith("e_score_correction_bias")]
-        if missing or unexpected:
-            raise ValueError(f"{path}: checkpoint does not match the config: missing {missing[:8]}, "
-                             f"unexpected {unexpected[:8]}")
-        if not any(k.endswith("e_score_correction_bias") for k in state):
-            for m in model.moe_layers():
-                m.gate.e_score_correction_bias.zero_()
-        if cfg.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        return model.to(dtype)
+        import hf
+        return hf.load(path, dtype, device)
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
-        """Write config.json + safetensors (experts per expert, as transformers and vLLM expect)."""
-        from safetensors.torch import save_file
-        os.makedirs(path, exist_ok=True)
-        cfg = self.config
-        sd = {}
-        for k, v in self.state_dict().items():
-            if cfg.tie_word_embeddings and k == "lm_head.weight":
-                continue
-            if cfg.architecture != "DeepseekV3ForCausalLM" and k.endswith("e_score_correction_bias"):
-                if v.abs().max() > 0:  # the format has no place for it: refuse rather than save a different model
-                    raise ValueError(f"{cfg.architecture} checkpoints have no router correction bias, but {k} is "
-                                     "nonzero (aux-loss-free balancing ran): keep gamma=0 for this architecture")
-                continue
-            m = re.fullmatch(r"layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)", k)
-            if m:
-                for e in range(v.shape[0]):
-                    sd[f"model.layers.{m[1]}.mlp.experts.{e}.{m[2]}.weight"] = v[e].contiguous()
-            else:
-                sd[k if k.startswith("lm_head") else "model." + k] = v.contiguous()
-        sd = {k: v.detach().cpu() for k, v in sd.items()}
-        shards, cur, size = [], {}, 0
-        for k, v in sd.items():
-            nbytes = v.numel() * v.element_size()
-            if cur and size + nbytes > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[k] = v
-            size += nbytes
-        shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(v.numel() * v.element_size() for v in sd.values())
-            with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        dtype = str(next(self.parameters()).dtype).replace("torch.", "")
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(config_to_hf(cfg, dtype), f, indent=2)
+        """Write config.json + safetensors that transformers and vLLM load (experts per expert)."""
+        import hf
+        hf.save(self, path, max_shard_bytes)
 
 
 def load_model(path, dtype=torch.float32, device="cpu"):
@@ -722,158 +660,6 @@ def model_from_state(state):
     model = Transformer(ModelConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
     return model
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Hugging Face config and weight mapping
-
-_MODEL_TYPES = {"DeepseekV3ForCausalLM": "deepseek_v3", "Qwen3MoeForCausalLM": "qwen3_moe",
-                "Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
-
-
-def config_from_hf(d, where="config.json"):
-    """Map a Hugging Face config dict onto ModelConfig, refusing what this model cannot reproduce exactly."""
-    archs = d.get("architectures") or []
-    arch = archs[0] if archs else None
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"{where}: architecture {arch!r} is not supported; nano-r1 loads {', '.join(ARCHITECTURES)}")
-    if d.get("quantization_config") is not None:
-        raise ValueError(f"{where}: this checkpoint is quantised ({d['quantization_config'].get('quant_method')}); "
-                         "convert it to bf16 first (e.g. DeepSeek-V3's inference/fp8_cast_bf16.py) and load that")
-    if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (silu only)")
-    rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
-    theta = d.get("rope_theta", rope.pop("rope_theta", 10000.0))
-    rope.pop("rope_theta", None)
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    c = dict(architecture=arch, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-             intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-             num_attention_heads=d["num_attention_heads"], rope_theta=theta,
-             rope_scaling=None if kind == "default" else rope,
-             max_position_embeddings=d.get("max_position_embeddings", 4096),
-             rms_norm_eps=d.get("rms_norm_eps", 1e-6), tie_word_embeddings=d.get("tie_word_embeddings", False),
-             bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
-             initializer_range=d.get("initializer_range", 0.02))
-    if arch == "DeepseekV3ForCausalLM":
-        if d.get("scoring_func", "sigmoid") != "sigmoid" or d.get("topk_method", "noaux_tc") != "noaux_tc":
-            raise ValueError(f"{where}: DeepSeek-V3 routing must be scoring_func=sigmoid, topk_method=noaux_tc")
-        c.update({k: d[k] for k in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                                    "v_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
-                                    "moe_intermediate_size", "first_k_dense_replace", "n_group", "topk_group",
-                                    "norm_topk_prob", "routed_scaling_factor")})
-        c.update(scoring_func="sigmoid", rope_interleave=d.get("rope_interleave", True),
-                 attention_bias=d.get("attention_bias", False), attention_out_bias=d.get("attention_bias", False))
-    else:
-        c.update(kv_lora_rank=None, num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
-                 n_routed_experts=0, n_shared_experts=0, first_k_dense_replace=0)
-        if d.get("use_sliding_window"):
-            raise ValueError(f"{where}: sliding-window attention is not supported")
-        if arch == "Qwen2ForCausalLM":  # q/k/v always carry a bias in Qwen2, o_proj never
-            c.update(attention_bias=True, attention_out_bias=False)
-        else:
-            if d.get("mlp_bias"):
-                raise ValueError(f"{where}: mlp_bias is not supported")
-            c.update(attention_bias=d.get("attention_bias", False), attention_out_bias=d.get("attention_bias", False),
-                     qk_norm=arch.startswith("Qwen3"))
-        if arch == "Qwen3MoeForCausalLM":
-            step = d.get("decoder_sparse_step", 1)
-            L = d["num_hidden_layers"]
-            dense = set(d.get("mlp_only_layers") or []) | {i for i in range(L) if (i + 1) % step}
-            c.update(n_routed_experts=d.get("num_experts", d.get("num_local_experts")), scoring_func="softmax",
-                     num_experts_per_tok=d["num_experts_per_tok"], moe_intermediate_size=d["moe_intermediate_size"],
-                     norm_topk_prob=d.get("norm_topk_prob", False), mlp_only_layers=sorted(dense))
-    return ModelConfig(**c)
-
-
-def config_to_hf(cfg, dtype="float32"):
-    """ModelConfig -> a config.json dict that transformers (and vLLM) load as cfg.architecture."""
-    arch = cfg.architecture
-    d = dict(architectures=[arch], model_type=_MODEL_TYPES[arch], vocab_size=cfg.vocab_size,
-             hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-             num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-             max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-             tie_word_embeddings=cfg.tie_word_embeddings, hidden_act="silu", rope_theta=cfg.rope_theta,
-             initializer_range=cfg.initializer_range, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-             torch_dtype=dtype)
-    if cfg.rope_scaling:
-        d["rope_scaling"] = dict(cfg.rope_scaling)
-    if arch == "DeepseekV3ForCausalLM":
-        if cfg.attention_bias != cfg.attention_out_bias:
-            raise ValueError("DeepseekV3 has one attention_bias flag: attention_bias must equal attention_out_bias")
-        moe = cfg.n_routed_experts > 0
-        d.update(kv_lora_rank=cfg.kv_lora_rank, q_lora_rank=cfg.q_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
-                 qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
-                 num_key_value_heads=cfg.num_attention_heads, n_routed_experts=cfg.n_routed_experts,
-                 n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.num_experts_per_tok,
-                 moe_intermediate_size=cfg.moe_intermediate_size,
-                 first_k_dense_replace=cfg.first_k_dense_replace if moe else cfg.num_hidden_layers,
-                 n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
-                 routed_scaling_factor=cfg.routed_scaling_factor, scoring_func="sigmoid", topk_method="noaux_tc",
-                 rope_interleave=cfg.rope_interleave, attention_bias=cfg.attention_bias, num_nextn_predict_layers=0)
-        if cfg.mlp_only_layers:
-            raise ValueError("DeepseekV3 places dense layers with first_k_dense_replace only (mlp_only_layers=[])")
-        if moe and cfg.scoring_func != "sigmoid":
-            raise ValueError("DeepseekV3ForCausalLM routes with sigmoid scores; use scoring_func='sigmoid'")
-        return d
-    d.update(num_key_value_heads=cfg.num_key_value_heads or cfg.num_attention_heads, head_dim=cfg.gqa_head_dim)
-    if arch == "Qwen2ForCausalLM":
-        if not cfg.attention_bias or cfg.attention_out_bias or cfg.qk_norm:
-            raise ValueError("Qwen2ForCausalLM has q/k/v bias, no o_proj bias and no q/k norm")
-        return d
-    if cfg.attention_bias != cfg.attention_out_bias:
-        raise ValueError(f"{arch} has one attention_bias flag: attention_bias must equal attention_out_bias")
-    if cfg.qk_norm != arch.startswith("Qwen3"):
-        raise ValueError(f"{arch}: qk_norm must be {arch.startswith('Qwen3')}")
-    d.update(attention_bias=cfg.attention_bias)
-    if arch == "Qwen3MoeForCausalLM":
-        dense = sorted(set(cfg.mlp_only_layers) | set(range(cfg.first_k_dense_replace)))
-        d.update(num_experts=cfg.n_routed_experts, num_experts_per_tok=cfg.num_experts_per_tok,
-                 moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
-                 decoder_sparse_step=1, mlp_only_layers=dense)
-    return d
-
-
-def load_hf_state(path, cfg, dtype):
-    """Read safetensors into our state_dict naming: drop 'model.', stack per-expert tensors, skip layers beyond
-    num_hidden_layers (DeepSeek-V3's multi-token-prediction module), refuse FP8 block-quantised weights."""
-    from safetensors import safe_open
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    state, experts = {}, {}
-    for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as f:
-            for key in f.keys():
-                if key.endswith("weight_scale_inv"):
-                    raise ValueError(f"{path}/{name}: {key} is an FP8 block scale; convert the checkpoint to bf16 "
-                                     "first (e.g. DeepSeek-V3's inference/fp8_cast_bf16.py)")
-                k = key[len("model."):] if key.startswith("model.") else key
-                m = re.match(r"layers\.(\d+)\.", k)
-                if m and int(m[1]) >= cfg.num_hidden_layers:
-                    continue
-                if k.endswith("rotary_emb.inv_freq"):
-                    continue
-                t = f.get_tensor(key)
-                t = t.float() if k.endswith("e_score_correction_bias") else t.to(dtype)
-                m = re.fullmatch(r"(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", k)
-                if m:
-                    experts.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = t
-                elif k.endswith("mlp.experts.gate_up_proj"):  # transformers 5's fused in-memory layout
-                    gate, up = t.chunk(2, dim=1)
-                    state[k.replace("gate_up_proj", "gate_proj")] = gate.contiguous()
-                    state[k.replace("gate_up_proj", "up_proj")] = up.contiguous()
-                else:
-                    state[k] = t
-    for k, per in experts.items():
-        if sorted(per) != list(range(cfg.n_routed_experts)):
-            raise ValueError(f"{path}: {k}: found experts {sorted(per)[:5]}..., expected 0..{cfg.n_routed_experts - 1}")
-        state[k] = torch.stack([per[e] for e in range(len(per))])
-    return state
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ e^(z-m), u = sum e^(z-m)(z-m)) and the target logit, so neither backend ever hol
 log s - u/s, which avoids the cancellation of lse - E[z] when logits are large (all-negative logits, P20).
 Backward, with g = dL/dlogp and k = dL/dH:
     dL/dz_ij = g_i (1[j = t_i] - p_ij) - k_i p_ij (log p_ij + H_i)
-recomputed tile by tile for one chunk of rows at a time into a (rows, V) buffer, then dh = dz @ W and
-dW += dz^T @ h with ordinary matmuls (deterministic: no atomics). The (N, V) logits never exist; at most one chunk of
-rows does, in the backward. GPU cost on paper: see kernels/__init__.py.
+recomputed for one chunk of rows at a time into a reused (rows, V) buffer, then dh = dz @ W and dW += dz^T @ h
+with ordinary matmuls (deterministic: no atomics). Without an entropy gradient the torch path keeps p - onehot in
+the buffer and applies the row scale -g/T to the small (rows, D) operands instead. The (N, V) logits never exist;
+at most one chunk of rows does. GPU cost on paper: see kernels/__init__.py.
 
 Triton path: `_fwd_kernel` (grid: row blocks x vocabulary splits; the splits' partial (m, s, u, z_t) are merged in
 torch) and `_grad_logits_kernel` (grid: row blocks x vocabulary tiles of one chunk). Torch path: the same math,
@@ -111,11 +112,10 @@ def _grad_logits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent
 
 def _launch_cfg(x):
     """Block sizes: tiny in the interpreter (tests), GEMM-sized on GPU (not tuned; see kernels/__init__.py)."""
-    interp = INTERPRET and not x.is_cuda
-    cfg = dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16) if interp else dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64,
-                                                                       num_warps=8, num_stages=3)
-    cfg.update(UPCAST=interp and x.dtype != torch.float32, PRECISION="ieee" if x.dtype == torch.float32 else None)
-    return cfg
+    interp, fp32 = INTERPRET and not x.is_cuda, x.dtype == torch.float32
+    blocks = dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16) if interp else dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64,
+                                                                          num_warps=8, num_stages=3)
+    return dict(blocks, UPCAST=interp and not fp32, PRECISION="ieee" if fp32 else None)
 
 
 def _triton_forward(h, w, tgt, temperature, vocab_splits):
@@ -141,49 +141,64 @@ def _triton_forward(h, w, tgt, temperature, vocab_splits):
     return zt.sum(0) - lse, lse, torch.log(s_all) - u_all / s_all
 
 
-def _triton_grad_logits(h, w, tgt, lse, ent, g_logp, g_ent, temperature, out_dtype):
+def _triton_grad_logits(h, w, tgt, lse, ent, g_logp, g_ent, temperature, buf):
+    """(dL/dz, None) for one chunk of rows, written into the reused buffer buf[0, :C]."""
     (N, D), V = h.shape, w.shape[0]
+    gz = buf[0, :N]
     cfg = _launch_cfg(h)
-    gz = torch.empty(N, V, device=h.device, dtype=out_dtype)  # (C, V): one chunk of rows
     has_ent = g_ent is not None
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
     _grad_logits_kernel[grid](h, w, tgt, lse, ent if has_ent else lse, g_logp, g_ent if has_ent else g_logp, gz,
                               N, V, D, h.stride(0), w.stride(0), gz.stride(0), temperature, has_ent, **cfg)
-    return gz
+    return gz, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # torch path: the same math, one chunk of rows at a time
 
 
-def _torch_logits(h, w_c, temperature):
-    return (h.to(w_c.dtype) @ w_c.T).div_(temperature)  # (C, V) in the compute dtype
+def _torch_logits(h, w_c, temperature, out):
+    """(C, V) logits in the compute dtype, written into a buffer reused by every chunk: fresh (C, V) allocations
+    are page-faulted in from the OS each time on CPU, which costs as much as the elementwise work."""
+    z = torch.mm(h.to(w_c.dtype), w_c.T, out=out)
+    return z if temperature == 1.0 else z.div_(temperature)
 
 
 def _torch_forward(h, w, tgt, temperature, chunk, want_ent):
     cdt = torch.promote_types(h.dtype, torch.float32)
     w_c = w.to(cdt)  # one upcast copy of W for all chunks (no copy when W is already fp32)
-    logp, lse = (torch.empty(h.shape[0], device=h.device, dtype=cdt) for _ in range(2))
-    ent = torch.empty(h.shape[0] if want_ent else 0, device=h.device, dtype=cdt)
-    for c0 in range(0, h.shape[0], chunk):
-        c1 = min(c0 + chunk, h.shape[0])
-        z = _torch_logits(h[c0:c1], w_c, temperature)  # (C, V)
-        lse[c0:c1] = torch.logsumexp(z, 1)
-        lp = z.sub_(lse[c0:c1, None])  # in place: log p
-        logp[c0:c1] = lp.gather(1, tgt[c0:c1, None]).squeeze(1)
-        if want_ent:
-            ent[c0:c1] = -(lp.exp().mul_(lp)).sum(1)
+    (N, _), V = h.shape, w.shape[0]
+    logp, lse = (torch.empty(N, device=h.device, dtype=cdt) for _ in range(2))
+    ent = torch.empty(N if want_ent else 0, device=h.device, dtype=cdt)
+    buf = torch.empty(2, min(chunk, N), V, device=h.device, dtype=cdt)
+    for c0 in range(0, N, chunk):
+        c1 = min(c0 + chunk, N)
+        z = _torch_logits(h[c0:c1], w_c, temperature, buf[0, :c1 - c0])  # (C, V)
+        m = z.amax(1, keepdim=True)  # (C, 1)
+        e = torch.exp(z.sub_(m), out=buf[1, :c1 - c0])  # z is now z - m; e = exp(z - m)
+        s = e.sum(1, keepdim=True)  # (C, 1)
+        log_s = s.log()
+        lse[c0:c1] = (m + log_s).squeeze(1)
+        logp[c0:c1] = (z.gather(1, tgt[c0:c1, None]) - log_s).squeeze(1)
+        if want_ent:  # log s - u / s, as in the Triton kernel
+            ent[c0:c1] = (log_s - e.mul_(z).sum(1, keepdim=True) / s).squeeze(1)
     return logp, lse, ent
 
 
-def _torch_grad_logits(h, w_c, tgt, lse, ent, g_logp, g_ent, temperature):
-    lp = _torch_logits(h, w_c, temperature).sub_(lse[:, None])  # (C, V) log p
-    p = lp.exp()
-    dz = p * -g_logp[:, None]
-    dz.scatter_add_(1, tgt[:, None], g_logp[:, None].to(dz.dtype))
-    if g_ent is not None:
-        dz -= lp.add_(ent[:, None]).mul_(p).mul_(g_ent[:, None])
-    return dz.div_(temperature)
+def _torch_grad_logits(h, w_c, tgt, lse, ent, g_logp, g_ent, temperature, buf):
+    """(M, r) with dL/dz = diag(r) M, so the row scaling is applied to the small (C, D) matmul operands instead of
+    a pass over (C, V). Without an entropy gradient M = p - onehot and r = -g / T."""
+    C = h.shape[0]
+    # log p = logits / T - lse in one matmul (addmm's alpha and broadcast bias), no extra pass over (C, V)
+    lp = torch.addmm(-lse[:, None], h.to(w_c.dtype), w_c.T, alpha=1.0 / temperature, out=buf[0, :C])
+    if g_ent is None:
+        pm = lp.exp_().scatter_add_(1, tgt[:, None], torch.full((C, 1), -1.0, dtype=lp.dtype, device=lp.device))
+        return pm, -g_logp / temperature
+    p = torch.exp(lp, out=buf[1, :C])
+    dz = lp.add_(ent[:, None]).mul_(p).mul_(-g_ent[:, None])  # -k p (log p + H)
+    dz.addcmul_(p, g_logp[:, None], value=-1)  # - g p
+    dz.scatter_add_(1, tgt[:, None], g_logp[:, None])  # + g at the target
+    return dz, torch.full_like(g_logp, 1.0 / temperature)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,21 +227,28 @@ class TokenLogprobs(torch.autograd.Function):
         # matmul dtype: fp32 (or fp64) on CPU, where bf16 matmuls are slow; the input dtype on GPU (fp32 accumulate)
         mdt = w.dtype if w.is_cuda else lse.dtype
         w_m = w.to(mdt)
+        w_c = None if triton_ else w.to(lse.dtype)  # torch path recomputes logits in fp32 (w_m itself on CPU)
         need_h, need_w = ctx.needs_input_grad[:2]
         dh = torch.empty(h.shape, device=h.device, dtype=mdt) if need_h else None
         dw = torch.zeros(w.shape, device=w.device, dtype=lse.dtype) if need_w else None  # fp32 over chunks
+        buf = torch.empty(1 if triton_ or g_ent is None else 2, min(chunk, h.shape[0]), w.shape[0],
+                          device=h.device, dtype=mdt if triton_ else lse.dtype)  # (k, C, V), reused per chunk
         for c0 in range(0, h.shape[0], chunk):
-            c1 = min(c0 + chunk, h.shape[0])
-            args = (h[c0:c1], tgt[c0:c1], lse[c0:c1], ent[c0:c1], g_logp[c0:c1],
-                    None if g_ent is None else g_ent[c0:c1])
-            if triton_:
-                dz = _triton_grad_logits(args[0], w, *args[1:], temperature, mdt)  # (C, V)
-            else:
-                dz = _torch_grad_logits(args[0], w_m, *args[1:], temperature).to(mdt)  # (C, V)
+            sl = slice(c0, min(c0 + chunk, h.shape[0]))
+            args = (tgt[sl], lse[sl], ent[sl], g_logp[sl], None if g_ent is None else g_ent[sl], temperature, buf)
+            # dL/dz = diag(r) M for this chunk of rows (r None: M is dL/dz); M is (C, V), the rest is (C, D)
+            M, r = _triton_grad_logits(h[sl], w, *args) if triton_ else _torch_grad_logits(h[sl], w_c, *args)
+            M, h_c = M.to(mdt), h[sl].to(mdt)
             if need_h:
-                dh[c0:c1] = dz @ w_m
+                torch.mm(M, w_m, out=dh[sl])
+                if r is not None:
+                    dh[sl] *= r[:, None].to(mdt)
             if need_w:
-                dw += (dz.T @ h[c0:c1].to(mdt)).to(dw.dtype)
+                h_c = h_c if r is None else h_c * r[:, None].to(mdt)
+                if dw.dtype == mdt:
+                    dw.addmm_(M.T, h_c)
+                else:  # bf16 matmul on GPU, fp32 accumulation across chunks
+                    dw += (M.T @ h_c).to(dw.dtype)
         return (dh.to(h.dtype) if need_h else None, dw.to(w.dtype) if need_w else None,
                 None, None, None, None, None, None)
 
@@ -262,15 +284,13 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, backend="auto", ret
     if triton_ and hidden.dtype == torch.float64:
         raise ValueError(f"{where}: backend='triton' does not take float64; use backend='torch'")
     lead = hidden.shape[:-1]
-    h = hidden.reshape(-1, hidden.shape[-1])
-    h = h if h.stride(-1) == 1 else h.contiguous()
-    w = weight[:V] if weight.stride(-1) == 1 else weight[:V].contiguous()  # a view: padded rows get zero grad
+    h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    w = weight[:V].contiguous()  # a view of a contiguous head: the padded rows get zero gradient
     tgt = targets.reshape(-1).to(torch.int64).contiguous()
     if tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) >= V):
         raise ValueError(f"{where}: target ids must lie in [0, {V}) (vocab_limit), got [{int(tgt.min())}, "
                          f"{int(tgt.max())}]")
-    if chunk is None:  # about 64 MB (CPU) / 1 GB (GPU) of fp32 logits per chunk
-        chunk = max(16, (2**30 if h.is_cuda else 2**26) // (4 * V))
+    chunk = max(16, (2**30 if h.is_cuda else 2**26) // (4 * V)) if chunk is None else chunk  # ~64 MB / 1 GB
     if chunk < 1:
         raise ValueError(f"{where}: chunk={chunk} must be >= 1")
     logp, ent = TokenLogprobs.apply(h, w, tgt, float(temperature), return_entropy, triton_, int(chunk),

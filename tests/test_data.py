@@ -568,3 +568,12 @@ def test_contamination_counts():
     r = data.contamination(train[:1], evals, n=10)
     assert r["contaminated"] == 0  # 9 words in a row are not a 10-gram match
     assert data.contamination(train[:1], evals, n=5)["indices"] == [0]
+
+
+def test_prompt_sampler_epochs_and_resumable_cursor():
+    exs = list(range(10))
+    s = data.PromptSampler(exs, seed=3)
+    first = s.take(4) + s.take(4) + s.take(4)  # crosses into epoch 1
+    assert sorted(first[:10]) == exs and s.epoch == 1 and s.pos == 2
+    again = data.PromptSampler(exs, seed=3, epoch=s.epoch, pos=s.pos)
+    assert again.take(5) == s.take(5)  # a resumed cursor continues the same order

@@ -116,10 +116,11 @@ def test_single_output_gradients_and_caller_tensors_untouched(backend, kw):
     versions = [x._version for x in (h, w, t)]
     lp, ent = kernels.token_logprobs(h, w, t, backend=backend, return_entropy=True, **kw)
     ref_lp, ref_ent = token_logprobs_reference(h, w, t)
+    g = torch.randn(lp.shape, generator=torch.Generator().manual_seed(2))
     for out, ref in ((lp, ref_lp), (ent, ref_ent)):  # backward through one output only (the other's grad is None)
-        gh, = torch.autograd.grad(out.sum(), h, retain_graph=True)
-        rh, = torch.autograd.grad(ref.sum(), h, retain_graph=True)
-        assert (gh.double() - rh).abs().max() < 5e-5
+        gh, gw = torch.autograd.grad((out * g).sum(), (h, w), retain_graph=True)
+        rh, rw = torch.autograd.grad((ref * g).sum(), (h, w), retain_graph=True)
+        assert (gh.double() - rh).abs().max() < 5e-5 and (gw.double() - rw).abs().max() < 5e-5
     assert (kernels.token_logprobs(h, w, t, backend=backend, **kw) == lp).all()  # entropy off: same logp
     assert all((x.detach() == s).all() for x, s in zip((h, w, t), snap))
     assert [x._version for x in (h, w, t)] == versions  # no in-place writes into the caller's tensors

@@ -8,30 +8,32 @@
 #   4. GRPO from the base           (grpo.py)     --preset=cpu: accuracy + format rewards, no length/reflection terms
 #   5. evaluate the policy, print the before/after table, plot curves.png
 # Every stage is skipped when its output exists; an interrupted training stage resumes from its last checkpoint.
-# OUT=out/toy2 bash train.sh writes elsewhere.
+# OUT=out/toy2 bash train.sh writes elsewhere; DOCS, BASE_STEPS, RL_STEPS, EVAL_PROBLEMS shrink it (the test suite
+# runs a tiny version this way).
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out/toy}
 THREADS=${THREADS:-2}
+DOCS=${DOCS:-500000}; BASE_STEPS=${BASE_STEPS:-1500}; RL_STEPS=${RL_STEPS:-150}; EVAL_PROBLEMS=${EVAL_PROBLEMS:-200}
 resume() { ls "$1"/ckpt_*.pt >/dev/null 2>&1 && echo --resume || true; }
 start=$(date +%s)
 
 # 1. corpus and tokenizer
-[ -f "$OUT/data/tokenizer.bpe" ] || python data.py --out-dir="$OUT/data" --docs=500000 --seed=1
+[ -f "$OUT/data/tokenizer.bpe" ] || python data.py --out-dir="$OUT/data" --docs="$DOCS" --seed=1
 
 # 2. pretraining (the "base model"): ~6 minutes on 2 cores
 [ -f "$OUT/base/final/config.json" ] || python sft.py --data="$OUT/data/corpus.txt" \
-    --tokenizer="$OUT/data/tokenizer.bpe" --out-dir="$OUT/base" --max-steps=1500 --batch-size=32 --seq-len=128 \
+    --tokenizer="$OUT/data/tokenizer.bpe" --out-dir="$OUT/base" --max-steps="$BASE_STEPS" --batch-size=32 --seq-len=128 \
     --lr=2e-3 --warmup-steps=100 --log-every=100 --eval-every=500 --ckpt-every=250 --threads="$THREADS" \
     $(resume "$OUT/base")
 
 # 3. the base on held-out problems (never in the corpus; data.py checked)
-EVAL="--task=toy --split=heldout --problems=200 --k=4 --template=toy --max-new-tokens=48 --workers=0 --threads=$THREADS"
+EVAL="--task=toy --split=heldout --problems=$EVAL_PROBLEMS --k=4 --template=toy --max-new-tokens=48 --workers=0 --threads=$THREADS"
 [ -f "$OUT/eval_base/summary.json" ] || python eval.py --model="$OUT/base" $EVAL --out-dir="$OUT/eval_base"
 
 # 4. R1-Zero: GRPO from the base with rule rewards only
 [ -f "$OUT/rl/final/config.json" ] || python grpo.py --preset=cpu --init-from="$OUT/base" --out-dir="$OUT/rl" \
-    $(resume "$OUT/rl")
+    --max-steps="$RL_STEPS" --eval-prompts="$EVAL_PROBLEMS" $(resume "$OUT/rl")
 
 # 5. the policy on the same problems; before/after table, paired bootstrap, curves
 [ -f "$OUT/eval_rl/summary.json" ] || python eval.py --model="$OUT/rl" $EVAL --out-dir="$OUT/eval_rl"

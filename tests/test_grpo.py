@@ -227,10 +227,12 @@ def test_every_parameter_changes_after_one_step_and_none_without_signal(base_dir
 
 
 def test_resume_equals_uninterrupted_run(base_dir, tmp_path):
-    full = run(base_dir, tmp_path / "full", "--max-steps=4", "--ckpt-every=2")
-    run(base_dir, tmp_path / "part", "--max-steps=2", "--ckpt-every=2")
+    # 8 training prompts, 4 per step: the step-2 checkpoint sits exactly on an epoch boundary (verl PR #5725)
+    full = run(base_dir, tmp_path / "full", "--max-steps=4", "--ckpt-every=2", "--task-size=8")
+    run(base_dir, tmp_path / "part", "--max-steps=2", "--ckpt-every=2", "--task-size=8")
+    assert common.load_checkpoint(str(tmp_path / "part"))["sampler"] == (0, 8)  # epoch 0 used up, exactly
     # a new process would see only the files; a second main() call is the same thing here
-    resumed = run(base_dir, tmp_path / "part", "--max-steps=4", "--ckpt-every=2", "--resume")
+    resumed = run(base_dir, tmp_path / "part", "--max-steps=4", "--ckpt-every=2", "--resume", "--task-size=8")
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     a = torch.load(common.latest_checkpoint(str(tmp_path / "full")), weights_only=False)
@@ -282,3 +284,20 @@ def test_tiny_run_raises_its_reward(base_dir, tmp_path, monkeypatch):
     rewards = [json.loads(l)["reward"] for l in open(tmp_path / "smoke" / "metrics.jsonl")]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.2, (first, last)
+
+
+def test_entropy_and_kl_metrics_are_per_token_means():
+    """PITFALLS P21: nano-aha-moment divided its entropy by the token count twice; check ours against a direct sum."""
+    model = tiny(200)
+    rows = make_rows()
+    ref = tiny(200, seed=1)
+    _, m = grads_of(model, rows, cfg(beta=0.1), ref=ref)
+    with torch.no_grad():
+        lp, ent = grpo.token_logprobs(model, rows, 200, 1.0, entropy=True)
+        ref_lp = grpo.token_logprobs(ref, rows, 200, 1.0)
+    keep = torch.tensor([not r["masked"] for r in rows for _ in r["completion"]])
+    d = ref_lp - lp
+    assert m["tokens"] == int(keep.sum())
+    assert m["entropy"] / m["tokens"] == pytest.approx(ent[keep].mean().item(), rel=1e-5)
+    assert m["kl"] / m["tokens"] == pytest.approx((torch.exp(d) - d - 1)[keep].mean().item(), rel=1e-5)
+    assert 0 < m["entropy"] / m["tokens"] <= torch.log(torch.tensor(200.0)).item()

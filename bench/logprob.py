@@ -1,21 +1,23 @@
 """Peak memory and time of forward+backward per-token log-probs: kernels.token_logprobs (torch chunked path, the
-CPU default) against the naive `log_softmax(h @ W.T / T).gather(...)` that TRL-style trainers write.
+CPU default) against the naive `log_softmax(h @ W.T).gather(...)` that TRL-style trainers write.
 
-    python bench/logprob.py [--n=4096] [--d=512] [--v=32000] [--iters=3] [--threads=2] [--entropy] [--chunk=N]
+    python bench/logprob.py [--n=4096] [--d=512] [--v=32000] [--iters=3] [--threads=2] [--entropy=none|logged|grad]
 
-Work: hidden (N, D) and LM head (V, D) in fp32, random targets, T=1; loss = sum(logp * g) with a fixed random g
-(plus the entropy likewise with --entropy), backward to both h and W. Goal (issue 6): <= 1/4 of the naive peak
-memory, no slower. The chunked path does 4 matmul passes over (N, V, D) instead of 3 (the backward recomputes the
-logits) but never holds more than one chunk of (rows, V) fp32 logits.
+Work: hidden (N, D) and LM head (V, D) in fp32, random targets, T=1; loss = sum(logp * g) with a fixed random g,
+backward to both h and W. --entropy=logged also computes the entropy without differentiating it (what grpo.py does
+every step); --entropy=grad adds sum(entropy * g2) to the loss. Goal (issue 6): <= 1/4 of the naive peak memory,
+no slower. The chunked path does 4 matmul passes over (N, V, D) instead of 3 (its backward recomputes the logits)
+and wins time back only through fewer passes over (N, V) memory, so expect it near parity on CPU at D=512.
 
-How memory is measured: each variant runs in its own fresh subprocess (so no allocator cache or earlier peak from
-the other variant leaks in). After the inputs exist and one warm-up iteration has run (thread pools, one-off
-buffers), the process resets its kernel-tracked peak RSS (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0), reads
-its current RSS as the baseline, runs one more forward+backward, and reports peak RSS (VmHWM) minus that baseline:
-the memory the computation itself needed on top of the inputs (this includes the h and W gradients, the same for
-both). Large tensors are mmap'ed by glibc and returned on free, so RSS follows live tensors closely; small-malloc
-noise is a few MB. Time: median of --iters forward+backward runs in the same subprocess. Run it on a quiet
-machine: a second busy process on 2 cores distorts the time (not the memory).
+Memory: each variant runs in its own fresh subprocess (no allocator cache or earlier peak of the other variant
+leaks in). After the inputs exist and one warm-up iteration has run (thread pools, one-off buffers), the process
+resets its kernel-tracked peak RSS (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0), reads its current RSS as the
+baseline, runs one forward+backward and reports peak RSS (VmHWM) minus the baseline: the memory the computation
+itself needed on top of the inputs (including the h and W gradients, the same for both). These workers run with
+MALLOC_MMAP_THRESHOLD_=65536, so glibc mmaps every allocation of 64 KB or more and unmaps it on free: RSS then
+follows live tensors (otherwise memory freed by the warm-up stays resident in the heap and is silently reused).
+Time: a third subprocess alternates the two variants --iters times (so a load change on a shared machine hits
+both alike) and reports each one's median. Other processes on the same cores still inflate both times.
 """
 import argparse
 import json
@@ -51,32 +53,57 @@ def worker(a):
     def naive():
         lq = torch.log_softmax(h @ w.T, dim=-1)  # (N, V) fp32 logits, then (N, V) log-probs
         loss = (lq.gather(1, t[:, None]).squeeze(1) * g1).sum()
-        if a.entropy:
+        if a.entropy == "grad":
             loss = loss + (-(lq.exp() * lq).sum(-1) * g2).sum()
+        elif a.entropy == "logged":
+            with torch.no_grad():
+                (-(lq.exp() * lq).sum(-1)).sum().item()
         return loss
 
     def chunked():
-        out = kernels.token_logprobs(h, w, t, backend="torch", return_entropy=a.entropy, chunk=a.chunk)
-        return (out[0] * g1).sum() + (out[1] * g2).sum() if a.entropy else (out * g1).sum()
+        out = kernels.token_logprobs(h, w, t, backend="torch", return_entropy=a.entropy != "none", chunk=a.chunk)
+        if a.entropy == "none":
+            return (out * g1).sum()
+        if a.entropy == "logged":
+            out[1].detach().sum().item()
+            return (out[0] * g1).sum()
+        return (out[0] * g1).sum() + (out[1] * g2).sum()
 
-    fn = naive if a.variant == "naive" else chunked
-
-    def step():
-        fn().backward()
+    def step(fn):
+        loss = fn()
+        loss.backward()
         h.grad = w.grad = None
+        return loss.item()
 
-    step()  # warm-up
+    fns = dict(naive=naive, chunked=chunked)
+    if a.variant == "time":
+        times = {k: [] for k in fns}
+        warm = {k: step(fn) for k, fn in fns.items()}  # warm-up, and a check that both compute the same loss
+        if abs(warm["naive"] - warm["chunked"]) > 1e-4 * (1 + abs(warm["naive"])):
+            sys.exit(f"bench/logprob.py: the variants disagree: {warm}")
+        for _ in range(a.iters):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                step(fn)
+                times[k].append(time.perf_counter() - t0)
+        print(json.dumps(times))
+        return
+    step(fns[a.variant])  # warm-up
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS to the current RSS
     base = status_kb("VmRSS")
-    step()
-    peak = status_kb("VmHWM")
-    times = []
-    for _ in range(a.iters):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    print(json.dumps(dict(variant=a.variant, peak_mb=(peak - base) / 1024, base_mb=base / 1024,
-                          time_s=statistics.median(times), times=times)))
+    step(fns[a.variant])
+    print(json.dumps(dict(peak_mb=(status_kb("VmHWM") - base) / 1024)))
+
+
+def run(variant):
+    cmd = [sys.executable, os.path.abspath(__file__), f"--variant={variant}"] + sys.argv[1:]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    if variant != "time":  # every allocation >= 64 KB is mmap'ed and given back on free, so RSS == live memory
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"bench/logprob.py: the {variant} worker failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -86,27 +113,22 @@ def main():
     p.add_argument("--v", type=int, default=32000)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--entropy", action="store_true", help="also compute the entropy and backprop through it")
+    p.add_argument("--entropy", choices=["none", "logged", "grad"], default="none",
+                   help="logged: also compute the entropy (no grad), as grpo.py does; grad: backprop through it too")
     p.add_argument("--chunk", type=int, default=None, help="rows per chunk (default: kernels' ~64 MB of logits)")
-    p.add_argument("--variant", choices=["naive", "chunked"], help=argparse.SUPPRESS)  # worker mode
+    p.add_argument("--variant", choices=["naive", "chunked", "time"], help=argparse.SUPPRESS)  # worker mode
     a = p.parse_args()
     if a.variant:
         return worker(a)
-    print(f"N={a.n} D={a.d} V={a.v} fp32, forward+backward{' with entropy' if a.entropy else ''}, "
-          f"{a.threads} threads, median of {a.iters}; peak = RSS high-water mark above the inputs (fresh process)")
-    res = {}
-    for variant in ("naive", "chunked"):
-        cmd = [sys.executable, os.path.abspath(__file__), f"--variant={variant}"] + sys.argv[1:]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
-        if out.returncode != 0:
-            sys.exit(f"bench/logprob.py: the {variant} worker failed:\n{out.stderr}")
-        res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        r = res[variant]
-        print(f"  {variant:8s} peak {r['peak_mb']:8.1f} MB   time {r['time_s']:7.3f} s   "
-              f"(runs {', '.join(f'{x:.3f}' for x in r['times'])})")
-    n, c = res["naive"], res["chunked"]
-    print(f"chunked / naive: memory {c['peak_mb'] / n['peak_mb']:.3f} (goal <= 0.25), "
-          f"time {c['time_s'] / n['time_s']:.3f} (goal <= 1)")
+    print(f"N={a.n} D={a.d} V={a.v} fp32, forward+backward, entropy={a.entropy}, {a.threads} threads")
+    mem = {k: run(k)["peak_mb"] for k in ("naive", "chunked")}
+    times = run("time")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k in ("naive", "chunked"):
+        print(f"  {k:8s} peak {mem[k]:8.1f} MB above inputs   time {med[k]:7.3f} s median "
+              f"(runs {', '.join(f'{x:.3f}' for x in times[k])})")
+    print(f"chunked / naive: memory {mem['chunked'] / mem['naive']:.3f} (goal <= 0.25), "
+          f"time {med['chunked'] / med['naive']:.3f} (goal <= 1)")
 
 
 if __name__ == "__main__":

@@ -247,8 +247,8 @@ class TokenLogprobs(torch.autograd.Function):
                 h_c = h_c if r is None else h_c * r[:, None].to(mdt)
                 if dw.dtype == mdt:
                     dw.addmm_(M.T, h_c)
-                else:  # bf16 matmul on GPU, fp32 accumulation across chunks
-                    dw += (M.T @ h_c).to(dw.dtype)
+                else:  # bf16 matmul on GPU, accumulated across chunks in fp32 (add_ promotes, no fp32 temp)
+                    dw.add_(M.T @ h_c)
         return (dh.to(h.dtype) if need_h else None, dw.to(w.dtype) if need_w else None,
                 None, None, None, None, None, None)
 
@@ -262,7 +262,8 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, backend="auto", ret
     vocab_limit: rows of `weight` at and beyond it (LM-head padding past the tokenizer's vocabulary) are excluded
     from the softmax. The sampler never samples them because it masks them out of *its* softmax (PITFALLS P15), so
     the trainer must normalise over the same support or sampler and trainer log-probs disagree by log(mass of the
-    padded rows); those rows get exactly zero gradient. chunk: rows per chunk (torch forward; both backwards).
+    padded rows); those rows get exactly zero gradient. chunk: rows per chunk (torch forward; both backwards;
+    default: 64 MB (CPU) / 4 GB (GPU) of fp32 logits' worth of rows).
     vocab_splits: Triton forward programs per row block along the vocabulary (default: fill the GPU).
     """
     where = "kernels.token_logprobs"
@@ -290,7 +291,7 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, backend="auto", ret
     if tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) >= V):
         raise ValueError(f"{where}: target ids must lie in [0, {V}) (vocab_limit), got [{int(tgt.min())}, "
                          f"{int(tgt.max())}]")
-    chunk = max(16, (2**30 if h.is_cuda else 2**26) // (4 * V)) if chunk is None else chunk  # ~64 MB / 1 GB
+    chunk = max(16, (2**32 if h.is_cuda else 2**26) // (4 * V)) if chunk is None else chunk  # 64 MB CPU, 4 GB GPU
     if chunk < 1:
         raise ValueError(f"{where}: chunk={chunk} must be >= 1")
     logp, ent = TokenLogprobs.apply(h, w, tgt, float(temperature), return_entropy, triton_, int(chunk),

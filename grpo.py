@@ -140,7 +140,7 @@ def check_config(c):
     need(c.rollout_prompts % common.world_size() == 0, "rollout-prompts", "must be divisible by the number of ranks")
     for flag in ("mu", "micro_batch_size", "max_new_tokens", "max_steps", "log_every", "ckpt_every"):
         need(getattr(c, flag) >= 1, flag.replace("_", "-"), "must be >= 1")
-    need(c.eps_low >= 0 and c.eps_high >= 0, "eps-low", "clip epsilons must be >= 0")
+    need(c.eps_low >= 0 and c.eps_high >= 0, "eps-low", "clip epsilons must be >= 0 (eps-low >= 1: no lower clip)")
     need(c.beta >= 0, "beta", "must be >= 0")
     need(c.temperature > 0, "temperature", "must be > 0 (the trainer divides logits by it)")
     need(c.top_p == 1.0 and c.top_k == 0, "top-p", "top-p/top-k sampling makes sampler and trainer log-probs "
@@ -316,20 +316,18 @@ def train_step(policy, ref, opt, rows, c, vocab, on_policy):
         if ref is not None and c.beta > 0:
             with torch.no_grad():
                 ref_logp = token_logprobs(ref, mb, vocab, c.temperature)
-        loss_tok = kernels.grpo_token_loss(logp, old, ref_logp, adv, mask, c.eps_low, c.eps_high, c.beta)
+        loss_tok, st = kernels.grpo_token_loss(logp, old, ref_logp, adv, mask, c.eps_low, c.eps_high, c.beta,
+                                               return_stats=True)
         loss = (loss_tok * w).sum() * common.world_size()  # FSDP averages gradients over ranks: undo it
         loss = loss + policy.aux_loss() * len(mb) / max(1, len(rows))
         loss.backward()
-        with torch.no_grad():  # diagnostics, summed over this micro-batch's tokens
-            ratio = torch.exp(logp - (logp if old is None else old))
+        with torch.no_grad():  # diagnostics, summed over this micro-batch's tokens (stats are 0 where masked)
             mk = mask.float()
             m["loss"] += (loss_tok * w).sum().item()
             m["entropy"] += (ent * mk).sum().item()
-            m["clip_low"] += (((ratio < 1 - c.eps_low) & (adv < 0)).float() * mk).sum().item()
-            m["clip_high"] += (((ratio > 1 + c.eps_high) & (adv > 0)).float() * mk).sum().item()
-            if ref_logp is not None:
-                d = ref_logp - logp
-                m["kl"] += ((torch.exp(d) - d - 1) * mk).sum().item()
+            m["clip_low"] += st.clipped_low.sum().item()
+            m["clip_high"] += st.clipped_high.sum().item()
+            m["kl"] += st.kl.sum().item()
             sampler = torch.tensor([x for r in mb for x in r["sampler_logp"]], device=dev)
             m["gap"] += (sampler - logp).abs().sum().item()
             m["tokens"] += int(mk.sum().item())

@@ -154,8 +154,7 @@ def grpo_token_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_hig
     for name, v in (("eps_low", eps_low), ("eps_high", eps_high), ("beta", beta)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise ValueError(f"{where}: {name}={v!r} must be a finite number >= 0")
-    if eps_low >= 1:
-        raise ValueError(f"{where}: eps_low={eps_low} must be < 1 (the lower clip bound 1 - eps_low must be > 0)")
+    # eps_low >= 1 is allowed: the lower bound 1 - eps_low <= 0 never binds (the paper's epsilon = 10 does that)
     triton_ = use_triton(backend, logp, where=where) and logp.numel() > 0
     dt = torch.float64 if logp.dtype == torch.float64 and not triton_ else torch.float32
     prep = lambda x: None if x is None else x.detach().reshape(-1).to(dt).contiguous()  # noqa: E731

@@ -276,8 +276,21 @@ def test_grpo_token_loss_errors():
     with pytest.raises(ValueError, match="advantages has shape"):
         kernels.grpo_token_loss(logp, old, ref, adv[:5], mask, 0.2, 0.2, 0.0)
     with pytest.raises(ValueError, match="eps_low"):
-        kernels.grpo_token_loss(logp, old, ref, adv, mask, 1.0, 0.2, 0.0)
+        kernels.grpo_token_loss(logp, old, ref, adv, mask, -0.1, 0.2, 0.0)
     with pytest.raises(ValueError, match="beta"):
         kernels.grpo_token_loss(logp, old, ref, adv, mask, 0.2, 0.2, -1.0)
     with pytest.raises(ValueError, match="backend"):
         kernels.grpo_token_loss(logp, old, ref, adv, mask, 0.2, 0.2, 0.0, backend="fast")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_paper_epsilon_ten_leaves_only_the_upper_clip(backend):
+    """The paper's clip epsilon is 10: the lower bound 1 - 10 < 0 never binds, the upper one (11) still can."""
+    logp = torch.zeros(4, requires_grad=True)
+    old = torch.log(torch.tensor([1 / 0.01, 1 / 0.01, 1 / 20.0, 1 / 20.0]))  # ratios 0.01, 0.01, 20, 20
+    adv = torch.tensor([-1.0, 1.0, 1.0, -1.0])
+    loss, st = kernels.grpo_token_loss(logp, old, None, adv, torch.ones(4), 10.0, 10.0, 0.0, backend=backend,
+                                       return_stats=True)
+    g, = torch.autograd.grad(loss.sum(), logp)
+    assert st.clipped_low.sum() == 0 and st.clipped_high.tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert g[2] == 0 and g[0] == pytest.approx(0.01) and g[1] == pytest.approx(-0.01) and g[3] == pytest.approx(20.0)

@@ -190,14 +190,19 @@ def rejection_sample(instances, max_per_prompt=0, dedup=True):
     return rows
 
 
+def eval_output(d, name, flag):
+    """The path of an earlier eval run's output file, or an error saying how to make it."""
+    path = os.path.join(d, name)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{flag}: {path} does not exist (run eval.py with --out-dir={d} first)")
+    return path
+
+
 def report(dirs, metrics_path="", png=""):
     """A before/after table of two eval directories (markdown), and curves of a training run's metrics.jsonl."""
     sums = []
     for d in dirs:
-        path = os.path.join(d, "summary.json")
-        if not os.path.isfile(path):
-            raise ConfigError(f"--report: {path} does not exist (run eval.py with --out-dir={d} first)")
-        with open(path) as f:
+        with open(eval_output(d, "summary.json", "--report")) as f:
             sums.append(json.load(f))
     k = sums[0]["k"]
     rows = [("problems", lambda s: f"{s['problems']}"),
@@ -218,6 +223,7 @@ def report(dirs, metrics_path="", png=""):
         with open(metrics_path) as f:
             m = [json.loads(l) for l in f]
         keys = ["reward", "accuracy", "format", "len_mean", "reflective_per_token", "heldout_pass1"]
+        m = [r for r in m if r["step"] > 0 or "heldout_pass1" in r]
         picks = sorted({m[round(i * (len(m) - 1) / 9)]["step"] for i in range(10)} |
                        {r["step"] for r in m if r.get("heldout_pass1") is not None})
         print("\n" + " ".join(f"{k:>20s}" for k in ["step"] + keys))
@@ -288,10 +294,7 @@ def compare(dirs, seed=0):
         raise ConfigError("--compare: give two eval directories, A,B")
     runs = []
     for d in dirs:
-        path = os.path.join(d, "instances.jsonl")
-        if not os.path.isfile(path):
-            raise ConfigError(f"--compare: {path} does not exist (run eval.py with --out-dir={d} first)")
-        with open(path) as f:
+        with open(eval_output(d, "instances.jsonl", "--compare")) as f:
             runs.append({r["prompt"]: r.get("pass@1") for r in map(json.loads, f)})
     shared = sorted(p for p in runs[0] if p in runs[1] and runs[0][p] is not None and runs[1][p] is not None)
     if not shared:

@@ -447,6 +447,12 @@ def main(argv=None):
     print0(f"policy {policy.num_params() / 1e6:.2f}M params; {len(train_ex)} train prompts; preset {c.preset}; "
            f"{c.rollout_prompts} prompts x {c.group_size} per rollout, {c.num_minibatches} mini-batches, mu={c.mu}")
     t_start, last_ckpt = time.perf_counter(), step
+    heldout_eval = lambda: evaluation.evaluate(  # noqa: E731 pass@1 (k=1) at the paper's T=0.6, top-p 0.95
+        policy, tok, held_ex, k=1, template=template, temperature=0.6, top_p=0.95, max_new_tokens=c.max_new_tokens,
+        seed=c.seed, workers=c.reward_workers, stop_strings=c.stop_strings)
+    if c.eval_every and step == 0:  # the curve starts at the base policy
+        ev = heldout_eval()
+        log.log({"heldout_pass1": ev["pass@1"], "heldout_format": ev["format_rate"]}, 0)
     while step < c.max_steps:
         rows, stats = collect_rollout(policy, tok, train_ex, sampler, c, step, template)
         if stats["zero_std_groups"] == stats["sampled_groups"]:
@@ -479,9 +485,7 @@ def main(argv=None):
                 if ref is not None and c.ref_refresh_every and step % c.ref_refresh_every == 0:
                     ref.load_state_dict(policy.state_dict())
                 log_step(log, step, mb, m, stats, loads, lr, train_s, time.perf_counter() - t_start, c,
-                         lambda: evaluation.evaluate(policy, tok, held_ex, k=1, template=template, temperature=0.6,
-                                                     top_p=0.95, max_new_tokens=c.max_new_tokens, seed=c.seed,
-                                                     workers=c.reward_workers, stop_strings=c.stop_strings))
+                         heldout_eval)
                 if not m["ok"]:
                     print0(f"step {step}: non-finite loss or grad norm, update skipped ({bad} in a row)")
                     if bad >= c.max_bad_steps:

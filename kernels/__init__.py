@@ -46,6 +46,13 @@ D = 7,168, V = 129,280, bf16 inputs. Not measured: no GPU was available when thi
   path on the same GPU (same 4 passes plus ~10 elementwise passes over fp32 chunk logits, ~340-680 GB of traffic,
   0.1-0.2 s), the fused kernels should save ~15-25% of the time; they exist mainly for memory.
   Determinism: no atomics anywhere; the vocabulary-split merge and the dW accumulation run in a fixed order.
+  Correction from a second reading (also on paper), which makes the estimates above optimistic: at this N the
+  default vocab_splits is 1, so the forward grid is 512 row blocks x 1 and each program re-reads its 1.84 MB slice
+  of h for each of the 1,010 vocabulary tiles; the ~132 resident programs touch ~242 MB of distinct h, far more
+  than the 50 MB L2, so ~949 GB come from HBM: >= 283 ms, capping the forward near 43% of peak. Likewise a
+  backward chunk's h (8,305 rows, 119 MB) does not fit in L2: re-reading it costs ~481 GB, ~144 ms against 123 ms
+  of compute. Untested fixes: grouped program ordering (as in Triton's matmul tutorial) so co-resident programs
+  share h tiles, 8-16 vocabulary splits even at large N, and backward chunks of ~1,700 rows (30 MB of h).
 
   grpo_token_loss (Triton `_fwd_kernel`/`_bwd_kernel`): elementwise, ~24-40 B per token in and out, ~2 MB at
   N = 65,536 (~1 us of HBM time). Both kernels are launch-bound (~5 us each) in place of ~20 small torch kernels;

@@ -101,7 +101,7 @@ def test_grpo_and_eval_entry_points_under_torchrun(tmp_path):
     assert os.path.isdir(tmp_path / "rl" / "ckpt_0000001")
     torchrun(*g, "--max-steps=2", "--resume")
     rows = [json.loads(l) for l in open(tmp_path / "rl" / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2] and "heldout_pass1" in rows[1]
+    assert [r["step"] for r in rows] == [0, 1, 2] and "heldout_pass1" in rows[0] and "heldout_pass1" in rows[2]
     e = ["eval.py", f"--model={tmp_path / 'rl'}", "--task=toy", "--problems=6", "--k=2", "--temperature=0",
          "--template=toy", "--max-new-tokens=6", "--workers=0", "--threads=1"]
     torchrun(*e, f"--out-dir={tmp_path / 'e2'}")

@@ -18,7 +18,7 @@ def test_train_sh_runs_every_stage_and_skips_finished_ones(tmp_path):
     assert json.load(open(out / "data" / "contamination.json"))["contaminated"] == 0
     assert "| pass@1 (k=4, ± se) |" in r.stdout and "shared problems" in r.stdout and "total wall time" in r.stdout
     steps = [json.loads(l)["step"] for l in open(out / "rl" / "metrics.jsonl")]
-    assert steps == [1, 2, 3]
+    assert steps == [0, 1, 2, 3]  # step 0: the held-out eval of the base
     # a second run finds every output and only re-prints the report
     again = subprocess.run(["bash", "train.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "step 1" not in again.stdout and "| pass@1" in again.stdout

@@ -152,3 +152,14 @@ def test_adamw_decays_matrices_only():
     decay, rest = opt.param_groups
     assert decay["weight_decay"] == 0.1 and [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert rest["weight_decay"] == 0.0 and len(rest["params"]) == 3
+
+
+def test_metrics_logger_mirrors_to_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = common.MetricsLogger(str(tmp_path), {"lr": 1e-3}, wandb_project="nano-r1-test", wandb_mode="offline")
+    log.log({"loss": 1.5}, step=1)
+    log.finish()
+    assert (tmp_path / "metrics.jsonl").read_text().strip() == '{"step": 1, "loss": 1.5}'
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and any(f.suffix == ".wandb" for f in runs[0].iterdir())  # the run was recorded locally

@@ -454,6 +454,16 @@ def all_gather(items):
     return [x for p in parts for x in p]
 
 
+def all_reduce_max(x):
+    """The largest value of a python number over ranks."""
+    if not distributed():
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64, device="cuda" if torch.distributed.get_backend() == "nccl"
+                     else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+
 def all_reduce_sum(x):
     """Sum a python number or tensor over ranks; returns the same kind."""
     if not distributed():
@@ -490,13 +500,26 @@ def find_tokenizer(flag_value, model_path, flag="--tokenizer"):
     raise ConfigError(f"{flag}: not given, and no tokenizer.bpe next to {model_path}")
 
 
-def resume_state(out_dir):
-    """The newest checkpoint of a run, for --resume (see load_checkpoint)."""
-    path = latest_checkpoint(out_dir)
+def resume_state(c, keep_changes=("resume", "max_steps", "log_every", "sample_every", "eval_every", "ckpt_every",
+                                     "keep_last", "wandb_project", "wandb_mode", "threads", "init_from")):
+    """The newest checkpoint of run c.out_dir when c.resume, else None. A fresh run refuses an out_dir that holds
+    checkpoints (it would mix them up with its own); a resumed one warns about settings that changed."""
+    path = latest_checkpoint(c.out_dir)
+    if not c.resume:
+        if path is not None:
+            raise ConfigError(f"--out-dir={c.out_dir} holds checkpoints of an earlier run: add --resume to continue "
+                              "it, or choose another --out-dir")
+        return None
     if path is None:
-        raise ConfigError(f"--resume: no checkpoint in {out_dir}")
+        raise ConfigError(f"--resume: no checkpoint in {c.out_dir}")
     print0(f"resuming from {path}")
-    return load_checkpoint(path)
+    state = load_checkpoint(path)
+    old = state.get("config", {})
+    changed = [k for k, v in dataclasses.asdict(c).items() if k in old and old[k] != v and k not in keep_changes]
+    if changed:
+        print0("WARNING --resume with changed settings: " + ", ".join(f"{k} {old[k]!r} -> {getattr(c, k)!r}"
+                                                                    for k in changed))
+    return state
 
 
 def export_final(model, tok, out_dir):
@@ -529,6 +552,15 @@ def init_distributed():
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
+
+
+def autocast(device, dtype):
+    """bf16/fp16 compute over fp32 weights in a single process (under torchrun, shard_model's MixedPrecisionPolicy
+    does this instead); a no-op for fp32/fp64."""
+    import contextlib
+    if dtype in (torch.bfloat16, torch.float16) and not distributed():
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
 
 
 def shard_model(model, bf16=False):

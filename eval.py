@@ -6,10 +6,10 @@
     torchrun --standalone --nproc_per_node=8 eval.py --model=/path/to/hf --task=aime.jsonl --k=64 ...
 
 Protocol (PAPER.md section 5): k samples per problem at temperature 0.6, top-p 0.95 (greedy decoding is avoided);
-pass@1 = the mean correctness over all samples; its standard error treats problems as the unit (the std of the
-per-problem means / sqrt(problems)). cons@k: majority vote over the normalised extracted answers of the k samples;
-TIE RULE: a tie for the most frequent answer is no majority, and the problem counts as wrong (this keeps cons@k
-independent of sample order). pass@k: the unbiased estimator 1 - C(n-c, k)/C(n, k) per problem, averaged.
+pass@1 = the share of all samples that are correct (fully: a code sample passes every test); its standard error
+treats problems as the unit (the std of the per-problem means / sqrt(problems)). cons@k: majority vote over the
+normalised extracted answers of the k samples; TIE RULE: a tie for the most frequent answer is no majority, and the
+problem counts as wrong (this keeps cons@k independent of sample order). pass@k: the unbiased estimator 1 - C(n-c, k)/C(n, k) per problem, averaged.
 Outputs in out_dir: instances.jsonl (one problem per line: prompt, gold, every sample with its extracted answer
 and rewards) and summary.json; with --rejection-sampling, sft.jsonl of correct, well-formed samples.
 """
@@ -70,7 +70,7 @@ def majority_vote(answers):
 
 @torch.no_grad()
 def evaluate(model, tok, examples, k=16, template="", temperature=0.6, top_p=0.95, max_new_tokens=32768, seed=0,
-             workers=2, stop_strings=("</answer>",), batch_prompts=64, lang="en"):
+             workers=2, stop_strings=("</answer>",), batch_prompts=64, lang="en", rg_exact=True):
     """Sample k completions per example and score them. Returns the summary dict; summary["instances"] holds the
     per-problem records. Prompts are split over ranks under torchrun; the summary covers all of them."""
     if not examples:
@@ -80,24 +80,27 @@ def evaluate(model, tok, examples, k=16, template="", temperature=0.6, top_p=0.9
     mine = list(range(common.rank(), len(examples), common.world_size()))
     with common.gathered(model):  # under FSDP: weights all-gathered once, not at every decode step
         instances = _sample_and_score(model, tok, examples, mine, k, template, temperature, top_p, max_new_tokens,
-                                      seed, workers, stop_strings, batch_prompts, lang)
+                                      seed, workers, stop_strings, batch_prompts, lang, rg_exact)
     instances = sorted(common.all_gather(instances), key=lambda x: x["index"])
     model.train(was_training)
     return summarize(instances, k)
 
 
 def _sample_and_score(model, tok, examples, mine, k, template, temperature, top_p, max_new_tokens, seed, workers,
-                      stop_strings, batch_prompts, lang):
+                      stop_strings, batch_prompts, lang, rg_exact):
+    eos = model.config.eos_token_id  # the tokenizer's end-of-text and every EOS id the model's config names
+    stop_ids = sorted({tok.eot_id} | {i for i in (eos if isinstance(eos, list) else [eos])
+                                      if i is not None and i < tok.vocab_size})
     instances = []
     for s in range(0, len(mine), batch_prompts):
         idx = mine[s:s + batch_prompts]
         texts = [data.apply_template(template, examples[i].prompt) if template else examples[i].prompt for i in idx]
         out = rollout.generate(model, [tok.encode(t) for t in texts], max_new_tokens, temperature, top_p,
-                               num_samples=k, stop_ids=[tok.eot_id], stop_strings=list(stop_strings),
+                               num_samples=k, stop_ids=stop_ids, stop_strings=list(stop_strings),
                                decode=tok.decode, vocab_size=tok.vocab_size, seed=seed * 7919 + idx[0])
-        comps = [tok.decode([t for t in ids if t != tok.eot_id]) for ids in out.tokens]
+        comps = [tok.decode([t for t in ids if t not in stop_ids]) for ids in out.tokens]
         exs = [examples[i] for i in idx for _ in range(k)]
-        total, parts, _ = rewards.score_batch(comps, exs, workers=workers, lang=lang)
+        total, parts, _ = rewards.score_batch(comps, exs, workers=workers, lang=lang, rg_exact=rg_exact)
         for j, i in enumerate(idx):
             ex = examples[i]
             samples = [dict(text=comps[j * k + g], answer=rewards.extract_answer(comps[j * k + g]),
@@ -119,8 +122,8 @@ def summarize(instances, k):
         if any(a is None for a in acc):  # an unparseable gold: skipped, and counted
             skipped += 1
             continue
-        c = sum(a >= 1.0 for a in acc)
-        p = sum(acc) / len(acc)
+        c = sum(a >= 1.0 for a in acc)  # a sample is correct when fully right (all code tests, not a fraction)
+        p = c / len(acc)
         per.append(p)
         inst["pass@1"] = p
         norm = (lambda a: a.strip() or None if a else None) if inst.get("exact") else normalise_answer
@@ -139,7 +142,7 @@ def summarize(instances, k):
             by_diff[inst["difficulty"]].append(p)
     n = len(per)
     if n == 0:
-        raise ValueError("evaluate: every problem was skipped (unparseable golds)")
+        raise common.UserError("evaluate: every problem was skipped (unparseable golds)")
     mean = sum(per) / n
     se = (np.std(per, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
     summary = {"problems": n, "k": k, "skipped": skipped, "pass@1": mean, "pass@1_se": float(se),
@@ -277,6 +280,7 @@ class EvalConfig:
     workers: int = 2
     batch_prompts: int = 64
     lang: str = "en"
+    rg_exact: bool = True        # reasoning-gym: exact answers only (its default gives partial credit, P12)
     compare: list = dataclasses.field(default_factory=list)  # two eval out_dirs: A,B -> paired bootstrap of B - A
     report: list = dataclasses.field(default_factory=list)  # eval out_dirs to tabulate side by side
     curves: str = ""             # with --report: a training run's metrics.jsonl ...
@@ -327,7 +331,7 @@ def main(argv=None):
     examples = data.load_task(c.task, n=c.problems, seed=c.seed, split=c.split, heldout_frac=c.heldout_frac)
     template = {"r1_zero": data.R1_ZERO_TEMPLATE, "toy": data.TOY_TEMPLATE, "none": ""}[c.template]
     summary = evaluate(model, tok, examples, c.k, template, c.temperature, c.top_p, c.max_new_tokens, c.seed,
-                       c.workers, c.stop_strings, c.batch_prompts, c.lang)
+                       c.workers, c.stop_strings, c.batch_prompts, c.lang, c.rg_exact)
     instances = summary.pop("instances")
     summary["config"] = dataclasses.asdict(c)
     if common.rank() == 0:

@@ -28,6 +28,7 @@ flag), weight decay and AdamW betas (not given: 0.1 and (0.9, 0.95)), warm-up (n
 stop strings (generation also stops at "</answer>", which the format reward requires to end the output).
 The cpu preset (the toy reproduction) changes many of these: see PRESETS.
 """
+import collections
 import copy
 import dataclasses
 import math
@@ -73,7 +74,8 @@ class GRPOConfig:
     stop_strings: list = field(default_factory=lambda: ["</answer>"])
     # objective
     lr: float = 3e-6
-    lr_schedule: str = "constant"
+    lr_schedule: str = "constant"    # | cosine (down to min_lr_frac * lr at max_steps)
+    min_lr_frac: float = 0.1
     warmup_steps: int = 0
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -98,13 +100,14 @@ class GRPOConfig:
     format_weight: float = 1.0
     language_weight: float = 0.0     # the language-consistency reward (R1 stage 2); 0 = off
     lang: str = "en"
+    rg_exact: bool = True            # reasoning-gym: demand an exact answer (its default gives partial credit, P12)
     reward_workers: int = 2
     # bookkeeping
     max_steps: int = 10400
     eval_every: int = 0              # held-out pass@1 every this many steps (0 = off)
     eval_prompts: int = 128
     log_every: int = 1
-    sample_every: int = 10           # decoded completions to samples.jsonl
+    sample_every: int = 10           # decoded completions to samples.jsonl (0 = never)
     ckpt_every: int = 100            # rounded up to a rollout boundary
     keep_last: int = 2
     max_bad_steps: int = 5
@@ -135,16 +138,24 @@ def check_config(c):
     need(c.init_from or c.resume, "init-from", "a base policy is required (a checkpoint, run dir or HF dir)")
     need(c.group_size >= 2, "group-size", "GRPO needs at least 2 outputs per prompt")
     need(c.rollout_prompts >= 1, "rollout-prompts", "must be >= 1")
-    need(c.num_minibatches >= 1 and (c.rollout_prompts * c.group_size) % c.num_minibatches == 0, "num-minibatches",
-         f"must divide the rollout's {c.rollout_prompts * c.group_size} outputs")
-    need(c.rollout_prompts % common.world_size() == 0, "rollout-prompts", "must be divisible by the number of ranks")
+    W = common.world_size()
+    need(c.rollout_prompts % W == 0, "rollout-prompts", f"must be divisible by the number of ranks ({W})")
+    local = c.rollout_prompts // W * c.group_size
+    need(c.num_minibatches >= 1 and local % c.num_minibatches == 0, "num-minibatches",
+         f"must divide each rank's {local} outputs per rollout")
+    need(c.max_steps % (c.num_minibatches * c.mu) == 0, "max-steps", f"must be a multiple of num_minibatches * mu "
+         f"= {c.num_minibatches * c.mu} (a run ends at a rollout boundary, where checkpoints are exact)")
     for flag in ("mu", "micro_batch_size", "max_new_tokens", "max_steps", "log_every", "ckpt_every"):
         need(getattr(c, flag) >= 1, flag.replace("_", "-"), "must be >= 1")
-    need(c.eps_low >= 0 and c.eps_high >= 0, "eps-low", "clip epsilons must be >= 0 (eps-low >= 1: no lower clip)")
+    need(c.eps_low >= 0, "eps-low", "must be >= 0 (>= 1: no lower clip)")
+    need(c.eps_high >= 0, "eps-high", "must be >= 0")
     need(c.beta >= 0, "beta", "must be >= 0")
     need(c.temperature > 0, "temperature", "must be > 0 (the trainer divides logits by it)")
-    need(c.top_p == 1.0 and c.top_k == 0, "top-p", "top-p/top-k sampling makes sampler and trainer log-probs "
-         "differ (PITFALLS P2); keep --top-p=1 --top-k=0 in training")
+    for flag, ok in (("top-p", c.top_p == 1.0), ("top-k", c.top_k == 0)):
+        need(ok, flag, "top-p/top-k sampling makes sampler and trainer log-probs differ (PITFALLS P2); keep "
+             "--top-p=1 --top-k=0 in training")
+    need(c.lr_schedule in ("constant", "cosine"), "lr-schedule", "one of constant, cosine")
+    need(c.sample_every >= 0, "sample-every", "must be >= 0")
     need(c.loss_agg in ("seq_mean_token_mean", "token_mean", "dr_grpo"), "loss-agg",
          "one of seq_mean_token_mean, token_mean, dr_grpo")
     need(c.adv_scale in ("group", "batch", "none"), "adv-scale", "one of group, batch, none")
@@ -158,11 +169,12 @@ def check_config(c):
 # advantages, shaping, normalisers
 
 
-def group_advantages(rewards, scale="group", eps=1e-6, tol=1e-6):
+def group_advantages(rewards, scale="group", eps=1e-6, tol=1e-6, batch_std=None):
     """rewards (num_prompts, G) -> advantages (num_prompts, G).
-    group: (r - group mean) / (group std + eps), std unbiased (ddof=1); batch: the std over all rewards;
-    none: r - group mean (Dr. GRPO). A group whose rewards span <= tol (max - min, robust to fp32 residue such as
-    0.1 + 0.2) gets exactly 0, never NaN or a blown-up 1/eps (PITFALLS P6)."""
+    group: (r - group mean) / (group std + eps), std unbiased (ddof=1); batch: the std over all rewards (or
+    batch_std, when the caller computed it over every rank); none: r - group mean (Dr. GRPO). A group whose rewards
+    span <= tol (max - min, robust to fp32 residue such as 0.1 + 0.2) gets exactly 0, never NaN or a blown-up 1/eps
+    (PITFALLS P6)."""
     r = torch.as_tensor(rewards, dtype=torch.float64)
     if r.dim() != 2 or r.shape[1] < 2:
         raise ValueError(f"group_advantages: want (num_prompts, G >= 2) rewards, got shape {tuple(r.shape)}")
@@ -170,7 +182,7 @@ def group_advantages(rewards, scale="group", eps=1e-6, tol=1e-6):
     if scale == "group":
         adv = centered / (r.std(1, keepdim=True) + eps)
     elif scale == "batch":
-        adv = centered / (r.std() + eps)
+        adv = centered / ((r.std() if batch_std is None else batch_std) + eps)
     elif scale == "none":
         adv = centered
     else:
@@ -211,48 +223,71 @@ def token_weights(rows, c):
 # the rollout
 
 
-def collect_rollout(policy, tok, examples, sampler, c, step, template):
-    """Sample, score and give advantages to one rollout's outputs (this rank's share of the prompts)."""
+def collect_rollout(policy, tok, examples, sampler, c, step, template, stop_ids):
+    """Sample, score and give advantages to one rollout's outputs (this rank's share of the prompts). With dynamic
+    sampling, zero-variance groups are dropped and refilled; every rank takes part in every refill round (the
+    decision is global) and walks the prompt order in step, so ranks never disagree about collectives or cursors."""
     G, n_local = c.group_size, c.rollout_prompts // common.world_size()
     rows, groups, refills = [], 0, 0
-    stats = {"sample_s": 0.0, "new_tokens": 0, "zero_std_groups": 0, "sampled_groups": 0}
-    while groups < n_local:
-        exs = sampler.take(n_local - groups)
-        prompts = [tok.encode(data.apply_template(template, e.prompt)) if template else tok.encode(e.prompt)
-                   for e in exs]
-        with common.gathered(policy):  # under FSDP: all-gather the weights once for the whole generation
-            out = rollout.generate(policy, prompts, c.max_new_tokens, c.temperature, num_samples=G,
-                                   stop_ids=[tok.eot_id], stop_strings=c.stop_strings, decode=tok.decode,
-                                   vocab_size=tok.vocab_size, seed=(c.seed * 1_000_003 + step * 101 + refills) * 8 +
-                                   common.rank(), record_experts=c.routing_replay)
-        stats["sample_s"] += out.seconds
-        stats["new_tokens"] += out.new_tokens
-        texts = [tok.decode([t for t in ids if t != tok.eot_id]) for ids in out.tokens]
-        ex_rows = [exs[i // G] for i in range(len(texts))]
-        total, comps, reasons = rewards.score_batch(
-            texts, ex_rows, {"accuracy": c.accuracy_weight, "format": c.format_weight,
-                             "language": c.language_weight}, workers=c.reward_workers, lang=c.lang)
-        stats.setdefault("reasons", {}).update(reasons)
-        shaped = [t + overlong_penalty(len(ids), c.max_new_tokens, c.overlong_buffer)
-                  for t, ids in zip(total, out.tokens)]
-        adv = group_advantages(torch.tensor(shaped).view(len(exs), G), c.adv_scale, c.adv_eps)
-        zero = (adv.abs().sum(1) == 0).tolist()
-        stats["zero_std_groups"] += sum(zero)
-        stats["sampled_groups"] += len(zero)
-        for p in range(len(exs)):
-            if c.dynamic_sampling and zero[p] and refills < c.max_refills:
-                continue  # no learning signal: refill with new prompts
-            for g in range(G):
-                i = p * G + g
-                rows.append(dict(prompt=prompts[p], completion=out.tokens[i], sampler_logp=out.logprobs[i],
-                                 truncated=out.truncated[i], adv=adv[p, g].item(), reward=total[i], shaped=shaped[i],
-                                 acc=comps["accuracy"][i], fmt=comps["format"][i], lang=comps["language"][i],
-                                 text=texts[i], experts=out.experts[i] if out.experts else None,
-                                 masked=c.mask_truncated and out.truncated[i], old_logp=None))
-            groups += 1
-        refills += 1
+    stats = {"sample_s": 0.0, "new_tokens": 0, "zero_std_groups": 0, "sampled_groups": 0,
+             "reasons": collections.Counter()}
+    with common.gathered(policy):  # under FSDP: weights all-gathered once for every generation of this rollout
+        while True:
+            need = int(common.all_reduce_max(n_local - groups))
+            if need == 0:
+                break
+            exs = sampler.take(need)[:n_local - groups]  # every rank draws the same count; some use fewer
+            round_rows, zero = score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats)
+            for p in range(len(exs)):
+                if c.dynamic_sampling and zero[p] and refills < c.max_refills:
+                    continue  # no learning signal: refill with new prompts
+                rows += round_rows[p * G:(p + 1) * G]
+                groups += 1
+            refills += 1
     stats["refills"] = refills - 1
     return rows, stats
+
+
+def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
+    """G samples for each example, their rewards and group advantages -> (rows, zero-variance flag per group).
+    Collective calls (the batch std) happen on every rank, even one with no examples this round."""
+    G = c.group_size
+    out, shaped, total, comps, texts = None, torch.zeros(0, G), [], {}, []
+    if exs:
+        prompts = [tok.encode(data.apply_template(template, e.prompt)) if template else tok.encode(e.prompt)
+                   for e in exs]
+        seed = int(np.random.SeedSequence([c.seed, step, refills, common.rank()]).generate_state(1)[0])
+        out = rollout.generate(policy, prompts, c.max_new_tokens, c.temperature, num_samples=G, stop_ids=stop_ids,
+                               stop_strings=c.stop_strings, decode=tok.decode, vocab_size=tok.vocab_size, seed=seed,
+                               record_experts=c.routing_replay)
+        stats["sample_s"] += out.seconds
+        stats["new_tokens"] += out.new_tokens
+        texts = [tok.decode([t for t in ids if t not in stop_ids]) for ids in out.tokens]
+        total, comps, reasons = rewards.score_batch(
+            texts, [exs[i // G] for i in range(len(texts))], {"accuracy": c.accuracy_weight,
+                                                              "format": c.format_weight,
+                                                              "language": c.language_weight},
+            workers=c.reward_workers, lang=c.lang, rg_exact=c.rg_exact)
+        stats["reasons"].update(reasons)
+        shaped = torch.tensor([t + overlong_penalty(len(ids), c.max_new_tokens, c.overlong_buffer)
+                               for t, ids in zip(total, out.tokens)]).view(len(exs), G)
+    batch_std = None
+    if c.adv_scale == "batch":  # the std over every rank's rewards of this round (unbiased)
+        n, s1, s2 = (common.all_reduce_sum(float(v)) for v in (shaped.numel(), shaped.sum(), shaped.pow(2).sum()))
+        batch_std = math.sqrt(max(s2 - s1 * s1 / max(n, 1), 0.0) / max(n - 1, 1))
+    if not exs:
+        return [], []
+    adv = group_advantages(shaped, c.adv_scale, c.adv_eps, batch_std=batch_std)
+    zero = (adv.abs().sum(1) == 0).tolist()
+    stats["zero_std_groups"] += sum(zero)
+    stats["sampled_groups"] += len(zero)
+    rows = [dict(prompt=out_prompt, completion=out.tokens[i], sampler_logp=out.logprobs[i],
+                 truncated=out.truncated[i], adv=adv[i // G, i % G].item(), reward=total[i],
+                 acc=comps["accuracy"][i], fmt=comps["format"][i], lang=comps["language"][i], text=texts[i],
+                 experts=out.experts[i] if out.experts else None, masked=c.mask_truncated and out.truncated[i],
+                 old_logp=None)
+            for i, out_prompt in enumerate(p for p in prompts for _ in range(G))]
+    return rows, zero
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,13 +300,15 @@ def pack(rows, device):
     seqs = [r["prompt"] + r["completion"][:-1] for r in rows]
     T = max(len(s) for s in seqs)
     x = torch.zeros(len(rows), T, dtype=torch.long)
+    valid = torch.zeros(len(rows), T, dtype=torch.bool)  # real tokens, by position (never by id: P3)
     b_idx, t_idx = [], []
     for b, (r, s) in enumerate(zip(rows, seqs)):
         x[b, :len(s)] = torch.tensor(s)
+        valid[b, :len(s)] = True
         P, L = len(r["prompt"]), len(r["completion"])
         b_idx += [b] * L
         t_idx += range(P - 1, P - 1 + L)
-    return x.to(device), torch.tensor(b_idx, device=device), torch.tensor(t_idx, device=device)
+    return x.to(device), torch.tensor(b_idx, device=device), torch.tensor(t_idx, device=device), valid.to(device)
 
 
 def set_replay(model, rows, T, on):
@@ -289,11 +326,11 @@ def set_replay(model, rows, T, on):
 
 
 def token_logprobs(model, rows, vocab, temperature, replay=False, entropy=False):
-    x, b_idx, t_idx = pack(rows, model.lm_head.weight.device)
+    x, b_idx, t_idx, valid = pack(rows, model.lm_head.weight.device)
     set_replay(model, rows, x.shape[1], replay)
     targets = torch.tensor([t for r in rows for t in r["completion"]], device=x.device)
     # over the tokenizer's ids only: the sampler never gives a padded LM head's rows any mass (P15)
-    out = model.logprobs(x, b_idx, t_idx, targets, temperature, vocab, return_entropy=entropy)
+    out = model.logprobs(x, b_idx, t_idx, targets, temperature, vocab, return_entropy=entropy, valid=valid)
     set_replay(model, rows, 0, False)
     return out
 
@@ -329,7 +366,7 @@ def train_step(policy, ref, opt, rows, c, vocab, on_policy):
             m["clip_high"] += st.clipped_high.sum().item()
             m["kl"] += st.kl.sum().item()
             sampler = torch.tensor([x for r in mb for x in r["sampler_logp"]], device=dev)
-            m["gap"] += (sampler - logp).abs().sum().item()
+            m["gap"] += ((sampler - logp).abs() * mk).sum().item()
             m["tokens"] += int(mk.sum().item())
     gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), c.grad_clip)
     gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
@@ -384,14 +421,15 @@ def log_step(log, step, mb, m, stats, loads, lr, train_s, elapsed, c, heldout_ev
     train_tokens = common.all_reduce_sum(sum(len(r["prompt"]) + len(r["completion"]) for r in mb))
     met.update(lr=lr, skipped_steps=0 if m["ok"] else 1, train_tok_s=train_tokens / train_s,
                sample_tok_s=common.all_reduce_sum(stats["new_tokens"]) / max(stats["sample_s"], 1e-9),
-               refills=stats["refills"], elapsed_s=elapsed)
+               refills=stats["refills"], elapsed_s=elapsed,
+               zero_reasons=dict(sum(common.all_gather([stats["reasons"]]), collections.Counter())))
     if loads is not None:
         met["expert_imbalance"] = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).tolist()
     if c.eval_every and step % c.eval_every == 0:
         ev = heldout_eval()
         met.update(heldout_pass1=ev["pass@1"], heldout_format=ev["format_rate"])
     log.log(met, step)
-    if step % c.sample_every == 0:
+    if c.sample_every and step % c.sample_every == 0:
         common.append_jsonl(os.path.join(c.out_dir, "samples.jsonl"), [
             {"step": step, "text": r["text"], "reward": r["reward"], "acc": r["acc"], "adv": r["adv"]}
             for r in mb[:4]])
@@ -415,25 +453,36 @@ def main(argv=None):
     dtype = common.get_dtype(c.dtype, device)
     common.set_threads(c.threads)
     common.init_distributed()
-    state = common.resume_state(c.out_dir) if c.resume else None
+    state = common.resume_state(c)
     common.seed_everything(c.seed)
     # on resume the weights come with restore_checkpoint below
     policy = Transformer(ModelConfig(**state["model_config"])) if state else load_model(c.init_from)
     tok = data.Tokenizer.from_file(common.find_tokenizer(c.tokenizer, c.init_from or c.out_dir))
     vocab = tok.vocab_size
+    if vocab > policy.config.vocab_size:
+        raise ConfigError(f"--tokenizer: {vocab} tokens do not fit the model's vocab_size {policy.config.vocab_size}")
+    # stop at the tokenizer's end-of-text and at every EOS id the model's config names (Qwen3 has two: P4)
+    eos = policy.config.eos_token_id
+    stop_ids = sorted({tok.eot_id} | {i for i in (eos if isinstance(eos, list) else [eos]) if i is not None and
+                                      i < vocab})
     template = {"r1_zero": data.R1_ZERO_TEMPLATE, "toy": data.TOY_TEMPLATE, "none": ""}[c.template]
     train_ex = data.load_task(c.task, n=c.task_size, seed=c.seed, split="train", heldout_frac=c.heldout_frac)
     held_ex = data.load_task(c.task, n=c.eval_prompts, seed=c.seed, split="heldout", heldout_frac=c.heldout_frac) \
         if c.eval_every else []
-    fsdp_bf16 = common.distributed() and dtype == torch.bfloat16  # bf16 compute over fp32 master weights
-    policy.to(device=device, dtype=torch.float32 if fsdp_bf16 else dtype).train()
+    # bf16 means bf16 compute over fp32 master weights (bf16 weights would round lr-3e-6 AdamW updates away):
+    # FSDP's MixedPrecisionPolicy under torchrun, autocast in one process
+    bf16 = dtype == torch.bfloat16
+    policy.to(device=device, dtype=torch.float32).train()
     ref = None
     if c.beta > 0:  # a frozen copy, sharded like the policy; with beta = 0 it is never built (PITFALLS P11)
-        ref = common.shard_model(copy.deepcopy(policy).eval().requires_grad_(False), bf16=fsdp_bf16)
-    policy = common.shard_model(policy, bf16=fsdp_bf16)
+        ref = common.shard_model(copy.deepcopy(policy).eval().requires_grad_(False), bf16=bf16)
+    policy = common.shard_model(policy, bf16=bf16)
     opt = common.adamw(policy, c.lr, c.weight_decay, (c.beta1, c.beta2))
     step, sampler, bad = 0, data.PromptSampler(train_ex, c.seed), 0
     if state is not None:
+        if state.get("has_ref") != (ref is not None):
+            raise ConfigError(f"--beta: the checkpoint was written with{'out' if ref is not None else ''} a "
+                              "reference model (beta > 0 and beta = 0 runs cannot resume each other)")
         common.restore_checkpoint(state, {"model": policy, "ref": ref}, opt)
         common.set_rng_state(state["rng"])
         step, bad = state["step"], state["bad_steps"]
@@ -443,18 +492,28 @@ def main(argv=None):
         common.atomic_write_json(os.path.join(c.out_dir, "config.json"), dataclasses.asdict(c))
         tok.save(os.path.join(c.out_dir, "tokenizer.bpe"))  # a --resume needs nothing but out_dir
     log = common.MetricsLogger(c.out_dir, c, c.wandb_project, c.wandb_mode)
-    on_policy_possible = c.mu == 1 and c.num_minibatches == 1
     print0(f"policy {policy.num_params() / 1e6:.2f}M params; {len(train_ex)} train prompts; preset {c.preset}; "
            f"{c.rollout_prompts} prompts x {c.group_size} per rollout, {c.num_minibatches} mini-batches, mu={c.mu}")
-    t_start, last_ckpt = time.perf_counter(), step
     heldout_eval = lambda: evaluation.evaluate(  # noqa: E731 pass@1 (k=1) at the paper's T=0.6, top-p 0.95
         policy, tok, held_ex, k=1, template=template, temperature=0.6, top_p=0.95, max_new_tokens=c.max_new_tokens,
-        seed=c.seed, workers=c.reward_workers, stop_strings=c.stop_strings)
+        seed=c.seed, workers=c.reward_workers, stop_strings=c.stop_strings, rg_exact=c.rg_exact)
+    with common.autocast(device, dtype):
+        run_loop(policy, ref, opt, tok, train_ex, sampler, c, step, bad, template, stop_ids, vocab, log, heldout_eval)
+    final = common.export_final(policy, tok, c.out_dir)
+    log.finish()
+    print0(f"done: {c.max_steps} steps; policy saved to {final}")
+    return policy
+
+
+def run_loop(policy, ref, opt, tok, train_ex, sampler, c, step, bad, template, stop_ids, vocab, log, heldout_eval):
+    """Rollouts and updates until max_steps, with a checkpoint at rollout boundaries."""
+    t_start, last_ckpt = time.perf_counter(), step
+    on_policy_possible = c.mu == 1 and c.num_minibatches == 1
     if c.eval_every and step == 0:  # the curve starts at the base policy
         ev = heldout_eval()
         log.log({"heldout_pass1": ev["pass@1"], "heldout_format": ev["format_rate"]}, 0)
     while step < c.max_steps:
-        rows, stats = collect_rollout(policy, tok, train_ex, sampler, c, step, template)
+        rows, stats = collect_rollout(policy, tok, train_ex, sampler, c, step, template, stop_ids)
         if stats["zero_std_groups"] == stats["sampled_groups"]:
             print0(f"WARNING step {step}: every group has zero reward variance: no policy-gradient signal")
         on_policy = on_policy_possible and c.old_logp == "auto"
@@ -472,7 +531,7 @@ def main(argv=None):
                 if step >= c.max_steps:
                     break
                 mb = [rows[i] for i in perm[k * per_mb:(k + 1) * per_mb]]
-                lr = common.lr_at(step, c.lr, c.warmup_steps, c.max_steps, c.lr_schedule, 1.0)
+                lr = common.lr_at(step, c.lr, c.warmup_steps, c.max_steps, c.lr_schedule, c.min_lr_frac)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 t0 = time.perf_counter()
@@ -494,12 +553,10 @@ def main(argv=None):
             last_ckpt = step
             common.save_checkpoint(c.out_dir, step, {"model": policy, "ref": ref}, opt, {
                 "model_config": dataclasses.asdict(policy.config), "step": step, "rng": common.rng_state(),
-                "sampler": (sampler.epoch, sampler.pos), "bad_steps": bad, "config": dataclasses.asdict(c)},
+                "sampler": (sampler.epoch, sampler.pos), "bad_steps": bad, "has_ref": ref is not None,
+                "config": dataclasses.asdict(c)},
                 c.keep_last)
-    final = common.export_final(policy, tok, c.out_dir)
-    log.finish()
-    print0(f"done: {step} steps in {time.perf_counter() - t_start:.0f}s; policy saved to {final}")
-    return policy
+    print0(f"{step} steps in {time.perf_counter() - t_start:.0f}s")
 
 
 if __name__ == "__main__":

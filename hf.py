@@ -23,8 +23,10 @@ def load(path, dtype=torch.float32, device="cpu"):
     state = load_hf_state(path, cfg, dtype)
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.to_empty(device=device)
+    model.to_empty(device=device)  # uninitialised memory: every buffer not in the files is set below
     model.inv_freq.copy_(rope_parameters(cfg)[0])
+    for m in model.moe_layers():
+        m.load.zero_()
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")
                and not k.endswith("e_score_correction_bias")]

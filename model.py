@@ -411,7 +411,9 @@ class MoE(nn.Module):
         self.replay = None  # (N, K) expert ids to use instead of routing (set by a caller replaying a rollout)
         self.record = None  # a list to append each forward's (N, K) expert ids to (set by a caller recording)
 
-    def forward(self, x):
+    def forward(self, x, valid=None):
+        """x (B, T, D); valid (B, T) bool marks real tokens (not padding): only they count toward expert loads
+        and the balance loss, so neither depends on how a batch is padded or split."""
         B, T, D = x.shape
         xf = x.reshape(-1, D)
         idx, w, scores = self.gate(xf)
@@ -426,21 +428,27 @@ class MoE(nn.Module):
         y = self.experts(xf, idx, w).view(B, T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # training forwards only (not old/ref log-prob passes)
+            valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
             with torch.no_grad():
-                self.load += torch.bincount(idx.reshape(-1), minlength=self.load.numel()).to(self.load.dtype)
-            self.aux_loss = self.balance_loss(xf, idx, B, T) if self.cfg.aux_loss_alpha > 0 else None
+                real = idx.view(B, T, -1)[valid].reshape(-1)
+                self.load += torch.bincount(real, minlength=self.load.numel()).to(self.load.dtype)
+            self.aux_loss = self.balance_loss(xf, idx, valid) if self.cfg.aux_loss_alpha > 0 else None
         return y
 
-    def balance_loss(self, xf, idx, B, T):
-        """DeepSeek-V3's sequence-wise balance loss alpha * sum_i f_i P_i, averaged over sequences (rows).
-        f_i: the fraction of row tokens sent to expert i (times E/K, so uniform = 1); P_i: the mean normalised
-        score. The scores here see a detached input, so the loss shapes the router weights and nothing upstream."""
+    def balance_loss(self, xf, idx, valid):
+        """DeepSeek-V3's sequence-wise balance loss alpha * sum_i f_i P_i, averaged over sequences (rows), over
+        each row's real tokens. f_i: the fraction of those tokens sent to expert i (times E/K, so uniform = 1);
+        P_i: their mean normalised score. The scores see a detached input, so the loss shapes the router weights
+        and nothing upstream."""
         E, K = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        B, T = valid.shape
+        v = valid.unsqueeze(-1).float()  # (B, T, 1)
+        n = v.sum(1).clamp(min=1)  # (B, 1) real tokens per row
         s = self.gate.scores(xf.detach())  # (N, E)
-        p = (s / s.sum(-1, keepdim=True)).view(B, T, E).mean(1)  # (B, E)
+        p = ((s / s.sum(-1, keepdim=True)).view(B, T, E) * v).sum(1) / n  # (B, E)
         hits = F.one_hot(idx, E).sum(1).view(B, T, E).float()  # (B, T, E)
-        f = hits.mean(1) * E / K  # (B, E)
+        f = (hits * v).sum(1) / n * E / K  # (B, E)
         return self.cfg.aux_loss_alpha * (f * p).sum(-1).mean()
 
 
@@ -514,9 +522,10 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(i) else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.i = i
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, valid=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.i)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, valid) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class Transformer(nn.Module):
@@ -550,12 +559,13 @@ class Transformer(nn.Module):
             if isinstance(m, Router):
                 m.e_score_correction_bias.zero_()
 
-    def forward(self, tokens, cache=None, n_new=None, positions=None, return_hidden=False):
+    def forward(self, tokens, cache=None, n_new=None, positions=None, return_hidden=False, valid=None):
         """tokens (B, T) -> logits (B, T, V), or the final-normed hidden states (B, T, D) with return_hidden.
 
         Without a cache: a causal forward over whole sequences at positions 0..T-1 (training, scoring). Right
-        padding is harmless here: padded positions come after every real token. With a cache: the T tokens of each
-        row continue that row (see KVCache); n_new (B,) says how many of them are real (default all T)."""
+        padding is harmless to attention: padded positions come after every real token; valid (B, T) marks the real
+        ones for the MoE statistics. With a cache: the T tokens of each row continue that row (see KVCache); n_new
+        (B,) says how many of them are real (default all T)."""
         B, T = tokens.shape
         if cache is not None:
             positions = cache.begin(T)
@@ -567,21 +577,22 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)  # (B, T, D)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache)
+            x = layer(x, cos, sin, cache, valid)
         if cache is not None:
             cache.advance(T if n_new is None else n_new)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
 
-    def logprobs(self, tokens, rows, cols, targets, temperature=1.0, vocab=None, return_entropy=False):
+    def logprobs(self, tokens, rows, cols, targets, temperature=1.0, vocab=None, return_entropy=False, valid=None):
         """The training path: log p(targets) (N,) read off the hidden states at (rows, cols) of a causal forward
         over tokens (B, T), with the LM head fused into kernels.token_logprobs (no (N, V) logits kept). vocab:
         score over the first `vocab` ids only (the tokenizer's; a padded LM head's extra rows get no mass). A
         method of the model, not a caller's use of lm_head.weight, so FSDP unshards the head for it."""
         import kernels
-        h = self.forward(tokens, return_hidden=True)  # (B, T, D)
+        h = self.forward(tokens, return_hidden=True, valid=valid)  # (B, T, D)
         w = self.lm_head.weight if vocab is None else self.lm_head.weight[:vocab]
-        return kernels.token_logprobs(h[rows, cols], w, targets, temperature, return_entropy=return_entropy)
+        with torch.autocast(h.device.type, enabled=False):  # the kernel accumulates logits in fp32 itself (M8)
+            return kernels.token_logprobs(h[rows, cols], w, targets, temperature, return_entropy=return_entropy)
 
     def moe_layers(self):
         return [l.mlp for l in self.layers if isinstance(l.mlp, MoE)]

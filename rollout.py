@@ -105,8 +105,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     for i, p in enumerate(prompts):
         batch[i, :len(p)] = torch.tensor(p, device=device)
     cache = KVCache(cfg, P, Tp + max_new_tokens, device=device, dtype=dtype)
-    logits = model(batch, cache, n_new=lens)  # (P, Tp, V_model)
-    logits = logits[torch.arange(P, device=device), lens - 1]  # (P, V) at each prompt's last real token
+    h = model(batch, cache, n_new=lens, return_hidden=True)  # (P, Tp, D)
+    logits = model.lm_head(h[torch.arange(P, device=device), lens - 1])  # (P, V) at each prompt's last real token
     prefill_routes = [m.record.pop() for m in moes]  # (P*Tp, K) each
     rows = torch.arange(P, device=device).repeat_interleave(G)  # batch position -> prompt, then -> output row
     cache.select(rows)

@@ -132,6 +132,8 @@ def load_pairs(path, tok, c):
                 if not isinstance(obj, dict) or not isinstance(obj.get(fld), str):
                     raise DataError(f"{path}:{i}: field {fld!r} missing or not a string")
             p, comp = tok.encode(obj[c.prompt_field]), tok.encode(obj[c.completion_field]) + [tok.eot_id]
+            if not p:  # the first completion token needs a position before it to be predicted from
+                raise DataError(f"{path}:{i}: field {c.prompt_field!r} is empty")
             rows.append((p, comp))
     if not rows:
         raise DataError(f"{path}: no examples")
@@ -139,12 +141,13 @@ def load_pairs(path, tok, c):
 
 
 def text_batch(ids, n, T, rng):
-    """n random windows: inputs (n, T), targets (n, T) shifted by one, loss on every position."""
+    """n random windows: inputs (n, T), targets (n, T) shifted by one, loss on every position (all real)."""
     starts = rng.integers(0, len(ids) - T - 1, size=n) if len(ids) > T + 1 else np.zeros(n, dtype=np.int64)
     T = min(T, len(ids) - 1)
     x = np.stack([ids[s:s + T] for s in starts])
     y = np.stack([ids[s + 1:s + T + 1] for s in starts])
-    return torch.from_numpy(x), torch.from_numpy(y), torch.ones(n, T, dtype=torch.bool)
+    ones = torch.ones(n, T, dtype=torch.bool)
+    return torch.from_numpy(x), torch.from_numpy(y), ones, ones
 
 
 def pair_batch(rows, n, T, rng):
@@ -155,18 +158,20 @@ def pair_batch(rows, n, T, rng):
     L = max(len(s) for s in seqs) - 1
     x = torch.zeros(n, L, dtype=torch.long)
     y = torch.zeros(n, L, dtype=torch.long)
-    mask = torch.zeros(n, L, dtype=torch.bool)
+    mask = torch.zeros(n, L, dtype=torch.bool)  # positions whose target is in the loss
+    valid = torch.zeros(n, L, dtype=torch.bool)  # real (not padding) positions, for the MoE statistics
     for b, (i, s) in enumerate(zip(pick, seqs)):
         x[b, :len(s) - 1] = torch.tensor(s[:-1])
         y[b, :len(s) - 1] = torch.tensor(s[1:])
         mask[b, len(rows[i][0]) - 1:len(s) - 1] = True  # targets from the first completion token on
-    return x, y, mask
+        valid[b, :len(s) - 1] = True
+    return x, y, mask, valid
 
 
-def token_loss_sum(model, x, y, mask, vocab):
+def token_loss_sum(model, x, y, mask, valid, vocab):
     """Sum of -log p(target) over masked positions, through the fused LM-head log-prob (no (N, V) logits kept)."""
     rows, cols = mask.nonzero(as_tuple=True)
-    logp = model.logprobs(x, rows, cols, y[rows, cols], vocab=vocab)  # (N,)
+    logp = model.logprobs(x, rows, cols, y[rows, cols], vocab=vocab, valid=valid)  # (N,)
     return -logp.sum(), int(mask.sum())
 
 
@@ -185,7 +190,7 @@ def main(argv=None):
     R, W = common.rank(), common.world_size()
 
     common.seed_everything(c.seed)
-    state = common.resume_state(c.out_dir) if c.resume else None
+    state = common.resume_state(c)
     if state:
         model = Transformer(ModelConfig(**state["model_config"]))  # weights come with restore_checkpoint below
     elif c.init_from:
@@ -198,10 +203,10 @@ def main(argv=None):
         model = Transformer(mc)
     if model.config.vocab_size < vocab:
         raise ConfigError(f"--tokenizer: {vocab} tokens do not fit the model's vocab_size {model.config.vocab_size}")
-    # under FSDP, bf16 means bf16 compute over fp32 master weights (MixedPrecisionPolicy)
-    fsdp_bf16 = common.distributed() and dtype == torch.bfloat16
-    model.to(device=device, dtype=torch.float32 if fsdp_bf16 else dtype).train()
-    model = common.shard_model(model, bf16=fsdp_bf16)
+    # bf16 means bf16 compute over fp32 master weights (bf16 weights would round small AdamW updates away):
+    # FSDP's MixedPrecisionPolicy under torchrun, autocast in one process
+    model.to(device=device, dtype=torch.float32).train()
+    model = common.shard_model(model, bf16=dtype == torch.bfloat16)
     opt = common.adamw(model, c.lr, c.weight_decay, (c.beta1, c.beta2))
     start_step = 0
     if state:
@@ -248,8 +253,9 @@ def main(argv=None):
         rng = np.random.default_rng(c.seed + 1)  # the same held-out windows every time
         tot, n = 0.0, 0
         for _ in range(c.eval_batches):
-            x, y, m = my_share(val_batch(rng, c.batch_size * W))
-            s, k = token_loss_sum(model, x, y, m, vocab)
+            x, y, m, v = my_share(val_batch(rng, c.batch_size * W))
+            with common.autocast(device, dtype):
+                s, k = token_loss_sum(model, x, y, m, v, vocab)
             tot, n = tot + s.item(), n + k
         model.train()
         model.pop_expert_loads()  # eval forwards do not count toward balancing
@@ -262,12 +268,13 @@ def main(argv=None):
             g["lr"] = lr
         rng = np.random.default_rng([c.seed, step])  # batches depend only on (seed, step): exact resume
         micro = [my_share(batch(rng, c.batch_size * W)) for _ in range(c.grad_accum)]
-        n_tok = common.all_reduce_sum(sum(int(m.sum()) for _, _, m in micro))  # the whole step's normaliser
+        n_tok = common.all_reduce_sum(sum(int(m.sum()) for _, _, m, _ in micro))  # the whole step's normaliser
         total = 0.0
-        for i, (x, y, m) in enumerate(micro):
+        for i, (x, y, m, v) in enumerate(micro):
             if common.distributed():  # gradients are reduced across ranks once, after the last micro-batch
                 model.set_requires_gradient_sync(i == len(micro) - 1)
-            s, _ = token_loss_sum(model, x, y, m, vocab)
+            with common.autocast(device, dtype):
+                s, _ = token_loss_sum(model, x, y, m, v, vocab)
             # FSDP averages gradients over ranks: times W, the step's loss is sum(-log p) / n_tok over all ranks
             loss = s / max(n_tok, 1) * W + model.aux_loss() / c.grad_accum
             loss.backward()
@@ -275,21 +282,20 @@ def main(argv=None):
         total = common.all_reduce_sum(total)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-        if not (math.isfinite(total) and torch.isfinite(gnorm)):
-            bad += 1
-            opt.zero_grad(set_to_none=True)
-            print0(f"step {step}: non-finite loss or grad norm, step skipped ({bad} in a row)")
+        ok = math.isfinite(total) and bool(torch.isfinite(gnorm))
+        if ok:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        bad = 0 if ok else bad + 1
+        if not ok:  # skipped: counted, logged, and fatal only when it keeps happening
+            print0(f"step {step + 1}: non-finite loss or grad norm, update skipped ({bad} in a row)")
             if bad >= c.max_bad_steps:
                 raise RuntimeError(f"{bad} non-finite steps in a row: lower --lr or check the data")
-            continue
-        bad = 0
-        opt.step()
-        opt.zero_grad(set_to_none=True)
         loads = model.pop_expert_loads()
         model.update_router_bias(loads, c.bias_update_rate)
         tokens_seen += n_tok
         done = step + 1
-        metrics = {"loss": total / max(n_tok, 1), "lr": lr, "grad_norm": gnorm.item(),
+        metrics = {"loss": total / max(n_tok, 1), "lr": lr, "grad_norm": gnorm.item(), "skipped": int(not ok),
                    "tokens_per_s": tokens_seen / (time.perf_counter() - t0)}
         if loads is not None:
             metrics["expert_imbalance"] = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).tolist()

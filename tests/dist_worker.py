@@ -78,5 +78,26 @@ def reference(out_dir):
     return {"loss": m["loss"], "grad_norm": m["grad_norm"], "params": policy.state_dict(), "tokens": gens}
 
 
+def dynamic(base, out_dir):
+    """Dynamic sampling on 2 ranks where only rank 0 sees zero-variance groups: ranks must not disagree about
+    refill rounds (a collective one rank skips would hang)."""
+    import rewards
+    calls = []
+
+    def rigged(completions, examples, weights=None, **kw):
+        calls.append(len(completions))
+        flat = common.rank() == 0 and len(calls) == 1  # rank 0's first round: every group constant
+        r = [1.0 if flat else float(i % 2) for i in range(len(completions))]
+        return r, {"accuracy": r, "format": [0.0] * len(r), "language": [None] * len(r)}, {}
+    rewards.score_batch = rigged
+    grpo.main(["--preset=cpu", f"--init-from={base}", f"--out-dir={out_dir}", "--rollout-prompts=4",
+               "--group-size=2", "--max-new-tokens=4", "--eval-every=0", "--task-size=64", "--threads=1",
+               "--max-steps=1", "--dynamic-sampling"])
+    torch.save(calls, os.path.join(out_dir, f"calls{common.rank()}.pt"))
+
+
 if __name__ == "__main__":
-    run(sys.argv[1])
+    if sys.argv[1] == "dynamic":
+        dynamic(sys.argv[2], sys.argv[3])
+    else:
+        run(sys.argv[1])

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 def torchrun(*args, n=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                        *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                        *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
     assert r.returncode == 0, r.stderr[-4000:]
     return r.stdout
 
@@ -97,6 +97,9 @@ def test_grpo_and_eval_entry_points_under_torchrun(tmp_path):
     g = ["grpo.py", "--preset=cpu", f"--init-from={base}", f"--out-dir={tmp_path / 'rl'}", "--rollout-prompts=4",
          "--group-size=4", "--max-new-tokens=6", "--eval-every=2", "--eval-prompts=8", "--task-size=64",
          "--threads=1", "--ckpt-every=1", "--beta=0.01"]
+    torchrun("tests/dist_worker.py", "dynamic", str(base), str(tmp_path / "ds"))  # finishes: no hang
+    calls = [torch.load(tmp_path / "ds" / f"calls{r}.pt") for r in range(2)]
+    assert calls[0] == [4, 4] and calls[1] == [4]  # rank 0 refilled its 2 groups; rank 1 needed nothing
     torchrun(*g, "--max-steps=1")
     assert os.path.isdir(tmp_path / "rl" / "ckpt_0000001")
     torchrun(*g, "--max-steps=2", "--resume")

@@ -136,6 +136,7 @@ def test_evaluate_scores_each_prompt_against_its_own_gold(monkeypatch):
                                    truncated=[False] * len(toks), num_samples=num_samples)
         return gen
     model = torch.nn.Linear(1, 1)
+    model.config = __import__("types").SimpleNamespace(eos_token_id=None)
     monkeypatch.setattr(rollout, "generate", oracle(0))
     s = ev.evaluate(model, tok, exs, k=3, template=data.TOY_TEMPLATE, workers=0, batch_prompts=3)
     assert s["pass@1"] == 1.0 and s["cons@3"] == 1.0 and s["problems"] == 7

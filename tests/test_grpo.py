@@ -115,8 +115,10 @@ def test_on_policy_gradient_equals_reinforce():
 
 
 @pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean", "dr_grpo"])
-def test_gradient_does_not_depend_on_micro_batching(agg):
+@pytest.mark.parametrize("alpha", [0.0, 0.1])
+def test_gradient_does_not_depend_on_micro_batching(agg, alpha):
     model = tiny(200)
+    model.config.aux_loss_alpha = alpha  # the balance loss must split as exactly as the policy loss (P17)
     rows = make_rows(masked=(2,))
     g1, _ = grads_of(model, rows, cfg(loss_agg=agg, micro_batch_size=len(rows)))
     g4, _ = grads_of(model, rows, cfg(loss_agg=agg, micro_batch_size=2))
@@ -162,7 +164,8 @@ def test_padding_never_changes_the_loss_or_gradient():
     c = cfg(loss_agg="token_mean")
     g_both, _ = grads_of(model, rows, c)
     orig = grpo.pack
-    grpo.pack = lambda rows, device: (lambda x, b, t: (torch.where(x == 0, torch.full_like(x, 7), x), b, t))(
+    # pad with another id, chosen by position (the valid mask), never by value (P3)
+    grpo.pack = lambda rows, device: (lambda x, b, t, v: (torch.where(v, x, torch.full_like(x, 7)), b, t, v))(
         *orig(rows, device))
     try:
         g_pad7, _ = grads_of(model, rows, c)
@@ -264,8 +267,12 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(base_dir, 
 @pytest.mark.parametrize("argv, needle", [
     (["--group-size=1"], "--group-size: GRPO needs at least 2"),
     (["--num-minibatches=3"], "--num-minibatches: must divide"),
-    (["--eps-low=-0.1"], "--eps-low: clip epsilons must be >= 0"),
+    (["--eps-low=-0.1"], "--eps-low: must be >= 0"),
+    (["--eps-high=-0.1"], "--eps-high: must be >= 0"),
     (["--top-p=0.9"], "--top-p: top-p/top-k sampling"),
+    (["--top-k=5"], "--top-k: top-p/top-k sampling"),
+    (["--max-steps=3", "--num-minibatches=2"], "--max-steps: must be a multiple of num_minibatches"),
+    (["--lr-schedule=linear"], "--lr-schedule: one of constant, cosine"),
     (["--loss-agg=sum"], "--loss-agg: one of"),
 ])
 def test_invalid_settings_fail_at_start(argv, needle, base_dir):
@@ -301,3 +308,62 @@ def test_entropy_and_kl_metrics_are_per_token_means():
     assert m["entropy"] / m["tokens"] == pytest.approx(ent[keep].mean().item(), rel=1e-5)
     assert m["kl"] / m["tokens"] == pytest.approx((torch.exp(d) - d - 1)[keep].mean().item(), rel=1e-5)
     assert 0 < m["entropy"] / m["tokens"] <= torch.log(torch.tensor(200.0)).item()
+
+
+def test_mini_batches_and_mu_two_freeze_old_logprobs_and_clip(base_dir, tmp_path, monkeypatch):
+    """num_minibatches=2, mu=2 (4 updates per rollout): old log-probs are computed once before the first update and
+    never change; later updates are off-policy, so ratios leave 1 and clipping happens (PITFALLS P9)."""
+    seen = {}
+    orig = grpo.train_step
+
+    def spy(policy, ref, opt, rows, c, vocab, on_policy):
+        assert not on_policy
+        for r in rows:
+            seen.setdefault(id(r), []).append(list(r["old_logp"]))
+        return orig(policy, ref, opt, rows, c, vocab, on_policy)
+
+    def digits(completions, examples, weights=None, **kw):
+        r = [sum(ch.isdigit() for ch in t) / max(1, len(t)) for t in completions]
+        return r, {"accuracy": r, "format": [0.0] * len(r), "language": [None] * len(r)}, {}
+    monkeypatch.setattr(grpo, "train_step", spy)
+    monkeypatch.setattr(grpo.rewards, "score_batch", digits)
+    run(base_dir, tmp_path / "mu2", "--max-steps=4", "--num-minibatches=2", "--mu=2", "--lr=3e-2", "--eps-low=0.05",
+        "--eps-high=0.05", "--rollout-prompts=4", "--group-size=4")
+    assert len(seen) == 16 and all(len(v) == 2 and v[0] == v[1] for v in seen.values())  # seen twice, unchanged
+    rows = [json.loads(l) for l in open(tmp_path / "mu2" / "metrics.jsonl")]
+    assert rows[0]["clip_low"] + rows[0]["clip_high"] == 0  # the first update is on the frozen policy: ratio 1
+    assert max(r["clip_low"] + r["clip_high"] for r in rows[1:]) > 0
+
+
+def test_resume_mid_run_with_reference_and_two_minibatches(base_dir, tmp_path):
+    """P19 with the reference model's state and several updates per rollout: resume equals the straight run."""
+    extra = ["--ckpt-every=2", "--num-minibatches=2", "--beta=0.05", "--ref-refresh-every=3", "--lr=1e-2"]
+    full = run(base_dir, tmp_path / "full", "--max-steps=4", *extra)
+    run(base_dir, tmp_path / "part", "--max-steps=2", *extra)
+    resumed = run(base_dir, tmp_path / "part", "--max-steps=4", "--resume", *extra)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    a, b = (common.load_checkpoint(str(tmp_path / d)) for d in ("full", "part"))
+    assert a["has_ref"] and all(torch.equal(v, b["ref"][k]) for k, v in a["ref"].items())
+
+
+def test_dynamic_sampling_refills_and_batch_scale(base_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def half_constant(completions, examples, weights=None, **kw):  # every other group has no reward variance
+        calls.append(len(completions))
+        r = [float(i % 4 == 0) if (i // 4) % 2 == 0 else 1.0 for i in range(len(completions))]
+        return r, {"accuracy": r, "format": [0.0] * len(r), "language": [None] * len(r)}, {}
+    monkeypatch.setattr(grpo.rewards, "score_batch", half_constant)
+    run(base_dir, tmp_path / "ds", "--max-steps=1", "--dynamic-sampling", "--max-refills=5", "--adv-scale=batch",
+        "--rollout-prompts=4", "--group-size=4")
+    assert calls[:3] == [16, 8, 4]  # 4 prompts, 2 kept; refill 2, 1 kept; refill 1 ...
+    row = json.loads(open(tmp_path / "ds" / "metrics.jsonl").readline())
+    assert row["refills"] == 2 and row["frac_reward_zero_std"] == pytest.approx(3 / 7)  # 2 + 1 + 0 of 4 + 2 + 1
+
+
+def test_routing_replay_trains(base_dir, tmp_path):
+    p = run(base_dir, tmp_path / "rr", "--max-steps=2", "--routing-replay")
+    assert all(m.replay is None for m in p.moe_layers())  # replay is switched off after each use
+    rows = [json.loads(l) for l in open(tmp_path / "rr" / "metrics.jsonl")]
+    assert rows[0]["sampler_trainer_gap"] < 1e-4  # the trainer used the sampler's experts: log-probs agree

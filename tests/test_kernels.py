@@ -283,7 +283,7 @@ def test_grpo_token_loss_errors():
         kernels.grpo_token_loss(logp, old, ref, adv, mask, 0.2, 0.2, 0.0, backend="fast")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
 def test_paper_epsilon_ten_leaves_only_the_upper_clip(backend):
     """The paper's clip epsilon is 10: the lower bound 1 - 10 < 0 never binds, the upper one (11) still can."""
     logp = torch.zeros(4, requires_grad=True)

@@ -355,8 +355,27 @@ def test_balance_loss_is_one_for_uniform_routing():
     with torch.no_grad():
         moe.gate.weight.zero_()
     idx = torch.tensor([[0, 1], [2, 3]])
-    loss = moe.balance_loss(torch.randn(2, cfg.hidden_size), idx, 1, 2)
+    loss = moe.balance_loss(torch.randn(2, cfg.hidden_size), idx, torch.ones(1, 2, dtype=torch.bool))
     assert abs(loss.item() - 1.0) < 1e-6
+
+
+def test_moe_statistics_ignore_padding():
+    """Expert loads and the balance loss count real tokens only: padding a batch does not change them (P3, P17)."""
+    cfg = ModelConfig(vocab_size=V, aux_loss_alpha=0.1)
+    torch.manual_seed(0)
+    m = Transformer(cfg).train()
+    tokens = torch.randint(0, V, (2, 9))
+    m(tokens)
+    loads, aux = m.pop_expert_loads(), m.aux_loss().item()
+    padded = torch.cat([tokens, torch.randint(0, V, (2, 4))], 1)  # 4 garbage positions after every real token
+    valid = torch.arange(13).expand(2, 13) < 9
+    m(padded, valid=valid)
+    assert torch.equal(m.pop_expert_loads(), loads) and abs(m.aux_loss().item() - aux) < 1e-7
+    m(padded)  # without the mask the garbage counts: the test would catch a lost mask
+    assert not torch.equal(m.pop_expert_loads(), loads)
+    with torch.no_grad():  # no-grad passes (old/ref log-probs) never count
+        m(tokens)
+    assert m.pop_expert_loads().sum() == 0
 
 
 def test_return_hidden_feeds_the_lm_head():

@@ -74,10 +74,12 @@ def test_stop_ids_several_and_at_the_last_allowed_position():
     # one position short: truncated
     out = rollout.generate(m, [PROMPTS[0]], max_new_tokens=k, temperature=0, stop_ids=[free[k]])
     assert out.tokens[0] == free[:k] and out.truncated == [True] and out.stop_reason == ["length"]
-    # several stop ids: the first one met wins, nothing after it is kept
-    out = rollout.generate(m, [PROMPTS[0]], max_new_tokens=12, temperature=0, stop_ids=[V - 1, free[k], free[1]])
-    first = min(free.index(free[k]), 1)
-    assert out.tokens[0] == free[:first + 1] and out.truncated == [False]
+    # several stop ids: whichever is sampled first ends the row, nothing after it is kept
+    j = next(i for i in range(1, k) if free[i] not in free[:i])  # another first appearance, before k
+    out = rollout.generate(m, [PROMPTS[0]], max_new_tokens=12, temperature=0, stop_ids=[V - 1, free[k], free[j]])
+    assert out.tokens[0] == free[:j + 1] and out.truncated == [False]
+    out = rollout.generate(m, [PROMPTS[0]], max_new_tokens=12, temperature=0, stop_ids=[free[k], V - 1])
+    assert out.tokens[0] == free[:k + 1]  # the list's order does not matter, the sampling order does
 
 
 def test_stop_strings():
@@ -108,10 +110,13 @@ def test_compaction_does_not_change_results():
     m = make()
     stop = rollout.generate(m, PROMPTS, max_new_tokens=10, temperature=0).tokens[1][2]
     kw = dict(max_new_tokens=10, temperature=0, num_samples=2, stop_ids=[stop])
-    eager = rollout.generate(m, PROMPTS, compact_fraction=0.0, **kw)
-    never = rollout.generate(m, PROMPTS, compact_fraction=2.0, **kw)
+    eager = rollout.generate(m, PROMPTS, compact_fraction=0.0, record_experts=True, **kw)
+    never = rollout.generate(m, PROMPTS, compact_fraction=2.0, record_experts=True, **kw)
     assert eager.tokens == never.tokens and eager.truncated == never.truncated
     assert any(not t for t in eager.truncated) and any(eager.truncated)
+    for a, b in zip(eager.logprobs, never.logprobs):
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+    assert all(torch.equal(x, y) for ea, ne in zip(eager.experts, never.experts) for x, y in zip(ea, ne))
 
 
 def test_ids_beyond_the_tokenizer_vocab_are_never_sampled():

@@ -29,7 +29,7 @@ def files(tmp_path_factory):
 
 def test_pair_batch_masks_prompt_tokens():
     rows = [([1, 2, 3], [7, 8, 0]), ([4], [9, 0])]  # (prompt ids, completion ids + end-of-text id 0)
-    x, y, m = sft.pair_batch(rows, 2, 64, np.random.default_rng(0))
+    x, y, m, valid = sft.pair_batch(rows, 2, 64, np.random.default_rng(0))
     for b in range(2):
         i = [r for r in rows if r[0][0] == int(x[b, 0])][0]
         P, C = len(i[0]), len(i[1])
@@ -38,11 +38,12 @@ def test_pair_batch_masks_prompt_tokens():
         # the loss sees exactly the completion tokens and the end-of-text: targets y[t] for t >= P-1
         assert y[b][m[b]].tolist() == i[1]
         assert m[b].sum() == C  # padding (id 0, the same as end-of-text) is never in the mask (P3)
+        assert valid[b].sum() == P + C - 1 and valid[b, :P + C - 1].all()
 
 
 def test_text_batch_windows_are_shifted_by_one():
     ids = np.arange(100)
-    x, y, m = sft.text_batch(ids, 4, 10, np.random.default_rng(0))
+    x, y, m, _ = sft.text_batch(ids, 4, 10, np.random.default_rng(0))
     assert torch.equal(y, x + 1) and m.all() and x.shape == (4, 10)
 
 
@@ -96,3 +97,31 @@ def test_bad_input_names_file_and_line(files, tmp_path):
     with pytest.raises(common.ConfigError, match="--resume: no checkpoint"):
         sft.main([f"--data={d / 'corpus.txt'}", f"--tokenizer={d / 'tok.bpe'}", f"--out-dir={tmp_path / 'x'}",
                   "--resume"])
+
+
+def test_empty_prompt_and_reused_out_dir_are_refused(files, tmp_path):
+    d, _ = files
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "", "completion": "b"}\n')
+    with pytest.raises(data.DataError, match=r"bad.jsonl:1: field 'prompt' is empty"):
+        sft.main([f"--data={bad}", f"--tokenizer={d / 'tok.bpe'}", f"--out-dir={tmp_path / 'o'}", *TINY])
+    args = [f"--data={d / 'corpus.txt'}", f"--tokenizer={d / 'tok.bpe'}", f"--out-dir={tmp_path / 'run'}",
+            "--max-steps=2", *TINY]
+    sft.main(args)
+    with pytest.raises(common.ConfigError, match="holds checkpoints of an earlier run: add --resume"):
+        sft.main(args)
+
+
+def test_single_process_bf16_keeps_fp32_master_weights(files, tmp_path):
+    """bf16 compute (autocast) over fp32 weights: a tiny lr still moves every weight (bf16 weights would not)."""
+    d, _ = files
+    model = sft.main([f"--data={d / 'corpus.txt'}", f"--tokenizer={d / 'tok.bpe'}", f"--out-dir={tmp_path}",
+                      "--max-steps=1", "--dtype=bf16", "--lr=1e-6", "--warmup-steps=0", "--weight-decay=0", *TINY])
+    import torch
+    from model import ModelConfig, Transformer
+    torch.manual_seed(1337)  # sft's seed: the same initial weights
+    init = Transformer(model.config)
+    assert next(model.parameters()).dtype == torch.float32
+    moved = [(p != q).float().mean().item() for (n, p), q in zip(model.named_parameters(), init.parameters())
+             if p.dim() >= 2 and not any(k in n for k in ("experts", "gate", "embed"))]  # (rows that got gradient)
+    assert min(moved) > 0.5

@@ -20,6 +20,7 @@ import os
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -86,18 +87,23 @@ def evaluate(model, tok, examples, k=16, template="", temperature=0.6, top_p=0.9
     return summarize(instances, k)
 
 
+def row_seed(seed, problem, sample):
+    """The random stream of one sample: a function of (seed, problem index, sample index) only, so an eval's samples
+    are the same whatever --batch-prompts and however many ranks share the problems."""
+    return int(np.random.SeedSequence([seed, problem, sample]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def _sample_and_score(model, tok, examples, mine, k, template, temperature, top_p, max_new_tokens, seed, workers,
                       stop_strings, batch_prompts, lang, rg_exact):
-    eos = model.config.eos_token_id  # the tokenizer's end-of-text and every EOS id the model's config names
-    stop_ids = sorted({tok.eot_id} | {i for i in (eos if isinstance(eos, list) else [eos])
-                                      if i is not None and i < tok.vocab_size})
+    stop_ids = rollout.stop_ids_for(model, tok)
     instances = []
     for s in range(0, len(mine), batch_prompts):
         idx = mine[s:s + batch_prompts]
         texts = [data.apply_template(template, examples[i].prompt) if template else examples[i].prompt for i in idx]
         out = rollout.generate(model, [tok.encode(t) for t in texts], max_new_tokens, temperature, top_p,
                                num_samples=k, stop_ids=stop_ids, stop_strings=list(stop_strings),
-                               decode=tok.decode, vocab_size=tok.vocab_size, seed=seed * 7919 + idx[0])
+                               decode=tok.decode, vocab_size=tok.vocab_size,
+                               row_seeds=[row_seed(seed, i, g) for i in idx for g in range(k)])
         comps = [tok.decode([t for t in ids if t not in stop_ids]) for ids in out.tokens]
         exs = [examples[i] for i in idx for _ in range(k)]
         total, parts, _ = rewards.score_batch(comps, exs, workers=workers, lang=lang, rg_exact=rg_exact)
@@ -267,9 +273,9 @@ class EvalConfig:
     task: str = "toy"
     problems: int = 200          # how many (generated tasks need one; 0 = a whole file); not --n:
     #                              torchrun would read --n as an abbreviation of its own flags
-    split: str = "heldout"       # heldout | train | all
+    split: Literal["heldout", "train", "all"] = "heldout"
     heldout_frac: float = 0.1
-    template: str = "r1_zero"    # r1_zero | toy | none
+    template: Literal["r1_zero", "toy", "none"] = "r1_zero"
     k: int = 16
     temperature: float = 0.6
     top_p: float = 0.95
@@ -318,8 +324,6 @@ def main(argv=None):
         return report(c.report, c.curves, c.curves_png)
     if not c.model:
         raise ConfigError("--model: required (a checkpoint, run dir or Hugging Face dir)")
-    if c.template not in ("r1_zero", "toy", "none"):
-        raise ConfigError("--template: one of r1_zero, toy, none")
     if c.k < 1:
         raise ConfigError("--k: must be >= 1")
     from model import load_model
@@ -329,7 +333,7 @@ def main(argv=None):
     model = common.shard_model(load_model(c.model).to(device=device, dtype=common.get_dtype(c.dtype, device)))
     tok = data.Tokenizer.from_file(common.find_tokenizer(c.tokenizer, c.model))
     examples = data.load_task(c.task, n=c.problems, seed=c.seed, split=c.split, heldout_frac=c.heldout_frac)
-    template = {"r1_zero": data.R1_ZERO_TEMPLATE, "toy": data.TOY_TEMPLATE, "none": ""}[c.template]
+    template = data.TEMPLATES[c.template]
     summary = evaluate(model, tok, examples, c.k, template, c.temperature, c.top_p, c.max_new_tokens, c.seed,
                        c.workers, c.stop_strings, c.batch_prompts, c.lang, c.rg_exact)
     instances = summary.pop("instances")

@@ -40,7 +40,8 @@ class Rollout:
 
 
 def sample_next(logits, temperature, top_p, top_k, generator):
-    """logits (R, V) fp32, invalid ids already -inf -> (ids (R,), logprobs (R,) of those ids at `temperature`)."""
+    """logits (R, V) fp32, invalid ids already -inf -> (ids (R,), logprobs (R,) of those ids at `temperature`).
+    generator: one torch.Generator for the batch, or a list of R (one stream per row)."""
     if temperature == 0:
         ids = logits.argmax(-1)
         return ids, torch.log_softmax(logits, -1).gather(1, ids[:, None]).squeeze(1)
@@ -60,20 +61,37 @@ def sample_next(logits, temperature, top_p, top_k, generator):
     # inverse-CDF sampling: one uniform per row (torch.multinomial draws V exponentials per row, far slower);
     # u is scaled by the row's total so rounding in the cumsum can never select a zero-probability id
     cdf = filt.softmax(-1).cumsum(-1)  # (R, V)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    if isinstance(generator, list):
+        u = torch.cat([torch.rand(1, 1, generator=g, device=cdf.device) for g in generator])
+    else:
+        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)
+    u = u * cdf[:, -1:]
     ids = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)  # (R,)
     return ids, logp.gather(1, ids[:, None]).squeeze(1)
+
+
+def stop_ids_for(model, tok):
+    """Generation stops at the tokenizer's end-of-text and at every EOS id the model's config names inside the
+    tokenizer's vocabulary (Qwen3 names two: PITFALLS P4)."""
+    eos = model.config.eos_token_id
+    return sorted({tok.eot_id} | {i for i in (eos if isinstance(eos, list) else [eos])
+                                  if i is not None and i < tok.vocab_size})
 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=1, stop_ids=(),
              stop_strings=(), decode=None, vocab_size=None, seed=0, generator=None, record_experts=False,
-             compact_fraction=0.25):
+             compact_fraction=0.25, prompt_batch=0, row_seeds=None):
     """Sample `num_samples` completions for each prompt (a list of token-id lists). See the module docstring.
 
     decode: ids -> str, needed for stop_strings. vocab_size: ids >= this are never sampled (a padded LM head);
     default the model's vocab. generator: a torch.Generator (default: one seeded with `seed`, on the model's device).
     compact_fraction: drop finished rows from the batch once they are this fraction of it.
+    prompt_batch: sample at most this many prompts (prompt_batch * G rows) at a time, one after another with the
+    same generator; the KV cache holds only those rows (0 = all at once). Greedy results do not depend on it.
+    row_seeds: R ints, one random stream per output row instead of `generator`/`seed`: a row's sample then depends
+    only on its prompt and its seed, not on which other prompts share the batch (eval.py uses this so results do
+    not change with --batch-prompts or the number of ranks).
     """
     t0 = time.perf_counter()
     cfg = model.config
@@ -91,6 +109,20 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         raise ValueError("generate: stop_strings need a decode function")
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    if row_seeds is not None and len(row_seeds) != len(prompts) * num_samples:
+        raise ValueError(f"generate: {len(row_seeds)} row_seeds for {len(prompts) * num_samples} rows")
+    if 0 < prompt_batch < len(prompts):
+        G = num_samples
+        parts = [generate(model, prompts[i:i + prompt_batch], max_new_tokens, temperature, top_p, top_k, G,
+                          stop_ids, stop_strings, decode, vocab_size, generator=generator,
+                          record_experts=record_experts, compact_fraction=compact_fraction,
+                          row_seeds=row_seeds[i * G:(i + prompt_batch) * G] if row_seeds is not None else None)
+                 for i in range(0, len(prompts), prompt_batch)]
+        return Rollout(**{f: sum((getattr(p, f) for p in parts), []) for f in ("tokens", "logprobs", "truncated",
+                                                                               "stop_reason")},
+                       experts=sum((p.experts for p in parts), []) if record_experts else None,
+                       num_samples=num_samples, seconds=time.perf_counter() - t0,
+                       new_tokens=sum(p.new_tokens for p in parts))
     was_training = model.training
     model.eval()
     moes = model.moe_layers() if record_experts else []
@@ -99,6 +131,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
 
     P, G = len(prompts), num_samples
     R = P * G
+    row_gens = None if row_seeds is None else [torch.Generator(device=device).manual_seed(int(s)) for s in row_seeds]
     lens = torch.tensor([len(p) for p in prompts], device=device)
     Tp = int(lens.max())
     batch = torch.zeros(P, Tp, dtype=torch.long, device=device)
@@ -124,8 +157,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         logits = logits.float()
         if logits.shape[-1] > V:
             logits[:, V:] = float("-inf")
-        ids, lp = sample_next(logits, temperature, top_p, top_k, generator)
-        ids_l, lp_l, rows_l, alive_l = ids.tolist(), lp.tolist(), rows.tolist(), alive.tolist()
+        rows_l = rows.tolist()
+        ids, lp = sample_next(logits, temperature, top_p, top_k,
+                              generator if row_gens is None else [row_gens[r] for r in rows_l])
+        ids_l, lp_l, alive_l = ids.tolist(), lp.tolist(), alive.tolist()
         for b, r in enumerate(rows_l):
             if not alive_l[b]:
                 continue

@@ -86,7 +86,7 @@ def test_resume_refuses_another_world_size(tmp_path, monkeypatch):
 
 
 def test_grpo_and_eval_entry_points_under_torchrun(tmp_path):
-    """grpo.py on 2 ranks runs, checkpoints (DCP) and resumes; eval.py on 2 ranks (greedy) equals 1 process."""
+    """grpo.py on 2 ranks runs, checkpoints (DCP) and resumes; eval.py on 2 ranks equals 1 process, sampling."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import dist_worker
     import eval as ev
@@ -105,7 +105,7 @@ def test_grpo_and_eval_entry_points_under_torchrun(tmp_path):
     torchrun(*g, "--max-steps=2", "--resume")
     rows = [json.loads(l) for l in open(tmp_path / "rl" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2] and "heldout_pass1" in rows[0] and "heldout_pass1" in rows[2]
-    e = ["eval.py", f"--model={tmp_path / 'rl'}", "--task=toy", "--problems=6", "--k=2", "--temperature=0",
+    e = ["eval.py", f"--model={tmp_path / 'rl'}", "--task=toy", "--problems=6", "--k=2", "--temperature=1",
          "--template=toy", "--max-new-tokens=6", "--workers=0", "--threads=1"]
     torchrun(*e, f"--out-dir={tmp_path / 'e2'}")
     ev.main(e[1:] + [f"--out-dir={tmp_path / 'e1'}"])

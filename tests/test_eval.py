@@ -143,3 +143,24 @@ def test_evaluate_scores_each_prompt_against_its_own_gold(monkeypatch):
     assert [i["gold"] for i in s["instances"]] == [e.answer for e in exs]
     monkeypatch.setattr(rollout, "generate", oracle(1))
     assert ev.evaluate(model, tok, exs, k=2, template=data.TOY_TEMPLATE, workers=0)["pass@1"] < 0.3
+
+
+def test_sampled_eval_does_not_depend_on_batching():
+    """Each sample has its own random stream (seed, problem, sample): the same samples whether the problems are
+    sampled 2 or 5 at a time (and so on any number of ranks); another seed gives other samples."""
+    import data
+    from model import ModelConfig, Transformer
+    tok = data.toy_tokenizer(n_docs=300)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64 * (tok.vocab_size // 64 + 1), hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                                    v_head_dim=8, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                    num_experts_per_tok=2))
+    exs = data.toy_problems(0, 5, seed=1)[1]
+    run = lambda bp, seed=0: [[s["text"] for s in i["samples"]] for i in ev.evaluate(  # noqa: E731
+        model, tok, exs, k=3, template=data.TOY_TEMPLATE, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=seed,
+        workers=0, batch_prompts=bp)["instances"]]
+    a = run(5)
+    assert run(2) == a and run(1) == a
+    assert run(5, seed=1) != a
+    assert len({t for texts in a for t in texts}) > 5  # really sampled, not greedy

@@ -9,6 +9,7 @@ fails with a message naming the flag on anything it cannot use. Presets are plai
 import dataclasses
 import difflib
 import json
+import math
 import os
 import random
 import re
@@ -34,6 +35,12 @@ class ConfigError(UserError):
 
 def _flag(name):
     return "--" + name.replace("_", "-")
+
+
+def need(cond, flag, msg):
+    """A settings check: raise ConfigError naming --flag unless cond holds."""
+    if not cond:
+        raise ConfigError(f"--{flag.replace('_', '-')}: {msg}")
 
 
 def _convert(flag, tp, text):
@@ -158,7 +165,9 @@ def config_help(cls, presets=None):
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-        tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
+        tp = hints[f.name]
+        tp = "|".join(map(str, typing.get_args(tp))) if typing.get_origin(tp) is typing.Literal else \
+            getattr(tp, "__name__", str(tp))
         lines.append(f"  {_flag(f.name)}={default!r}  [{tp}]")
     if presets:
         lines.append("")
@@ -427,6 +436,18 @@ def adamw(model, lr, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8):
     rest = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": rest, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)
+
+
+def optimizer_step(model, opt, loss_sum, grad_clip):
+    """Clip, then step unless the loss sum or the gradient norm is non-finite (a skipped step leaves the weights and
+    the optimizer state untouched); gradients are cleared either way. -> (grad norm before clipping, stepped)."""
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # a DTensor under FSDP
+    ok = math.isfinite(loss_sum) and bool(torch.isfinite(gnorm))
+    if ok:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return gnorm.item(), ok
 
 
 def append_jsonl(path, rows):

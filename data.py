@@ -248,6 +248,8 @@ TOY_TEMPLATE = "User: {prompt}\nAssistant:"
 # Cold-start / SFT target: the reasoning between special tokens, then a summary (paper 2.3.1; released R1 models
 # write "<think>\n...</think>" and then the answer). Fill with .format(reasoning=..., summary=...).
 COLD_START_FORMAT = "<think>\n{reasoning}\n</think>\n\n{summary}"
+# The --template flag of grpo.py and eval.py picks one of these by name ("none": the bare prompt).
+TEMPLATES = {"r1_zero": R1_ZERO_TEMPLATE, "toy": TOY_TEMPLATE, "none": ""}
 
 
 def apply_template(template, prompt):

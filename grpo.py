@@ -35,6 +35,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ class GRPOConfig:
     tokenizer: str = ""              # default: <init_from>/tokenizer.bpe or <init_from>/final/tokenizer.bpe
     task: str = "toy"                # data.load_task name: toy, countdown, rg:<name>, humaneval, a .jsonl/.parquet
     task_size: int = 20000           # examples drawn for generated tasks (0 = whole file)
-    template: str = "r1_zero"        # r1_zero (Table 1) | toy (short, CPU toy only) | none
+    template: Literal["r1_zero", "toy", "none"] = "r1_zero"  # Table 1 | a short one (CPU toy only) | none
     heldout_frac: float = 0.1        # this share of the task (by prompt hash) is never trained on
     # sampling
     rollout_prompts: int = 512       # prompts per rollout (paper: 8,192 outputs = 512 x 16)
@@ -68,13 +69,14 @@ class GRPOConfig:
     mu: int = 1                      # passes over each rollout (paper: 1)
     micro_batch_size: int = 16       # sequences per forward/backward (gradient accumulation inside a step)
     max_new_tokens: int = 32768
+    batch_prompts: int = 0           # prompts sampled at once (x G rows in the KV cache); 0 = all of a rank's
     temperature: float = 1.0
     top_p: float = 1.0               # must stay 1: the trainer's log-probs are over the full vocabulary (P2)
     top_k: int = 0                   # must stay 0, likewise
     stop_strings: list = field(default_factory=lambda: ["</answer>"])
     # objective
     lr: float = 3e-6
-    lr_schedule: str = "constant"    # | cosine (down to min_lr_frac * lr at max_steps)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: down to min_lr_frac * lr at max_steps
     min_lr_frac: float = 0.1
     warmup_steps: int = 0
     weight_decay: float = 0.1
@@ -85,10 +87,10 @@ class GRPOConfig:
     eps_high: float = 10.0
     beta: float = 0.001              # k3 KL weight in the loss; 0 = no reference model at all
     ref_refresh_every: int = 400     # reference <- current policy every this many steps (0 = never)
-    loss_agg: str = "seq_mean_token_mean"  # | token_mean | dr_grpo
-    adv_scale: str = "group"         # | batch | none
+    loss_agg: Literal["seq_mean_token_mean", "token_mean", "dr_grpo"] = "seq_mean_token_mean"
+    adv_scale: Literal["group", "batch", "none"] = "group"
     adv_eps: float = 1e-6
-    old_logp: str = "auto"           # auto (on-policy: detach; else recompute) | recompute | sampler
+    old_logp: Literal["auto", "recompute", "sampler"] = "auto"  # auto: detach when on-policy, else recompute
     mask_truncated: bool = False     # drop truncated outputs from the loss (and from its normaliser)
     overlong_buffer: int = 0         # DAPO soft overlong penalty over the last this-many tokens (0 = off)
     dynamic_sampling: bool = False   # drop zero-variance groups and sample more prompts to refill
@@ -132,12 +134,15 @@ PRESETS = {
 
 
 def check_config(c):
-    def need(cond, flag, msg):
-        if not cond:
-            raise ConfigError(f"--{flag}: {msg}")
+    need = common.need
     need(c.init_from or c.resume, "init-from", "a base policy is required (a checkpoint, run dir or HF dir)")
     need(c.group_size >= 2, "group-size", "GRPO needs at least 2 outputs per prompt")
-    need(c.rollout_prompts >= 1, "rollout-prompts", "must be >= 1")
+    for flag in ("rollout_prompts", "mu", "micro_batch_size", "max_new_tokens", "max_steps", "log_every",
+                 "ckpt_every"):
+        need(getattr(c, flag) >= 1, flag, "must be >= 1")
+    for flag in ("eps_high", "beta", "sample_every", "overlong_buffer", "batch_prompts"):
+        need(getattr(c, flag) >= 0, flag, "must be >= 0")
+    need(c.eps_low >= 0, "eps-low", "must be >= 0 (>= 1: no lower clip)")
     W = common.world_size()
     need(c.rollout_prompts % W == 0, "rollout-prompts", f"must be divisible by the number of ranks ({W})")
     local = c.rollout_prompts // W * c.group_size
@@ -145,23 +150,11 @@ def check_config(c):
          f"must divide each rank's {local} outputs per rollout")
     need(c.max_steps % (c.num_minibatches * c.mu) == 0, "max-steps", f"must be a multiple of num_minibatches * mu "
          f"= {c.num_minibatches * c.mu} (a run ends at a rollout boundary, where checkpoints are exact)")
-    for flag in ("mu", "micro_batch_size", "max_new_tokens", "max_steps", "log_every", "ckpt_every"):
-        need(getattr(c, flag) >= 1, flag.replace("_", "-"), "must be >= 1")
-    need(c.eps_low >= 0, "eps-low", "must be >= 0 (>= 1: no lower clip)")
-    need(c.eps_high >= 0, "eps-high", "must be >= 0")
-    need(c.beta >= 0, "beta", "must be >= 0")
     need(c.temperature > 0, "temperature", "must be > 0 (the trainer divides logits by it)")
     for flag, ok in (("top-p", c.top_p == 1.0), ("top-k", c.top_k == 0)):
         need(ok, flag, "top-p/top-k sampling makes sampler and trainer log-probs differ (PITFALLS P2); keep "
              "--top-p=1 --top-k=0 in training")
-    need(c.lr_schedule in ("constant", "cosine"), "lr-schedule", "one of constant, cosine")
-    need(c.sample_every >= 0, "sample-every", "must be >= 0")
-    need(c.loss_agg in ("seq_mean_token_mean", "token_mean", "dr_grpo"), "loss-agg",
-         "one of seq_mean_token_mean, token_mean, dr_grpo")
-    need(c.adv_scale in ("group", "batch", "none"), "adv-scale", "one of group, batch, none")
-    need(c.old_logp in ("auto", "recompute", "sampler"), "old-logp", "one of auto, recompute, sampler")
-    need(c.template in ("r1_zero", "toy", "none"), "template", "one of r1_zero, toy, none")
-    need(0 <= c.overlong_buffer < c.max_new_tokens, "overlong-buffer", "must be in [0, max_new_tokens)")
+    need(c.overlong_buffer < c.max_new_tokens, "overlong-buffer", "must be below --max-new-tokens")
     need(c.lr > 0, "lr", "must be > 0")
 
 
@@ -259,7 +252,7 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
         seed = int(np.random.SeedSequence([c.seed, step, refills, common.rank()]).generate_state(1)[0])
         out = rollout.generate(policy, prompts, c.max_new_tokens, c.temperature, num_samples=G, stop_ids=stop_ids,
                                stop_strings=c.stop_strings, decode=tok.decode, vocab_size=tok.vocab_size, seed=seed,
-                               record_experts=c.routing_replay)
+                               record_experts=c.routing_replay, prompt_batch=c.batch_prompts)
         stats["sample_s"] += out.seconds
         stats["new_tokens"] += out.new_tokens
         texts = [tok.decode([t for t in ids if t not in stop_ids]) for ids in out.tokens]
@@ -368,13 +361,7 @@ def train_step(policy, ref, opt, rows, c, vocab, on_policy):
             sampler = torch.tensor([x for r in mb for x in r["sampler_logp"]], device=dev)
             m["gap"] += ((sampler - logp).abs() * mk).sum().item()
             m["tokens"] += int(mk.sum().item())
-    gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), c.grad_clip)
-    gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-    ok = math.isfinite(m["loss"]) and bool(torch.isfinite(gnorm))
-    if ok:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    m["grad_norm"], m["ok"] = gnorm.item(), ok
+    m["grad_norm"], m["ok"] = common.optimizer_step(policy, opt, m["loss"], c.grad_clip)
     return m
 
 
@@ -392,37 +379,30 @@ def recompute_old_logp(policy, rows, c, vocab):
 # metrics
 
 
-def step_metrics(rows, m, stats):
-    """Metrics of one optimizer step over every rank's rows (gathered) and loss sums (all-reduced)."""
+def log_step(log, step, mb, m, stats, loads, lr, train_s, elapsed, c, heldout_eval):
+    """One optimizer step's metrics over every rank (rows gathered, sums all-reduced) -> metrics.jsonl (+ wandb),
+    samples.jsonl, the console line and the warnings."""
     rows = common.all_gather([(r["reward"], r["acc"], r["fmt"], r["lang"], len(r["completion"]), r["truncated"],
-                               evaluation.reflective_count(r["text"])) for r in rows])
+                               evaluation.reflective_count(r["text"])) for r in mb])
     reward, acc, fmt, lang, lens, trunc, refl = zip(*rows)
-    m = {k: common.all_reduce_sum(v) for k, v in m.items() if k not in ("grad_norm", "ok")} | \
-        {"grad_norm": m["grad_norm"]}
-    n, ntok = len(rows), max(1, m["tokens"])
+    s = {k: common.all_reduce_sum(v) for k, v in m.items() if k not in ("grad_norm", "ok")}
+    n, ntok = len(rows), max(1, s["tokens"])
     acc, lang = [a for a in acc if a is not None], [x for x in lang if x is not None]
     term = [L for L, t in zip(lens, trunc) if not t]
-    out = {"reward": sum(reward) / n, "accuracy": sum(acc) / max(1, len(acc)), "format": sum(fmt) / n,
+    met = {"reward": sum(reward) / n, "accuracy": sum(acc) / max(1, len(acc)), "format": sum(fmt) / n,
            "len_mean": sum(lens) / n, "len_min": min(lens), "len_max": max(lens),
            "len_terminated": sum(term) / max(1, len(term)), "truncated": sum(trunc) / n,
-           "reflective_per_token": sum(refl) / max(1, sum(lens)), "loss": m["loss"], "entropy": m["entropy"] / ntok,
-           "kl": m["kl"] / ntok, "clip_low": m["clip_low"] / ntok, "clip_high": m["clip_high"] / ntok,
-           "sampler_trainer_gap": m["gap"] / ntok, "grad_norm": m["grad_norm"],
+           "reflective_per_token": sum(refl) / max(1, sum(lens)), "loss": s["loss"], "entropy": s["entropy"] / ntok,
+           "kl": s["kl"] / ntok, "clip_low": s["clip_low"] / ntok, "clip_high": s["clip_high"] / ntok,
+           "sampler_trainer_gap": s["gap"] / ntok, "grad_norm": m["grad_norm"], "lr": lr,
+           "skipped_steps": 0 if m["ok"] else 1, "refills": stats["refills"], "elapsed_s": elapsed,
            "frac_reward_zero_std": common.all_reduce_sum(stats["zero_std_groups"]) /
-           max(1, common.all_reduce_sum(stats["sampled_groups"]))}
+           max(1, common.all_reduce_sum(stats["sampled_groups"])),
+           "train_tok_s": common.all_reduce_sum(sum(len(r["prompt"]) + len(r["completion"]) for r in mb)) / train_s,
+           "sample_tok_s": common.all_reduce_sum(stats["new_tokens"]) / max(stats["sample_s"], 1e-9),
+           "zero_reasons": dict(sum(common.all_gather([stats["reasons"]]), collections.Counter()))}
     if lang:
-        out["language"] = sum(lang) / len(lang)
-    return out
-
-
-def log_step(log, step, mb, m, stats, loads, lr, train_s, elapsed, c, heldout_eval):
-    """metrics.jsonl (+ wandb), samples.jsonl, the console line and the warnings of one optimizer step."""
-    met = step_metrics(mb, m, stats)
-    train_tokens = common.all_reduce_sum(sum(len(r["prompt"]) + len(r["completion"]) for r in mb))
-    met.update(lr=lr, skipped_steps=0 if m["ok"] else 1, train_tok_s=train_tokens / train_s,
-               sample_tok_s=common.all_reduce_sum(stats["new_tokens"]) / max(stats["sample_s"], 1e-9),
-               refills=stats["refills"], elapsed_s=elapsed,
-               zero_reasons=dict(sum(common.all_gather([stats["reasons"]]), collections.Counter())))
+        met["language"] = sum(lang) / len(lang)
     if loads is not None:
         met["expert_imbalance"] = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).tolist()
     if c.eval_every and step % c.eval_every == 0:
@@ -461,11 +441,8 @@ def main(argv=None):
     vocab = tok.vocab_size
     if vocab > policy.config.vocab_size:
         raise ConfigError(f"--tokenizer: {vocab} tokens do not fit the model's vocab_size {policy.config.vocab_size}")
-    # stop at the tokenizer's end-of-text and at every EOS id the model's config names (Qwen3 has two: P4)
-    eos = policy.config.eos_token_id
-    stop_ids = sorted({tok.eot_id} | {i for i in (eos if isinstance(eos, list) else [eos]) if i is not None and
-                                      i < vocab})
-    template = {"r1_zero": data.R1_ZERO_TEMPLATE, "toy": data.TOY_TEMPLATE, "none": ""}[c.template]
+    stop_ids = rollout.stop_ids_for(policy, tok)
+    template = data.TEMPLATES[c.template]
     train_ex = data.load_task(c.task, n=c.task_size, seed=c.seed, split="train", heldout_frac=c.heldout_frac)
     held_ex = data.load_task(c.task, n=c.eval_prompts, seed=c.seed, split="heldout", heldout_frac=c.heldout_frac) \
         if c.eval_every else []

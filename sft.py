@@ -20,6 +20,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ class SFTConfig:
     grad_accum: int = 1            # micro-batches per optimizer step
     max_steps: int = 1000
     lr: float = 1e-3
-    lr_schedule: str = "cosine"    # constant | cosine
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
     min_lr_frac: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.1
@@ -91,9 +92,7 @@ class SFTConfig:
 
 
 def check_config(c):
-    def need(cond, flag, msg):
-        if not cond:
-            raise ConfigError(f"--{flag}: {msg}")
+    need = common.need
     need(c.data, "data", "a training file is required (.txt or .jsonl)")
     need(os.path.isfile(c.data), "data", f"{c.data}: no such file")
     need(c.data.endswith((".txt", ".jsonl")), "data", f"{c.data}: expected a .txt or .jsonl file")
@@ -103,7 +102,6 @@ def check_config(c):
         need(getattr(c, flag) >= 1, flag.replace("_", "-"), "must be >= 1")
     need(c.lr > 0, "lr", "must be > 0")
     need(0 <= c.val_frac < 1, "val-frac", "must be in [0, 1)")
-    need(c.lr_schedule in ("constant", "cosine"), "lr-schedule", "one of constant, cosine")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,12 +278,7 @@ def main(argv=None):
             loss.backward()
             total += s.item()
         total = common.all_reduce_sum(total)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-        ok = math.isfinite(total) and bool(torch.isfinite(gnorm))
-        if ok:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        gnorm, ok = common.optimizer_step(model, opt, total, c.grad_clip)
         bad = 0 if ok else bad + 1
         if not ok:  # skipped: counted, logged, and fatal only when it keeps happening
             print0(f"step {step + 1}: non-finite loss or grad norm, update skipped ({bad} in a row)")
@@ -295,7 +288,7 @@ def main(argv=None):
         model.update_router_bias(loads, c.bias_update_rate)
         tokens_seen += n_tok
         done = step + 1
-        metrics = {"loss": total / max(n_tok, 1), "lr": lr, "grad_norm": gnorm.item(), "skipped": int(not ok),
+        metrics = {"loss": total / max(n_tok, 1), "lr": lr, "grad_norm": gnorm, "skipped": int(not ok),
                    "tokens_per_s": tokens_seen / (time.perf_counter() - t0)}
         if loads is not None:
             metrics["expert_imbalance"] = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).tolist()

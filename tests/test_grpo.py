@@ -272,8 +272,9 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(base_dir, 
     (["--top-p=0.9"], "--top-p: top-p/top-k sampling"),
     (["--top-k=5"], "--top-k: top-p/top-k sampling"),
     (["--max-steps=3", "--num-minibatches=2"], "--max-steps: must be a multiple of num_minibatches"),
-    (["--lr-schedule=linear"], "--lr-schedule: one of constant, cosine"),
-    (["--loss-agg=sum"], "--loss-agg: one of"),
+    (["--lr-schedule=linear"], "--lr-schedule='linear': must be one of constant, cosine"),
+    (["--loss-agg=sum"], "--loss-agg='sum': must be one of"),
+    (["--template=chat"], "--template='chat': must be one of r1_zero, toy, none"),
 ])
 def test_invalid_settings_fail_at_start(argv, needle, base_dir):
     with pytest.raises(common.ConfigError, match=needle):

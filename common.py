@@ -599,6 +599,26 @@ def shard_model(model, bf16=False):
     return model
 
 
+def build_model(path, state, device, bf16=False):
+    """The model to train or evaluate: fp32 (master) weights on `device`, sharded with FSDP2 under torchrun.
+    - resuming (state given): built on the meta device; restore_checkpoint fills the weights;
+    - a Hugging Face dir, or a run dir with a final/ export: under torchrun each rank reads only its own shard from
+      the safetensors files (hf.load), so no rank ever holds the whole model;
+    - a nano-r1 checkpoint file or a run dir without final/: loaded whole, then sharded (small models)."""
+    import hf
+    from model import ModelConfig, Transformer, find_hf_dir, load_model
+    if state is not None:
+        with torch.device("meta"):
+            model = Transformer(ModelConfig(**state["model_config"]))
+        model = shard_model(model, bf16)
+        hf.materialize(model, device)
+        return model
+    if find_hf_dir(path):
+        return hf.load(find_hf_dir(path), torch.float32, device,
+                       shard=(lambda m: shard_model(m, bf16)) if distributed() else None)
+    return shard_model(load_model(path).to(device=device, dtype=torch.float32), bf16)
+
+
 class gathered:
     """with gathered(model): ... -- parameters unsharded once for a whole generation (not all-gathered again at
     every decode step), resharded on exit. A no-op without FSDP."""

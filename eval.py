@@ -326,11 +326,13 @@ def main(argv=None):
         raise ConfigError("--model: required (a checkpoint, run dir or Hugging Face dir)")
     if c.k < 1:
         raise ConfigError("--k: must be >= 1")
-    from model import load_model
     common.init_distributed()
     common.set_threads(c.threads)
     device = common.get_device(c.device)
-    model = common.shard_model(load_model(c.model).to(device=device, dtype=common.get_dtype(c.dtype, device)))
+    dtype = common.get_dtype(c.dtype, device)
+    model = common.build_model(c.model, None, device, bf16=dtype == torch.bfloat16)  # under torchrun: sharded
+    if not common.distributed():
+        model.to(dtype)
     tok = data.Tokenizer.from_file(common.find_tokenizer(c.tokenizer, c.model))
     examples = data.load_task(c.task, n=c.problems, seed=c.seed, split=c.split, heldout_frac=c.heldout_frac)
     template = data.TEMPLATES[c.template]

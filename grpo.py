@@ -29,7 +29,6 @@ stop strings (generation also stops at "</answer>", which the format reward requ
 The cpu preset (the toy reproduction) changes many of these: see PRESETS.
 """
 import collections
-import copy
 import dataclasses
 import math
 import os
@@ -47,7 +46,6 @@ import kernels
 import rewards
 import rollout
 from common import ConfigError, print0
-from model import ModelConfig, Transformer, load_model
 
 
 @dataclass
@@ -435,8 +433,11 @@ def main(argv=None):
     common.init_distributed()
     state = common.resume_state(c)
     common.seed_everything(c.seed)
-    # on resume the weights come with restore_checkpoint below
-    policy = Transformer(ModelConfig(**state["model_config"])) if state else load_model(c.init_from)
+    # bf16 means bf16 compute over fp32 master weights (bf16 weights would round lr-3e-6 AdamW updates away):
+    # FSDP's MixedPrecisionPolicy under torchrun, autocast in one process. On resume the weights come with
+    # restore_checkpoint below.
+    bf16 = dtype == torch.bfloat16
+    policy = common.build_model(c.init_from, state, device, bf16).train()
     tok = data.Tokenizer.from_file(common.find_tokenizer(c.tokenizer, c.init_from or c.out_dir))
     vocab = tok.vocab_size
     if vocab > policy.config.vocab_size:
@@ -446,14 +447,9 @@ def main(argv=None):
     train_ex = data.load_task(c.task, n=c.task_size, seed=c.seed, split="train", heldout_frac=c.heldout_frac)
     held_ex = data.load_task(c.task, n=c.eval_prompts, seed=c.seed, split="heldout", heldout_frac=c.heldout_frac) \
         if c.eval_every else []
-    # bf16 means bf16 compute over fp32 master weights (bf16 weights would round lr-3e-6 AdamW updates away):
-    # FSDP's MixedPrecisionPolicy under torchrun, autocast in one process
-    bf16 = dtype == torch.bfloat16
-    policy.to(device=device, dtype=torch.float32).train()
     ref = None
-    if c.beta > 0:  # a frozen copy, sharded like the policy; with beta = 0 it is never built (PITFALLS P11)
-        ref = common.shard_model(copy.deepcopy(policy).eval().requires_grad_(False), bf16=bf16)
-    policy = common.shard_model(policy, bf16=bf16)
+    if c.beta > 0:  # a frozen copy (loaded again, sharded like the policy); with beta = 0 never built (PITFALLS P11)
+        ref = common.build_model(c.init_from, state, device, bf16).eval().requires_grad_(False)
     opt = common.adamw(policy, c.lr, c.weight_decay, (c.beta1, c.beta2))
     step, sampler, bad = 0, data.PromptSampler(train_ex, c.seed), 0
     if state is not None:

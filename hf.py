@@ -13,33 +13,69 @@ import torch
 from model import ARCHITECTURES, ModelConfig, Transformer, rope_parameters
 
 
-def load(path, dtype=torch.float32, device="cpu"):
-    """A Hugging Face directory (config.json + model.safetensors or a sharded index) -> Transformer."""
+def load(path, dtype=torch.float32, device="cpu", shard=None):
+    """A Hugging Face directory (config.json + model.safetensors or a sharded index) -> Transformer.
+    shard: a function applying FSDP2 to a model (common.shard_model). The model is then built on the meta device,
+    sharded, and each rank reads from the files only the rows of dim 0 it holds (experts: only its experts), so no
+    rank ever materialises the whole model."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: no config.json; from_pretrained wants a Hugging Face model directory")
     with open(cfg_path) as f:
         cfg = config_from_hf(json.load(f), where=cfg_path)
-    state = load_hf_state(path, cfg, dtype)
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.to_empty(device=device)  # uninitialised memory: every buffer not in the files is set below
-    model.inv_freq.copy_(rope_parameters(cfg)[0])
-    for m in model.moe_layers():
-        m.load.zero_()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")
-               and not k.endswith("e_score_correction_bias")]
+    if shard is not None:
+        model = shard(model.to(dtype))
+    materialize(model, device)
+    params = dict(model.named_parameters())  # a tied lm_head is listed once, as embed_tokens.weight
+    rows = {k: local_rows(p) for k, p in params.items()} if shard is not None else {}
+    state = load_hf_state(path, cfg, dtype, part=lambda k, n: rows.get(k, (0, n)))
+    expected = set(params) | {k for k, _ in model.named_buffers() if k.endswith("e_score_correction_bias")}
+    missing = sorted(expected - set(state) - {k for k in expected if k.endswith("e_score_correction_bias")})
+    unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the config: missing {missing[:8]}, "
                          f"unexpected {unexpected[:8]}")
-    if not any(k.endswith("e_score_correction_bias") for k in state):
-        for m in model.moe_layers():
-            m.gate.e_score_correction_bias.zero_()
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    with torch.no_grad():
+        for k, t in model.named_buffers():
+            if k in state:  # the router correction bias (absent in Qwen files: stays 0)
+                t.copy_(state[k])
+        for k, p in params.items():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if local.shape != state[k].shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)} in the files, the config implies "
+                                 f"{tuple(local.shape)} (on this rank)")
+            local.copy_(state[k])
     return model.to(dtype)
 
+
+def materialize(model, device):
+    """A meta-device model -> uninitialised memory on `device` (weights are loaded afterwards), with the tied
+    embedding still tied and the buffers that are not loaded (RoPE frequencies, MoE load counters, router bias) set."""
+    model.to_empty(device=device)
+    if model.config.tie_word_embeddings and model.lm_head.weight is not model.embed_tokens.weight:
+        if hasattr(model.embed_tokens.weight, "to_local"):
+            raise NotImplementedError("tied embeddings lost their tie when FSDP materialised the model")
+        model.lm_head.weight = model.embed_tokens.weight  # to_empty made two tensors of the shared one
+    with torch.no_grad():
+        model.inv_freq.copy_(rope_parameters(model.config)[0])
+        for m in model.moe_layers():
+            m.load.zero_()
+            m.gate.e_score_correction_bias.zero_()
+
+
+def local_rows(p):
+    """(start, stop): the rows of dim 0 of parameter p that this rank holds. FSDP2 shards dim 0 in torch.chunk's
+    way: ceil(n / world) rows per rank, the last ranks get fewer or none."""
+    if not hasattr(p, "to_local"):
+        return 0, p.shape[0]
+    n, W, r = p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank()
+    step = -(-n // W)
+    start = min(r * step, n)
+    stop = min(start + step, n)
+    assert p.to_local().shape[0] == stop - start, (p.shape, p.to_local().shape, W, r)
+    return start, stop
 
 
 def save(model, path, max_shard_bytes=5 * 2**30):
@@ -197,10 +233,13 @@ def config_to_hf(cfg, dtype="float32"):
     return d
 
 
-def load_hf_state(path, cfg, dtype):
+def load_hf_state(path, cfg, dtype, part=None):
     """Read safetensors into our state_dict naming: drop 'model.', stack per-expert tensors, skip layers beyond
-    num_hidden_layers (DeepSeek-V3's multi-token-prediction module), refuse FP8 block-quantised weights."""
+    num_hidden_layers (DeepSeek-V3's multi-token-prediction module), refuse FP8 block-quantised weights.
+    part(name, n) -> (start, stop): read only those rows of dim 0 of our tensor `name` (n rows in all; for stacked
+    experts a row is an expert); default: every row."""
     from safetensors import safe_open
+    part = part or (lambda k, n: (0, n))
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -220,21 +259,34 @@ def load_hf_state(path, cfg, dtype):
                 m = re.match(r"layers\.(\d+)\.", k)
                 if m and int(m[1]) >= cfg.num_hidden_layers:
                     continue
-                if k.endswith("rotary_emb.inv_freq"):
+                if k.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and k == "lm_head.weight"):
                     continue
-                t = f.get_tensor(key)
-                t = t.float() if k.endswith("e_score_correction_bias") else t.to(dtype)
+                cast = lambda t: t.float() if k.endswith("e_score_correction_bias") else t.to(dtype)  # noqa: E731
                 m = re.fullmatch(r"(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", k)
                 if m:
-                    experts.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = t
-                elif k.endswith("mlp.experts.gate_up_proj"):  # transformers 5's fused in-memory layout
-                    gate, up = t.chunk(2, dim=1)
+                    stacked, e = f"{m[1]}.{m[3]}", int(m[2])
+                    start, stop = part(stacked, cfg.n_routed_experts)
+                    per = experts.setdefault(stacked, {"range": (start, stop), "found": set()})
+                    per["found"].add(e)
+                    per["shape"] = f.get_slice(key).get_shape()
+                    if start <= e < stop:  # this rank's expert
+                        per[e] = cast(f.get_tensor(key))
+                    continue
+                sl = f.get_slice(key)
+                if k.endswith("mlp.experts.gate_up_proj"):  # transformers 5's fused in-memory layout (E, 2I, D)
+                    start, stop = part(k.replace("gate_up_proj", "gate_proj"), sl.get_shape()[0])
+                    gate, up = cast(sl[start:stop]).chunk(2, dim=1)
                     state[k.replace("gate_up_proj", "gate_proj")] = gate.contiguous()
                     state[k.replace("gate_up_proj", "up_proj")] = up.contiguous()
                 else:
-                    state[k] = t
+                    shape = sl.get_shape()
+                    start, stop = part(k, shape[0]) if shape else (0, 0)
+                    state[k] = cast(sl[start:stop] if shape else f.get_tensor(key))
     for k, per in experts.items():
-        if sorted(per) != list(range(cfg.n_routed_experts)):
-            raise ValueError(f"{path}: {k}: found experts {sorted(per)[:5]}..., expected 0..{cfg.n_routed_experts - 1}")
-        state[k] = torch.stack([per[e] for e in range(len(per))])
+        if sorted(per["found"]) != list(range(cfg.n_routed_experts)):
+            raise ValueError(f"{path}: {k}: found experts {sorted(per['found'])[:5]}..., expected 0.."
+                             f"{cfg.n_routed_experts - 1}")
+        start, stop = per["range"]
+        state[k] = torch.stack([per[e] for e in range(start, stop)]) if stop > start else \
+            torch.empty(0, *per["shape"], dtype=dtype)  # a rank holding no expert (more ranks than experts)
     return state

@@ -647,13 +647,8 @@ def load_model(path, dtype=torch.float32, device="cpu"):
     """A Hugging Face directory (config.json + safetensors), a run directory (its final/ export, else its newest
     checkpoint) or a nano-r1 checkpoint file (ckpt_*.pt) -> Transformer."""
     import common
-
-    def is_hf(d):  # a run directory has a config.json too (its settings), but no safetensors
-        return os.path.isfile(os.path.join(d, "config.json")) and any(
-            os.path.isfile(os.path.join(d, f)) for f in ("model.safetensors", "model.safetensors.index.json"))
-    for d in (path, os.path.join(path, "final")):
-        if is_hf(d):
-            return Transformer.from_pretrained(d, dtype=dtype, device=device)
+    if find_hf_dir(path):
+        return Transformer.from_pretrained(find_hf_dir(path), dtype=dtype, device=device)
     if not os.path.exists(path) or (os.path.isdir(path) and not common.list_checkpoints(path)):
         raise FileNotFoundError(f"{path}: neither a Hugging Face model directory (config.json) nor a run directory "
                                 "with final/ or ckpt_* checkpoints, nor a checkpoint file")
@@ -664,6 +659,16 @@ def load_model(path, dtype=torch.float32, device="cpu"):
     if "model" not in state or "model_config" not in state:
         raise ValueError(f"{path}: not a nano-r1 checkpoint (needs 'model' and 'model_config')")
     return model_from_state(state).to(device=device, dtype=dtype)
+
+
+def find_hf_dir(path):
+    """path, or its final/ export, when it is a Hugging Face directory (config.json + safetensors; a run directory
+    has a config.json too, its settings, but no safetensors); else None."""
+    for d in (path, os.path.join(path, "final")):
+        if os.path.isfile(os.path.join(d, "config.json")) and any(
+                os.path.isfile(os.path.join(d, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
+            return d
+    return None
 
 
 def model_from_state(state):

@@ -28,7 +28,7 @@ import torch
 import common
 from common import ConfigError, print0
 from data import DataError, Tokenizer
-from model import ModelConfig, Transformer, load_model
+from model import ModelConfig, Transformer
 
 
 @dataclass
@@ -189,22 +189,20 @@ def main(argv=None):
 
     common.seed_everything(c.seed)
     state = common.resume_state(c)
-    if state:
-        model = Transformer(ModelConfig(**state["model_config"]))  # weights come with restore_checkpoint below
-    elif c.init_from:
-        model = load_model(c.init_from)
+    bf16 = dtype == torch.bfloat16
+    if state or c.init_from:  # on resume the weights come with restore_checkpoint below
+        model = common.build_model(c.init_from, state, device, bf16)
     else:
         mc = ModelConfig(vocab_size=64 * math.ceil(vocab / 64),  # a padded LM head; ids >= vocab never used
                          **{f.name: getattr(c, f.name) for f in dataclasses.fields(ModelConfig)
                             if hasattr(c, f.name) and f.name != "vocab_size"},
                          eos_token_id=tok.eot_id)
-        model = Transformer(mc)
-    if model.config.vocab_size < vocab:
-        raise ConfigError(f"--tokenizer: {vocab} tokens do not fit the model's vocab_size {model.config.vocab_size}")
+        model = common.shard_model(Transformer(mc).to(device=device), bf16)
     # bf16 means bf16 compute over fp32 master weights (bf16 weights would round small AdamW updates away):
     # FSDP's MixedPrecisionPolicy under torchrun, autocast in one process
-    model.to(device=device, dtype=torch.float32).train()
-    model = common.shard_model(model, bf16=dtype == torch.bfloat16)
+    model.train()
+    if model.config.vocab_size < vocab:
+        raise ConfigError(f"--tokenizer: {vocab} tokens do not fit the model's vocab_size {model.config.vocab_size}")
     opt = common.adamw(model, c.lr, c.weight_decay, (c.beta1, c.beta2))
     start_step = 0
     if state:

@@ -96,8 +96,32 @@ def dynamic(base, out_dir):
     torch.save(calls, os.path.join(out_dir, f"calls{common.rank()}.pt"))
 
 
+def load(hf_dir, out_dir):
+    """Sharded loading of a Hugging Face directory: each rank reads only its rows; records its local shards (with
+    their row ranges) and the logits of a forward through the sharded model."""
+    import hf
+    reads = []
+    orig = hf.load_hf_state
+
+    def spy(path, cfg, dtype, part=None):
+        state = orig(path, cfg, dtype, part)
+        reads.append({k: tuple(v.shape) for k, v in state.items()})
+        return state
+    hf.load_hf_state = spy
+    model = common.build_model(hf_dir, None, torch.device("cpu")).eval()
+    local = {k: (hf.local_rows(p), p.to_local().clone()) for k, p in model.named_parameters()}
+    with torch.no_grad():
+        logits = model(torch.arange(24).view(2, 12) % 150)
+    torch.save({"local": local, "logits": logits, "reads": reads,
+                "tied": model.lm_head.weight is model.embed_tokens.weight},
+               os.path.join(out_dir, f"load{common.rank()}.pt"))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "dynamic":
         dynamic(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "load":
+        common.init_distributed()
+        load(sys.argv[2], sys.argv[3])
     else:
         run(sys.argv[1])

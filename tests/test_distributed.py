@@ -10,7 +10,7 @@ import torch
 
 import common
 import data
-from model import Transformer
+from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
@@ -127,3 +127,39 @@ def test_sft_bf16_mixed_precision_on_two_ranks(tmp_path):
     assert a[0]["loss"] != b[0]["loss"]  # bf16 compute really ran
     final = Transformer.from_pretrained(str(tmp_path / "bf16" / "final"))
     assert next(final.parameters()).dtype == torch.float32  # master weights stayed fp32
+
+
+@pytest.mark.parametrize("kind", ["deepseek", "qwen3_tied"])
+def test_sharded_load_reads_only_each_ranks_rows(tmp_path, kind):
+    """Under torchrun a Hugging Face directory is read shard by shard (hf.load with FSDP applied to a meta model):
+    each rank's parameters equal its rows of the one-process model, it read no other rows (an odd vocabulary of
+    203 splits 102/101; 4 experts split 2/2), and the sharded forward gives the one-process logits."""
+    if kind == "deepseek":
+        cfg = ModelConfig(vocab_size=203, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16,
+                          qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64,
+                          moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2)
+    else:
+        cfg = ModelConfig(architecture="Qwen3MoeForCausalLM", vocab_size=203, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, kv_lora_rank=None, qk_norm=True,
+                          n_shared_experts=0, scoring_func="softmax", n_routed_experts=4, num_experts_per_tok=2,
+                          moe_intermediate_size=32, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    one = Transformer(cfg).eval()
+    with torch.no_grad():
+        for m in one.moe_layers():
+            if kind == "deepseek":
+                m.gate.e_score_correction_bias.uniform_(0, 0.1)
+    one.save_pretrained(str(tmp_path / "hf"))
+    torchrun("tests/dist_worker.py", "load", str(tmp_path / "hf"), str(tmp_path))
+    full = one.state_dict()
+    with torch.no_grad():
+        ref = one(torch.arange(24).view(2, 12) % 150)
+    for r in range(2):
+        got = torch.load(tmp_path / f"load{r}.pt", weights_only=False)
+        assert got["tied"] == (kind == "qwen3_tied")
+        assert (got["logits"] - ref).abs().max() < 1e-5
+        for k, ((start, stop), t) in got["local"].items():
+            assert torch.equal(t, full[k][start:stop]), k
+            assert got["reads"][0][k][0] == stop - start  # nothing beyond this rank's rows was read
+        assert got["local"]["embed_tokens.weight"][0] == ((0, 102) if r == 0 else (102, 203))
+        assert got["local"]["layers.1.mlp.experts.gate_proj"][0] == ((0, 2) if r == 0 else (2, 4))

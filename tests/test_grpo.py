@@ -368,3 +368,30 @@ def test_routing_replay_trains(base_dir, tmp_path):
     assert all(m.replay is None for m in p.moe_layers())  # replay is switched off after each use
     rows = [json.loads(l) for l in open(tmp_path / "rr" / "metrics.jsonl")]
     assert rows[0]["sampler_trainer_gap"] < 1e-4  # the trainer used the sampler's experts: log-probs agree
+
+
+def test_duplicate_prompts_in_one_rollout_stay_separate_groups(monkeypatch):
+    """PITFALLS P7: groups are the G rows each prompt was sampled into (row i -> prompt i // G), never keyed by the
+    prompt text, so the same prompt twice in a rollout makes two groups with their own mean and std."""
+    import rollout
+    tok = data.toy_tokenizer(n_docs=200)
+    ex = data.Example(prompt="1+2", answer="3", kind="math")
+    G = 4
+
+    def fake_generate(policy, prompts, *a, num_samples, **kw):
+        toks = [[5, 6]] * (len(prompts) * num_samples)
+        return rollout.Rollout(tokens=toks, logprobs=[[0.0, 0.0]] * len(toks), truncated=[False] * len(toks),
+                               num_samples=num_samples)
+
+    def scores(completions, examples, weights=None, **kw):
+        r = [1.0, 0.0, 1.0, 0.0] + [1.0] * 4  # the first copy has signal, the second is constant
+        return r, {"accuracy": r, "format": [0.0] * 8, "language": [None] * 8}, {}
+    monkeypatch.setattr(grpo.rollout, "generate", fake_generate)
+    monkeypatch.setattr(grpo.rewards, "score_batch", scores)
+    c = grpo.GRPOConfig(group_size=G, template="none")
+    stats = {"sample_s": 0.0, "new_tokens": 0, "zero_std_groups": 0, "sampled_groups": 0,
+             "reasons": __import__("collections").Counter()}
+    rows, zero = grpo.score_round(None, tok, [ex, ex], c, 0, 0, "", [tok.eot_id], stats)
+    adv = [r["adv"] for r in rows]
+    assert zero == [False, True] and adv[4:] == [0.0] * 4
+    assert adv[:4] == pytest.approx([0.866, -0.866, 0.866, -0.866], abs=1e-3)  # (r - 0.5) / std(ddof=1)

@@ -545,18 +545,17 @@ def resume_state(c, keep_changes=("resume", "max_steps", "log_every", "sample_ev
 
 def export_final(model, tok, out_dir):
     """out_dir/final: a Hugging Face directory plus the tokenizer, loadable by every entry point and transformers.
-    A sharded model is gathered first (every rank takes part) and written by rank 0 from an unsharded copy."""
+    Every rank takes part (a sharded model is gathered tensor by tensor, rank 0 writes); written to final.tmp and
+    renamed, so a crash mid-export never leaves a half-written final/ that looks loadable."""
     final = os.path.join(out_dir, "final")
-    if distributed():
-        sd = full_state_dict(model)
-        if rank() == 0:
-            plain = type(model)(model.config)
-            plain.load_state_dict(sd)
-            plain.save_pretrained(final)
-    else:
-        model.save_pretrained(final)
+    tmp = final + ".tmp"
     if rank() == 0:
-        tok.save(os.path.join(final, "tokenizer.bpe"))
+        shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if rank() == 0:
+        tok.save(os.path.join(tmp, "tokenizer.bpe"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
     if distributed():
         torch.distributed.barrier()
     return final

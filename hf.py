@@ -79,12 +79,23 @@ def local_rows(p):
 
 
 def save(model, path, max_shard_bytes=5 * 2**30):
-    """Write config.json + safetensors (experts per expert, as transformers and vLLM expect)."""
+    """Write config.json + safetensors (experts per expert, as transformers and vLLM expect), in files of at most
+    max_shard_bytes. Under FSDP every rank must call it: tensors are gathered one at a time and rank 0 writes a file
+    whenever it has one file's worth, so no rank ever holds the whole model."""
     from safetensors.torch import save_file
-    os.makedirs(path, exist_ok=True)
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    writer = not dist or torch.distributed.get_rank() == 0
     cfg = model.config
-    sd = {}
-    for k, v in model.state_dict().items():
+    if writer:
+        os.makedirs(path, exist_ok=True)
+    files, cur, size, total = [], {}, 0, 0
+
+    def flush():
+        nonlocal cur, size
+        files.append((f"part-{len(files):05d}.safetensors", list(cur)))
+        save_file(cur, os.path.join(path, files[-1][0]), metadata={"format": "pt"})
+        cur, size = {}, 0
+    for k, v in model.state_dict().items():  # the same order on every rank: the gathers below pair up
         if cfg.tie_word_embeddings and k == "lm_head.weight":
             continue
         if cfg.architecture != "DeepseekV3ForCausalLM" and k.endswith("e_score_correction_bias"):
@@ -92,31 +103,31 @@ def save(model, path, max_shard_bytes=5 * 2**30):
                 raise ValueError(f"{cfg.architecture} checkpoints have no router correction bias, but {k} is "
                                  "nonzero (aux-loss-free balancing ran): keep gamma=0 for this architecture")
             continue
+        v = v.full_tensor() if hasattr(v, "full_tensor") else v  # a collective under FSDP
+        if not writer:
+            continue
         m = re.fullmatch(r"layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)", k)
-        if m:
-            for e in range(v.shape[0]):
-                sd[f"model.layers.{m[1]}.mlp.experts.{e}.{m[2]}.weight"] = v[e].contiguous()
-        else:
-            sd[k if k.startswith("lm_head") else "model." + k] = v.contiguous()
-    sd = {k: v.detach().cpu() for k, v in sd.items()}
-    shards, cur, size = [], {}, 0
-    for k, v in sd.items():
-        nbytes = v.numel() * v.element_size()
-        if cur and size + nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = v
-        size += nbytes
-    shards.append(cur)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        named = [(f"model.layers.{m[1]}.mlp.experts.{e}.{m[2]}.weight", v[e]) for e in range(v.shape[0])] if m else \
+            [(k if k.startswith("lm_head") else "model." + k, v)]
+        for name, t in named:
+            t = t.detach().cpu().contiguous()
+            nbytes = t.numel() * t.element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                flush()
+            cur[name] = t
+            size, total = size + nbytes, total + nbytes
+    if not writer:
+        return
+    if cur or not files:
+        flush()
+    if len(files) == 1:
+        os.replace(os.path.join(path, files[0][0]), os.path.join(path, "model.safetensors"))
     else:
         weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(v.numel() * v.element_size() for v in sd.values())
+        for i, (tmp, keys) in enumerate(files):
+            name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            os.replace(os.path.join(path, tmp), os.path.join(path, name))
+            weight_map.update({k: name for k in keys})
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")

@@ -112,6 +112,7 @@ def load(hf_dir, out_dir):
     local = {k: (hf.local_rows(p), p.to_local().clone()) for k, p in model.named_parameters()}
     with torch.no_grad():
         logits = model(torch.arange(24).view(2, 12) % 150)
+    model.save_pretrained(os.path.join(out_dir, "exported"), max_shard_bytes=20_000)  # gathered tensor by tensor
     torch.save({"local": local, "logits": logits, "reads": reads,
                 "tied": model.lm_head.weight is model.embed_tokens.weight},
                os.path.join(out_dir, f"load{common.rank()}.pt"))

@@ -133,7 +133,8 @@ def test_sft_bf16_mixed_precision_on_two_ranks(tmp_path):
 def test_sharded_load_reads_only_each_ranks_rows(tmp_path, kind):
     """Under torchrun a Hugging Face directory is read shard by shard (hf.load with FSDP applied to a meta model):
     each rank's parameters equal its rows of the one-process model, it read no other rows (an odd vocabulary of
-    203 splits 102/101; 4 experts split 2/2), and the sharded forward gives the one-process logits."""
+    203 splits 102/101; 4 experts split 2/2), and the sharded forward gives the one-process logits. Its export,
+    streamed by rank 0 into several files, loads in one process with the same logits."""
     if kind == "deepseek":
         cfg = ModelConfig(vocab_size=203, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16,
                           qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64,
@@ -163,3 +164,8 @@ def test_sharded_load_reads_only_each_ranks_rows(tmp_path, kind):
             assert got["reads"][0][k][0] == stop - start  # nothing beyond this rank's rows was read
         assert got["local"]["embed_tokens.weight"][0] == ((0, 102) if r == 0 else (102, 203))
         assert got["local"]["layers.1.mlp.experts.gate_proj"][0] == ((0, 2) if r == 0 else (2, 4))
+    # the sharded model's streamed export: several files, loads in one process with the same logits
+    assert len([f for f in os.listdir(tmp_path / "exported") if f.endswith(".safetensors")]) > 2
+    with torch.no_grad():
+        assert (Transformer.from_pretrained(str(tmp_path / "exported"))(torch.arange(24).view(2, 12) % 150) -
+                ref).abs().max() < 1e-5

@@ -444,6 +444,7 @@ def optimizer_step(model, opt, loss_sum, grad_clip):
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # a DTensor under FSDP
     ok = math.isfinite(loss_sum) and bool(torch.isfinite(gnorm))
+    ok = all_reduce_max(0.0 if ok else 1.0) == 0.0  # every rank skips or none does (a local non-finite loss counts)
     if ok:
         opt.step()
     opt.zero_grad(set_to_none=True)
@@ -598,24 +599,30 @@ def shard_model(model, bf16=False):
     return model
 
 
-def build_model(path, state, device, bf16=False):
-    """The model to train or evaluate: fp32 (master) weights on `device`, sharded with FSDP2 under torchrun.
+def build_model(path, state, device, dtype=torch.float32):
+    """The model to train or evaluate: fp32 (master) weights on `device` (fp64 for dtype fp64), sharded with FSDP2
+    under torchrun. A bf16/fp16 dtype is the compute dtype: autocast(device, dtype) in one process, FSDP's bf16
+    MixedPrecisionPolicy under torchrun (rounding the weights themselves would lose small updates and the RoPE
+    frequencies' precision).
     - resuming (state given): built on the meta device; restore_checkpoint fills the weights;
     - a Hugging Face dir, or a run dir with a final/ export: under torchrun each rank reads only its own shard from
       the safetensors files (hf.load), so no rank ever holds the whole model;
     - a nano-r1 checkpoint file or a run dir without final/: loaded whole, then sharded (small models)."""
     import hf
     from model import ModelConfig, Transformer, find_hf_dir, load_model
+    if distributed() and dtype not in (torch.float32, torch.bfloat16):
+        raise ConfigError(f"--dtype={str(dtype).replace('torch.', '')}: under torchrun only float32 and bfloat16")
+    bf16, wdtype = dtype == torch.bfloat16, torch.float64 if dtype == torch.float64 else torch.float32
     if state is not None:
         with torch.device("meta"):
-            model = Transformer(ModelConfig(**state["model_config"]))
+            model = Transformer(ModelConfig(**state["model_config"])).to(wdtype)
         model = shard_model(model, bf16)
         hf.materialize(model, device)
         return model
     if find_hf_dir(path):
-        return hf.load(find_hf_dir(path), torch.float32, device,
+        return hf.load(find_hf_dir(path), wdtype, device,
                        shard=(lambda m: shard_model(m, bf16)) if distributed() else None)
-    return shard_model(load_model(path).to(device=device, dtype=torch.float32), bf16)
+    return shard_model(load_model(path).to(device=device, dtype=wdtype), bf16)
 
 
 class gathered:

@@ -330,14 +330,13 @@ def main(argv=None):
     common.set_threads(c.threads)
     device = common.get_device(c.device)
     dtype = common.get_dtype(c.dtype, device)
-    model = common.build_model(c.model, None, device, bf16=dtype == torch.bfloat16)  # under torchrun: sharded
-    if not common.distributed():
-        model.to(dtype)
+    model = common.build_model(c.model, None, device, dtype)  # under torchrun: sharded
     tok = data.Tokenizer.from_file(common.find_tokenizer(c.tokenizer, c.model))
     examples = data.load_task(c.task, n=c.problems, seed=c.seed, split=c.split, heldout_frac=c.heldout_frac)
     template = data.TEMPLATES[c.template]
-    summary = evaluate(model, tok, examples, c.k, template, c.temperature, c.top_p, c.max_new_tokens, c.seed,
-                       c.workers, c.stop_strings, c.batch_prompts, c.lang, c.rg_exact)
+    with common.autocast(device, dtype):
+        summary = evaluate(model, tok, examples, c.k, template, c.temperature, c.top_p, c.max_new_tokens, c.seed,
+                           c.workers, c.stop_strings, c.batch_prompts, c.lang, c.rg_exact)
     instances = summary.pop("instances")
     summary["config"] = dataclasses.asdict(c)
     if common.rank() == 0:

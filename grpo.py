@@ -436,8 +436,7 @@ def main(argv=None):
     # bf16 means bf16 compute over fp32 master weights (bf16 weights would round lr-3e-6 AdamW updates away):
     # FSDP's MixedPrecisionPolicy under torchrun, autocast in one process. On resume the weights come with
     # restore_checkpoint below.
-    bf16 = dtype == torch.bfloat16
-    policy = common.build_model(c.init_from, state, device, bf16).train()
+    policy = common.build_model(c.init_from, state, device, dtype).train()
     tok = data.Tokenizer.from_file(common.find_tokenizer(c.tokenizer, c.init_from or c.out_dir))
     vocab = tok.vocab_size
     if vocab > policy.config.vocab_size:
@@ -449,7 +448,7 @@ def main(argv=None):
         if c.eval_every else []
     ref = None
     if c.beta > 0:  # a frozen copy (loaded again, sharded like the policy); with beta = 0 never built (PITFALLS P11)
-        ref = common.build_model(c.init_from, state, device, bf16).eval().requires_grad_(False)
+        ref = common.build_model(c.init_from, state, device, dtype).eval().requires_grad_(False)
     opt = common.adamw(policy, c.lr, c.weight_decay, (c.beta1, c.beta2))
     step, sampler, bad = 0, data.PromptSampler(train_ex, c.seed), 0
     if state is not None:

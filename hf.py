@@ -25,29 +25,29 @@ def load(path, dtype=torch.float32, device="cpu", shard=None):
         cfg = config_from_hf(json.load(f), where=cfg_path)
     with torch.device("meta"):
         model = Transformer(cfg)
-    if shard is not None:
-        model = shard(model.to(dtype))
+    model = model.to(dtype) if shard is None else shard(model.to(dtype))
     materialize(model, device)
     params = dict(model.named_parameters())  # a tied lm_head is listed once, as embed_tokens.weight
+    biases = {k: b for k, b in model.named_buffers() if k.endswith("e_score_correction_bias")}  # absent: stay 0
+    shapes = {k: tuple(t.shape) for k, t in (params | biases).items()}  # global shapes, also under FSDP
     rows = {k: local_rows(p) for k, p in params.items()} if shard is not None else {}
-    state = load_hf_state(path, cfg, dtype, part=lambda k, n: rows.get(k, (0, n)))
-    expected = set(params) | {k for k, _ in model.named_buffers() if k.endswith("e_score_correction_bias")}
-    missing = sorted(expected - set(state) - {k for k in expected if k.endswith("e_score_correction_bias")})
-    unexpected = sorted(set(state) - expected)
+
+    def part(k, shape):  # every rank checks the file's full shape before reading its rows: all fail alike
+        if k in shapes and tuple(shape) != shapes[k]:
+            raise ValueError(f"{path}: {k} has shape {tuple(shape)} in the files, but {cfg_path} implies {shapes[k]}")
+        return rows.get(k, (0, shape[0]))
+    state = load_hf_state(path, cfg, dtype, part=part)
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(shapes))
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the config: missing {missing[:8]}, "
                          f"unexpected {unexpected[:8]}")
     with torch.no_grad():
-        for k, t in model.named_buffers():
-            if k in state:  # the router correction bias (absent in Qwen files: stays 0)
-                t.copy_(state[k])
+        for k, b in biases.items():
+            if k in state:
+                b.copy_(state[k])
         for k, p in params.items():
-            local = p.to_local() if hasattr(p, "to_local") else p
-            if local.shape != state[k].shape:
-                raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)} in the files, the config implies "
-                                 f"{tuple(local.shape)} (on this rank)")
-            local.copy_(state[k])
-    return model.to(dtype)
+            (p.to_local() if hasattr(p, "to_local") else p).copy_(state[k])
+    return model
 
 
 def materialize(model, device):
@@ -58,8 +58,8 @@ def materialize(model, device):
         if hasattr(model.embed_tokens.weight, "to_local"):
             raise NotImplementedError("tied embeddings lost their tie when FSDP materialised the model")
         model.lm_head.weight = model.embed_tokens.weight  # to_empty made two tensors of the shared one
+    model.inv_freq = rope_parameters(model.config)[0]  # made on the meta device with the model: make it again
     with torch.no_grad():
-        model.inv_freq.copy_(rope_parameters(model.config)[0])
         for m in model.moe_layers():
             m.load.zero_()
             m.gate.e_score_correction_bias.zero_()
@@ -81,13 +81,17 @@ def local_rows(p):
 def save(model, path, max_shard_bytes=5 * 2**30):
     """Write config.json + safetensors (experts per expert, as transformers and vLLM expect), in files of at most
     max_shard_bytes. Under FSDP every rank must call it: tensors are gathered one at a time and rank 0 writes a file
-    whenever it has one file's worth, so no rank ever holds the whole model."""
+    whenever it has one file's worth, so no rank ever holds the whole model. Weight files of an earlier save in
+    `path` are removed first; other files there are left alone."""
     from safetensors.torch import save_file
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     writer = not dist or torch.distributed.get_rank() == 0
     cfg = model.config
-    if writer:
+    if writer:  # weight files of an earlier save here would be read instead of (or mixed with) the new ones
         os.makedirs(path, exist_ok=True)
+        for f in os.listdir(path):
+            if re.fullmatch(r"model\.safetensors(\.index\.json)?|model-\d+-of-\d+\.safetensors|part-\d+\.safetensors", f):
+                os.remove(os.path.join(path, f))
     files, cur, size, total = [], {}, 0, 0
 
     def flush():
@@ -247,10 +251,10 @@ def config_to_hf(cfg, dtype="float32"):
 def load_hf_state(path, cfg, dtype, part=None):
     """Read safetensors into our state_dict naming: drop 'model.', stack per-expert tensors, skip layers beyond
     num_hidden_layers (DeepSeek-V3's multi-token-prediction module), refuse FP8 block-quantised weights.
-    part(name, n) -> (start, stop): read only those rows of dim 0 of our tensor `name` (n rows in all; for stacked
-    experts a row is an expert); default: every row."""
+    part(name, shape) -> (start, stop): read only those rows of dim 0 of our tensor `name`, whose full shape in the
+    files is `shape` (for stacked experts a row is an expert); default: every row."""
     from safetensors import safe_open
-    part = part or (lambda k, n: (0, n))
+    part = part or (lambda k, shape: (0, shape[0]))
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -276,22 +280,23 @@ def load_hf_state(path, cfg, dtype, part=None):
                 m = re.fullmatch(r"(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", k)
                 if m:
                     stacked, e = f"{m[1]}.{m[3]}", int(m[2])
-                    start, stop = part(stacked, cfg.n_routed_experts)
-                    per = experts.setdefault(stacked, {"range": (start, stop), "found": set()})
+                    shape = f.get_slice(key).get_shape()
+                    start, stop = part(stacked, (cfg.n_routed_experts, *shape))
+                    per = experts.setdefault(stacked, {"range": (start, stop), "found": set(), "shape": shape})
                     per["found"].add(e)
-                    per["shape"] = f.get_slice(key).get_shape()
                     if start <= e < stop:  # this rank's expert
                         per[e] = cast(f.get_tensor(key))
                     continue
                 sl = f.get_slice(key)
                 if k.endswith("mlp.experts.gate_up_proj"):  # transformers 5's fused in-memory layout (E, 2I, D)
-                    start, stop = part(k.replace("gate_up_proj", "gate_proj"), sl.get_shape()[0])
+                    E, I2, D = sl.get_shape()
+                    start, stop = part(k.replace("gate_up_proj", "gate_proj"), (E, I2 // 2, D))
                     gate, up = cast(sl[start:stop]).chunk(2, dim=1)
                     state[k.replace("gate_up_proj", "gate_proj")] = gate.contiguous()
                     state[k.replace("gate_up_proj", "up_proj")] = up.contiguous()
                 else:
                     shape = sl.get_shape()
-                    start, stop = part(k, shape[0]) if shape else (0, 0)
+                    start, stop = part(k, shape) if shape else (0, 0)
                     state[k] = cast(sl[start:stop] if shape else f.get_tensor(key))
     for k, per in experts.items():
         if sorted(per["found"]) != list(range(cfg.n_routed_experts)):

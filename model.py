@@ -538,8 +538,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        inv_freq, self.rope_scale, _ = rope_parameters(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # a plain fp32 attribute, not a buffer: model.to(bf16) would round it (an angle error of radians by 4k tokens)
+        self.inv_freq, self.rope_scale, _ = rope_parameters(cfg)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -571,7 +571,7 @@ class Transformer(nn.Module):
             positions = cache.begin(T)
         elif positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
-        freqs = positions[..., None].float() * self.inv_freq  # (B, T, d/2)
+        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)  # (B, T, d/2)
         cos = (freqs.cos() * self.rope_scale).unsqueeze(1)  # (B, 1, T, d/2)
         sin = (freqs.sin() * self.rope_scale).unsqueeze(1)
         x = self.embed_tokens(tokens)  # (B, T, D)

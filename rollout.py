@@ -120,7 +120,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
                  for i in range(0, len(prompts), prompt_batch)]
         return Rollout(**{f: sum((getattr(p, f) for p in parts), []) for f in ("tokens", "logprobs", "truncated",
                                                                                "stop_reason")},
-                       experts=sum((p.experts for p in parts), []) if record_experts else None,
+                       experts=None if parts[0].experts is None else [e for p in parts for e in p.experts],
                        num_samples=num_samples, seconds=time.perf_counter() - t0,
                        new_tokens=sum(p.new_tokens for p in parts))
     was_training = model.training

@@ -189,17 +189,16 @@ def main(argv=None):
 
     common.seed_everything(c.seed)
     state = common.resume_state(c)
-    bf16 = dtype == torch.bfloat16
+    # bf16 means bf16 compute over fp32 master weights (bf16 weights would round small AdamW updates away):
+    # FSDP's MixedPrecisionPolicy under torchrun, autocast in one process
     if state or c.init_from:  # on resume the weights come with restore_checkpoint below
-        model = common.build_model(c.init_from, state, device, bf16)
+        model = common.build_model(c.init_from, state, device, dtype)
     else:
         mc = ModelConfig(vocab_size=64 * math.ceil(vocab / 64),  # a padded LM head; ids >= vocab never used
                          **{f.name: getattr(c, f.name) for f in dataclasses.fields(ModelConfig)
                             if hasattr(c, f.name) and f.name != "vocab_size"},
                          eos_token_id=tok.eot_id)
-        model = common.shard_model(Transformer(mc).to(device=device), bf16)
-    # bf16 means bf16 compute over fp32 master weights (bf16 weights would round small AdamW updates away):
-    # FSDP's MixedPrecisionPolicy under torchrun, autocast in one process
+        model = common.shard_model(Transformer(mc).to(device=device), dtype == torch.bfloat16)
     model.train()
     if model.config.vocab_size < vocab:
         raise ConfigError(f"--tokenizer: {vocab} tokens do not fit the model's vocab_size {model.config.vocab_size}")

@@ -46,8 +46,10 @@ echo "total wall time: $(( $(date +%s) - start ))s"
 # The real run (GPUs): R1-Zero on a Hugging Face MoE base with math prompts, the paper's settings (grpo.py defaults:
 # G=16, 512 prompts x 16 per rollout in 16 mini-batches, mu=1, beta=0.001, lr 3e-6, T=1.0, ref refresh 400).
 # BASE=/path/to/DeepSeek-V3-Base-bf16   (or a Qwen3-MoE directory; FP8 checkpoints must be converted to bf16 first)
+# Each rank reads only its FSDP shard of $BASE; the final policy is exported tensor by tensor to out/r1zero/final.
+# --batch-prompts bounds the sampler's KV cache (batch_prompts x 16 rows x (prompt + max_new_tokens) tokens per rank).
 # torchrun --standalone --nproc_per_node=8 grpo.py --preset=paper --init-from=$BASE --tokenizer=$BASE/tokenizer.json \
-#     --task=data/math_train.jsonl --template=r1_zero --max-new-tokens=32768 --out-dir=out/r1zero \
+#     --task=data/math_train.jsonl --template=r1_zero --max-new-tokens=32768 --batch-prompts=4 --out-dir=out/r1zero \
 #     --wandb-project=nano-r1
 # torchrun --standalone --nproc_per_node=8 eval.py --model=out/r1zero --tokenizer=$BASE/tokenizer.json \
 #     --task=data/aime24.jsonl --split=all --k=64 --template=r1_zero --out-dir=out/r1zero_aime

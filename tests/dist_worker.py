@@ -100,20 +100,44 @@ def load(hf_dir, out_dir):
     """Sharded loading of a Hugging Face directory: each rank reads only its rows; records its local shards (with
     their row ranges) and the logits of a forward through the sharded model."""
     import hf
-    reads = []
-    orig = hf.load_hf_state
+    import safetensors
+    real, numbers_read = safetensors.safe_open, [0]
 
-    def spy(path, cfg, dtype, part=None):
-        state = orig(path, cfg, dtype, part)
-        reads.append({k: tuple(v.shape) for k, v in state.items()})
-        return state
-    hf.load_hf_state = spy
+    class Spy:  # counts the numbers actually read from the files, through get_tensor and slices alike
+        def __init__(self, *a, **kw):
+            self.f = real(*a, **kw)
+
+        def __enter__(self):
+            self.h = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.h.keys()
+
+        def get_tensor(self, key):
+            t = self.h.get_tensor(key)
+            numbers_read[0] += t.numel()
+            return t
+
+        def get_slice(self, key):
+            sl, spy = self.h.get_slice(key), self
+            return type("Slice", (), {"get_shape": lambda _: sl.get_shape(),
+                                      "__getitem__": lambda _, i: spy.count(sl[i])})()
+
+        def count(self, t):
+            numbers_read[0] += t.numel()
+            return t
+    safetensors.safe_open = Spy
     model = common.build_model(hf_dir, None, torch.device("cpu")).eval()
+    safetensors.safe_open = real
     local = {k: (hf.local_rows(p), p.to_local().clone()) for k, p in model.named_parameters()}
     with torch.no_grad():
         logits = model(torch.arange(24).view(2, 12) % 150)
     model.save_pretrained(os.path.join(out_dir, "exported"), max_shard_bytes=20_000)  # gathered tensor by tensor
-    torch.save({"local": local, "logits": logits, "reads": reads,
+    torch.save({"local": local, "logits": logits, "numbers_read": numbers_read[0],
                 "tied": model.lm_head.weight is model.embed_tokens.weight},
                os.path.join(out_dir, f"load{common.rank()}.pt"))
 

@@ -161,7 +161,8 @@ def test_sharded_load_reads_only_each_ranks_rows(tmp_path, kind):
         assert (got["logits"] - ref).abs().max() < 1e-5
         for k, ((start, stop), t) in got["local"].items():
             assert torch.equal(t, full[k][start:stop]), k
-            assert got["reads"][0][k][0] == stop - start  # nothing beyond this rank's rows was read
+        total = sum(v.numel() for k, v in full.items() if k != "lm_head.weight" or kind != "qwen3_tied")
+        assert got["numbers_read"] < 0.52 * total  # its half of every tensor, not the whole files
         assert got["local"]["embed_tokens.weight"][0] == ((0, 102) if r == 0 else (102, 203))
         assert got["local"]["layers.1.mlp.experts.gate_proj"][0] == ((0, 2) if r == 0 else (2, 4))
     # the sharded model's streamed export: several files, loads in one process with the same logits

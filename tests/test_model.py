@@ -146,6 +146,61 @@ def test_load_errors_are_clear(tmp_path):
         Transformer.from_pretrained(str(tmp_path))
 
 
+def test_saving_over_an_earlier_save_leaves_no_stale_weights(tmp_path):
+    """A sharded save followed by a single-file save (and back) in one directory: only the new files remain, so
+    our loader (which prefers an index) and transformers (which prefers model.safetensors) read the same model."""
+    torch.manual_seed(0)
+    old, new = Transformer(ModelConfig(vocab_size=V)).eval(), Transformer(ModelConfig(vocab_size=V)).eval()
+    (tmp_path / "notes.txt").write_text("mine")
+    tokens = torch.randint(0, V, (1, T))
+    for first, second, shards in ((old, new, 200_000), (new, old, 5 * 2**30)):
+        first.save_pretrained(str(tmp_path), max_shard_bytes=shards)
+        second.save_pretrained(str(tmp_path), max_shard_bytes=5 * 2**30 if shards < 2**30 else 200_000)
+        with torch.no_grad():
+            assert torch.equal(Transformer.from_pretrained(str(tmp_path))(tokens), second(tokens))
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # other files are left alone
+
+
+def test_shape_mismatch_and_partial_reads(tmp_path):
+    """A file whose rows disagree with config.json is refused naming both shapes (before anything is read, the
+    same on every rank); part= reads only the asked rows, for plain, per-expert and fused gate_up tensors."""
+    import hf
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=V, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+                                topk_group=1)).eval()
+    m.save_pretrained(str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "vocab_size": V - 3}))
+    with pytest.raises(ValueError, match=rf"(embed_tokens|lm_head).weight has shape \({V}, \d+\) in the files, but .*config.json "
+                                         rf"implies \({V - 3}, "):
+        Transformer.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    full = m.state_dict()
+    rows = lambda k, shape: (1, 3) if shape[0] == 4 else (0, shape[0])  # noqa: E731 experts 1..2 only
+    state = hf.load_hf_state(str(tmp_path), m.config, torch.float32, part=rows)
+    assert torch.equal(state["layers.1.mlp.experts.down_proj"], full["layers.1.mlp.experts.down_proj"][1:3])
+    # transformers 5's fused in-memory layout written to disk: (E, 2I, D) gate_up_proj per layer
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    for L in range(1, m.config.num_hidden_layers):
+        pre = f"model.layers.{L}.mlp.experts"
+        gate = torch.stack([sd.pop(f"{pre}.{e}.gate_proj.weight") for e in range(4)])
+        up = torch.stack([sd.pop(f"{pre}.{e}.up_proj.weight") for e in range(4)])
+        sd[f"{pre}.gate_up_proj"] = torch.cat([gate, up], dim=1)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    state = hf.load_hf_state(str(tmp_path), m.config, torch.float32, part=rows)
+    for name in ("gate_proj", "up_proj"):
+        assert torch.equal(state[f"layers.1.mlp.experts.{name}"], full[f"layers.1.mlp.experts.{name}"][1:3])
+    tokens = torch.randint(0, V, (1, T))
+    with torch.no_grad():
+        assert torch.equal(Transformer.from_pretrained(str(tmp_path))(tokens), m(tokens))
+
+
+def test_rope_frequencies_stay_fp32_under_bf16():
+    m = Transformer(ModelConfig(vocab_size=V)).to(torch.bfloat16)
+    assert m.inv_freq.dtype == torch.float32
+
+
 def test_mtp_layers_beyond_num_hidden_layers_are_skipped(tmp_path):
     cfg = ModelConfig(vocab_size=V, num_hidden_layers=2)
     m = Transformer(cfg).eval()

@@ -169,12 +169,17 @@ def test_recorded_experts_match_the_training_forward():
             mo.record = None
 
 
-def test_prompt_batches_bound_the_cache_without_changing_greedy_results():
+def test_prompt_batches_bound_the_cache_without_changing_greedy_results(monkeypatch):
     """prompt_batch=2 samples 3 prompts as 2 + 1: greedy rows equal the all-at-once rows, sampled runs reproduce
     from the seed, and the recorded experts line up with the rows."""
     m = make()
+    rows = []
+    real_cache = rollout.KVCache
+    monkeypatch.setattr(rollout, "KVCache", lambda cfg, r, *a, **kw: rows.append(r) or real_cache(cfg, r, *a, **kw))
     whole = rollout.generate(m, PROMPTS, max_new_tokens=8, temperature=0, num_samples=2)
+    assert rows == [3]  # one cache for all 3 prompts (their G rows are made from it by replication)
     parts = rollout.generate(m, PROMPTS, max_new_tokens=8, temperature=0, num_samples=2, prompt_batch=2)
+    assert rows[1:] == [2, 1]  # then one cache per batch of at most 2 prompts
     assert parts.tokens == whole.tokens and parts.truncated == whole.truncated
     assert torch.allclose(torch.tensor(parts.logprobs), torch.tensor(whole.logprobs), atol=1e-5)
     a, b = (rollout.generate(m, PROMPTS, max_new_tokens=8, temperature=1.0, num_samples=2, seed=5, prompt_batch=2,
@@ -182,6 +187,21 @@ def test_prompt_batches_bound_the_cache_without_changing_greedy_results():
     assert a.tokens == b.tokens and len(a.tokens) == 6 and a.new_tokens == sum(map(len, a.tokens))
     for i, toks in enumerate(a.tokens):  # row i still belongs to prompt i // G after the concatenation
         assert a.experts[i][0].shape[0] == len(PROMPTS[i // 2]) + len(toks) - 1
+    # per-row streams: sampled rows do not depend on which prompts share their batch (nor on compaction)
+    seeds = list(range(100, 106))
+    ref = rollout.generate(m, PROMPTS, max_new_tokens=8, temperature=1.5, num_samples=2, row_seeds=seeds,
+                           stop_ids=[3, 7, 11], compact_fraction=0.1)
+    for pb in (1, 2):
+        got = rollout.generate(m, PROMPTS, max_new_tokens=8, temperature=1.5, num_samples=2, row_seeds=seeds,
+                               stop_ids=[3, 7, 11], compact_fraction=0.1, prompt_batch=pb)
+        assert got.tokens == ref.tokens
+    with pytest.raises(ValueError, match="6 rows"):
+        rollout.generate(m, PROMPTS, max_new_tokens=2, num_samples=2, row_seeds=[1, 2])
+    dense = Transformer(ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=V, kv_lora_rank=None,
+                                    num_key_value_heads=2, qk_norm=True, n_routed_experts=0, n_shared_experts=0,
+                                    num_hidden_layers=1))
+    assert rollout.generate(dense, PROMPTS, max_new_tokens=3, num_samples=2, record_experts=True,
+                            prompt_batch=2).experts is None  # a dense model records nothing, in batches too
 
 
 def test_bad_arguments():

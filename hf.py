@@ -70,6 +70,8 @@ def local_rows(p):
     way: ceil(n / world) rows per rank, the last ranks get fewer or none."""
     if not hasattr(p, "to_local"):
         return 0, p.shape[0]
+    if p.device_mesh.ndim != 1 or not p.placements[0].is_shard(0):
+        raise NotImplementedError(f"sharded loading expects FSDP's Shard(0) on a 1-D mesh, got {p.placements}")
     n, W, r = p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank()
     step = -(-n // W)
     start = min(r * step, n)

@@ -89,9 +89,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     compact_fraction: drop finished rows from the batch once they are this fraction of it.
     prompt_batch: sample at most this many prompts (prompt_batch * G rows) at a time, one after another with the
     same generator; the KV cache holds only those rows (0 = all at once). Greedy results do not depend on it.
-    row_seeds: R ints, one random stream per output row instead of `generator`/`seed`: a row's sample then depends
-    only on its prompt and its seed, not on which other prompts share the batch (eval.py uses this so results do
-    not change with --batch-prompts or the number of ranks).
+    row_seeds: R ints, one random stream per output row, used instead of `generator`/`seed`: a row's sample then
+    depends only on its prompt and its seed, not on which other prompts share the batch (eval.py uses this so
+    results do not change with --batch-prompts or the number of ranks). Exactly so where the kernels do not depend
+    on the batch shape (CPU fp32, tested); GPU and bf16 kernels can differ in the last bits with batch size.
     """
     t0 = time.perf_counter()
     cfg = model.config

@@ -41,7 +41,7 @@ class Rollout:
 
 def sample_next(logits, temperature, top_p, top_k, generator):
     """logits (R, V) fp32, invalid ids already -inf -> (ids (R,), logprobs (R,) of those ids at `temperature`).
-    generator: one torch.Generator for the batch, or a list of R (one stream per row)."""
+    generator: a torch.Generator for the batch's uniforms, or the uniforms themselves, (R,) in [0, 1)."""
     if temperature == 0:
         ids = logits.argmax(-1)
         return ids, torch.log_softmax(logits, -1).gather(1, ids[:, None]).squeeze(1)
@@ -61,8 +61,8 @@ def sample_next(logits, temperature, top_p, top_k, generator):
     # inverse-CDF sampling: one uniform per row (torch.multinomial draws V exponentials per row, far slower);
     # u is scaled by the row's total so rounding in the cumsum can never select a zero-probability id
     cdf = filt.softmax(-1).cumsum(-1)  # (R, V)
-    if isinstance(generator, list):
-        u = torch.cat([torch.rand(1, 1, generator=g, device=cdf.device) for g in generator])
+    if isinstance(generator, torch.Tensor):
+        u = generator[:, None]
     else:
         u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)
     u = u * cdf[:, -1:]
@@ -133,6 +133,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     P, G = len(prompts), num_samples
     R = P * G
     row_gens = None if row_seeds is None else [torch.Generator(device=device).manual_seed(int(s)) for s in row_seeds]
+    ahead = 256  # with row_seeds: each row's next uniforms, drawn from its own stream this many steps at a time
     lens = torch.tensor([len(p) for p in prompts], device=device)
     Tp = int(lens.max())
     batch = torch.zeros(P, Tp, dtype=torch.long, device=device)
@@ -159,8 +160,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         if logits.shape[-1] > V:
             logits[:, V:] = float("-inf")
         rows_l = rows.tolist()
+        if row_gens is not None and step % ahead == 0:  # R small launches per `ahead` steps, not per step
+            uniforms = torch.stack([torch.rand(ahead, generator=g, device=device) for g in row_gens])  # (R, ahead)
         ids, lp = sample_next(logits, temperature, top_p, top_k,
-                              generator if row_gens is None else [row_gens[r] for r in rows_l])
+                              generator if row_gens is None else uniforms[rows, step % ahead])
         ids_l, lp_l, alive_l = ids.tolist(), lp.tolist(), alive.tolist()
         for b, r in enumerate(rows_l):
             if not alive_l[b]:

@@ -195,6 +195,10 @@ def test_prompt_batches_bound_the_cache_without_changing_greedy_results(monkeypa
         got = rollout.generate(m, PROMPTS, max_new_tokens=8, temperature=1.5, num_samples=2, row_seeds=seeds,
                                stop_ids=[3, 7, 11], compact_fraction=0.1, prompt_batch=pb)
         assert got.tokens == ref.tokens
+    # a row's stream, drawn 256 steps ahead, is exactly the stream a lone row draws step by step (past step 256)
+    one = rollout.generate(m, [PROMPTS[1]], max_new_tokens=300, temperature=1.5, row_seeds=[42])
+    assert one.tokens == rollout.generate(m, [PROMPTS[1]], max_new_tokens=300, temperature=1.5, seed=42).tokens
+    assert len(one.tokens[0]) == 300
     with pytest.raises(ValueError, match="6 rows"):
         rollout.generate(m, PROMPTS, max_new_tokens=2, num_samples=2, row_seeds=[1, 2])
     dense = Transformer(ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=V, kv_lora_rank=None,

@@ -642,11 +642,3 @@ class gathered:
         for m in self.mods:
             m.reshard()
             m.set_reshard_after_forward(True)
-
-
-def full_state_dict(model):
-    """The whole (unsharded) state dict on CPU, on rank 0 (other ranks get an empty dict; all must call it)."""
-    if not distributed():
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -54,7 +54,9 @@ def run(out_dir):
     mine = rows()[r * 8 // w:(r + 1) * 8 // w]  # this rank's share of the step's 8 rows
     m = grpo.train_step(policy, ref, opt, mine, c, VOCAB, on_policy=True)
     loss = common.all_reduce_sum(m["loss"])
-    params = {k: v.clone() for k, v in common.full_state_dict(policy).items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    params = {k: v.clone() for k, v in full.items()}  # the whole state on rank 0 (empty on the others)
     policy.eval()
     with common.gathered(policy):  # each rank generates for its own prompts, weights gathered once
         gen = rollout.generate(policy, PROMPTS[r::w], max_new_tokens=6 + 3 * r, temperature=0, stop_ids=[3])

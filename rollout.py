@@ -40,7 +40,7 @@ class Rollout:
 
 
 def sample_next(logits, temperature, top_p, top_k, generator):
-    """logits (R, V) fp32, invalid ids already -inf -> (ids (R,), logprobs (R,) of those ids at `temperature`).
+    """logits (R, V) fp32 over the valid ids -> (ids (R,), logprobs (R,) of those ids at `temperature`).
     generator: a torch.Generator for the batch's uniforms, or the uniforms themselves, (R,) in [0, 1)."""
     if temperature == 0:
         ids = logits.argmax(-1)
@@ -139,9 +139,18 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     batch = torch.zeros(P, Tp, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         batch[i, :len(p)] = torch.tensor(p, device=device)
+    # The LM head in fp32 whatever the model's dtype (PITFALLS M8): logits rounded to bf16 put ~1e-3 errors into the
+    # sampler's log-probs, while the trainer's kernel accumulates in fp32. Columns >= V (a padded head) are cut
+    # off, so they are never sampled. In an fp32 model w_head is the weight itself, not a copy.
+    w_head = model.lm_head.weight.float()  # (V_padded, D)
+
+    def head(h):  # (B, D) final hidden states -> (B, V) fp32 logits
+        with torch.autocast(device.type, enabled=False):
+            return (h.float() @ w_head.T)[:, :V]
+
     cache = KVCache(cfg, P, Tp + max_new_tokens, device=device, dtype=dtype)
     h = model(batch, cache, n_new=lens, return_hidden=True)  # (P, Tp, D)
-    logits = model.lm_head(h[torch.arange(P, device=device), lens - 1])  # (P, V) at each prompt's last real token
+    logits = head(h[torch.arange(P, device=device), lens - 1])  # (P, V) at each prompt's last real token
     prefill_routes = [m.record.pop() for m in moes]  # (P*Tp, K) each
     rows = torch.arange(P, device=device).repeat_interleave(G)  # batch position -> prompt, then -> output row
     cache.select(rows)
@@ -156,9 +165,6 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     max_stop = max((len(s.encode()) for s in stop_strings), default=0)
     alive = torch.ones(R, dtype=torch.bool, device=device)  # per batch position
     for step in range(max_new_tokens):
-        logits = logits.float()
-        if logits.shape[-1] > V:
-            logits[:, V:] = float("-inf")
         rows_l = rows.tolist()
         if row_gens is not None and step % ahead == 0:  # R small launches per `ahead` steps, not per step
             uniforms = torch.stack([torch.rand(ahead, generator=g, device=device) for g in row_gens])  # (R, ahead)
@@ -183,7 +189,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             keep = alive.nonzero().squeeze(1)
             cache.select(keep)
             rows, ids, alive = rows[keep], ids[keep], alive[keep]
-        logits = model(ids[:, None], cache)[:, 0]  # (B, V)
+        logits = head(model(ids[:, None], cache, return_hidden=True)[:, 0])  # (B, V)
         if moes:
             rl, al = rows.tolist(), alive.tolist()
             for j, m in enumerate(moes):

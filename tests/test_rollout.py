@@ -216,3 +216,30 @@ def test_bad_arguments():
         rollout.generate(m, [[V]], max_new_tokens=3)
     with pytest.raises(ValueError, match="max_new_tokens"):
         rollout.generate(m, [[1]], max_new_tokens=0)
+
+
+def test_bf16_model_sampler_logprobs_use_fp32_logits():
+    """PITFALLS M8 on the sampler side: with bf16 weights, the sampler's log-prob of each token is the fp32
+    log-softmax of the bf16 hidden state times the bf16 head (what the trainer's kernel computes), not of logits
+    rounded to bf16 (errors ~1e-3 at these logit sizes). The hidden states the sampler saw are captured at the
+    final norm; no compaction, one prompt, so decode step s is row b's token s + 1."""
+    m = make(vocab=256).to(torch.bfloat16)
+    seen = []
+    m.norm.register_forward_hook(lambda mod, inp, out: seen.append(out.detach()))
+    G, T, n = 4, 0.8, 6
+    out = rollout.generate(m, [PROMPTS[0]], max_new_tokens=n, temperature=T, num_samples=G, seed=5,
+                           vocab_size=V, compact_fraction=2.0)
+    w = m.lm_head.weight.double()  # (256, D): bf16 values, exact in float64
+    hs = [seen[0][0, len(PROMPTS[0]) - 1].expand(G, -1)] + [s[:, 0] for s in seen[1:]]  # n x (G, D)
+    worst_ours, worst_rounded = 0.0, 0.0
+    for s in range(n):
+        z = hs[s].double() @ w.T  # (G, 256)
+        tgt = torch.tensor([out.tokens[b][s] for b in range(G)])[:, None]
+        assert int(tgt.max()) < V  # padded head rows never sampled
+        ref = torch.log_softmax(z[:, :V] / T, -1).gather(1, tgt).squeeze(1)
+        rounded = torch.log_softmax(z[:, :V].bfloat16().double() / T, -1).gather(1, tgt).squeeze(1)
+        ours = torch.tensor([out.logprobs[b][s] for b in range(G)], dtype=torch.float64)
+        worst_ours = max(worst_ours, (ours - ref).abs().max().item())
+        worst_rounded = max(worst_rounded, (rounded - ref).abs().max().item())
+    assert worst_ours < 2e-5
+    assert worst_rounded > 20 * worst_ours  # the check can tell fp32 logits from bf16-rounded ones

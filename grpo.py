@@ -132,16 +132,13 @@ PRESETS = {
 
 
 def check_config(c):
-    need = common.need
+    need, W = common.need, common.world_size()
     need(c.init_from or c.resume, "init-from", "a base policy is required (a checkpoint, run dir or HF dir)")
     need(c.group_size >= 2, "group-size", "GRPO needs at least 2 outputs per prompt")
-    for flag in ("rollout_prompts", "mu", "micro_batch_size", "max_new_tokens", "max_steps", "log_every",
-                 "ckpt_every"):
-        need(getattr(c, flag) >= 1, flag, "must be >= 1")
-    for flag in ("eps_high", "beta", "sample_every", "overlong_buffer", "batch_prompts"):
-        need(getattr(c, flag) >= 0, flag, "must be >= 0")
-    need(c.eps_low >= 0, "eps-low", "must be >= 0 (>= 1: no lower clip)")
-    W = common.world_size()
+    for f in ("rollout_prompts", "mu", "micro_batch_size", "max_new_tokens", "max_steps", "log_every", "ckpt_every"):
+        need(getattr(c, f) >= 1, f, "must be >= 1")
+    for f in ("eps_low", "eps_high", "beta", "sample_every", "overlong_buffer", "batch_prompts"):
+        need(getattr(c, f) >= 0, f, "must be >= 0")
     need(c.rollout_prompts % W == 0, "rollout-prompts", f"must be divisible by the number of ranks ({W})")
     local = c.rollout_prompts // W * c.group_size
     need(c.num_minibatches >= 1 and local % c.num_minibatches == 0, "num-minibatches",
@@ -190,31 +187,21 @@ def overlong_penalty(length, max_len, buffer):
 
 
 def token_weights(rows, c):
-    """Per-token loss weights for one optimizer step, so the step's loss is sum(w * loss_tok) whatever the split
-    into micro-batches or ranks (PITFALLS P8). Masked outputs get weight 0 and leave the normaliser."""
-    kept = [r for r in rows if not r["masked"]]
-    n_seq = common.all_reduce_sum(float(len(kept)))
-    n_tok = common.all_reduce_sum(float(sum(len(r["completion"]) for r in kept)))
-    out = []
-    for r in rows:
-        L = len(r["completion"])
-        if r["masked"]:
-            w = 0.0
-        elif c.loss_agg == "seq_mean_token_mean":
-            w = 1.0 / (L * max(n_seq, 1))
-        elif c.loss_agg == "token_mean":
-            w = 1.0 / max(n_tok, 1)
-        else:  # dr_grpo: a constant normaliser, the same for every step
-            w = 1.0 / (max(n_seq, 1) * c.max_new_tokens)
-        out.append(w)
-    return out
+    """The loss weight of each row's tokens in one optimizer step, so the step's loss is sum(w * loss_tok) whatever
+    the split into micro-batches or ranks (PITFALLS P8). Masked outputs get weight 0 and leave the normaliser."""
+    lens = [len(r["completion"]) for r in rows if not r["masked"]]
+    n_seq = max(common.all_reduce_sum(float(len(lens))), 1.0)
+    n_tok = max(common.all_reduce_sum(float(sum(lens))), 1.0)
+    w = {"seq_mean_token_mean": lambda L: 1.0 / (L * n_seq), "token_mean": lambda L: 1.0 / n_tok,
+         "dr_grpo": lambda L: 1.0 / (n_seq * c.max_new_tokens)}[c.loss_agg]  # dr_grpo: the same for every step
+    return [0.0 if r["masked"] else w(len(r["completion"])) for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the rollout
 
 
-def collect_rollout(policy, tok, examples, sampler, c, step, template, stop_ids):
+def collect_rollout(policy, tok, sampler, c, step, template, stop_ids):
     """Sample, score and give advantages to one rollout's outputs (this rank's share of the prompts). With dynamic
     sampling, zero-variance groups are dropped and refilled; every rank takes part in every refill round (the
     decision is global) and walks the prompt order in step, so ranks never disagree about collectives or cursors."""
@@ -254,11 +241,9 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
         stats["sample_s"] += out.seconds
         stats["new_tokens"] += out.new_tokens
         texts = [tok.decode([t for t in ids if t not in stop_ids]) for ids in out.tokens]
-        total, comps, reasons = rewards.score_batch(
-            texts, [exs[i // G] for i in range(len(texts))], {"accuracy": c.accuracy_weight,
-                                                              "format": c.format_weight,
-                                                              "language": c.language_weight},
-            workers=c.reward_workers, lang=c.lang, rg_exact=c.rg_exact)
+        weights = {"accuracy": c.accuracy_weight, "format": c.format_weight, "language": c.language_weight}
+        total, comps, reasons = rewards.score_batch(texts, [exs[i // G] for i in range(len(texts))], weights,
+                                                    workers=c.reward_workers, lang=c.lang, rg_exact=c.rg_exact)
         stats["reasons"].update(reasons)
         shaped = torch.tensor([t + overlong_penalty(len(ids), c.max_new_tokens, c.overlong_buffer)
                                for t, ids in zip(total, out.tokens)]).view(len(exs), G)
@@ -302,27 +287,26 @@ def pack(rows, device):
     return x.to(device), torch.tensor(b_idx, device=device), torch.tensor(t_idx, device=device), valid.to(device)
 
 
-def set_replay(model, rows, T, on):
-    """Routing replay: feed each MoE layer the sampler's experts for every input position (padding: expert 0..K-1)."""
+def set_replay(model, rows, T):
+    """Routing replay: feed each MoE layer the sampler's experts for every input position (padding: experts
+    0..K-1). rows=None switches it off."""
+    K = model.config.num_experts_per_tok
     for j, moe in enumerate(model.moe_layers()):
-        if not on:
-            moe.replay = None
-            continue
-        K = model.config.num_experts_per_tok
-        rep = torch.arange(K).repeat(len(rows), T, 1)  # (B, T, K)
-        for b, r in enumerate(rows):
-            e = r["experts"][j]
-            rep[b, :len(e)] = e
-        moe.replay = rep.view(-1, K).to(model.lm_head.weight.device)
+        moe.replay = None
+        if rows:
+            rep = torch.arange(K).repeat(len(rows), T, 1)  # (B, T, K)
+            for b, r in enumerate(rows):
+                rep[b, :len(r["experts"][j])] = r["experts"][j]
+            moe.replay = rep.view(-1, K).to(model.lm_head.weight.device)
 
 
 def token_logprobs(model, rows, vocab, temperature, replay=False, entropy=False):
     x, b_idx, t_idx, valid = pack(rows, model.lm_head.weight.device)
-    set_replay(model, rows, x.shape[1], replay)
+    set_replay(model, rows if replay else None, x.shape[1])
     targets = torch.tensor([t for r in rows for t in r["completion"]], device=x.device)
     # over the tokenizer's ids only: the sampler never gives a padded LM head's rows any mass (P15)
     out = model.logprobs(x, b_idx, t_idx, targets, temperature, vocab, return_entropy=entropy, valid=valid)
-    set_replay(model, rows, 0, False)
+    set_replay(model, None, 0)
     return out
 
 
@@ -350,15 +334,10 @@ def train_step(policy, ref, opt, rows, c, vocab, on_policy):
         loss = loss + policy.aux_loss() * len(mb) / max(1, len(rows))
         loss.backward()
         with torch.no_grad():  # diagnostics, summed over this micro-batch's tokens (stats are 0 where masked)
-            mk = mask.float()
-            m["loss"] += (loss_tok * w).sum().item()
-            m["entropy"] += (ent * mk).sum().item()
-            m["clip_low"] += st.clipped_low.sum().item()
-            m["clip_high"] += st.clipped_high.sum().item()
-            m["kl"] += st.kl.sum().item()
-            sampler = torch.tensor([x for r in mb for x in r["sampler_logp"]], device=dev)
-            m["gap"] += ((sampler - logp).abs() * mk).sum().item()
-            m["tokens"] += int(mk.sum().item())
+            sampler, mk = torch.tensor([x for r in mb for x in r["sampler_logp"]], device=dev), mask.float()
+            for k, v in (("loss", loss_tok * w), ("entropy", ent * mk), ("clip_low", st.clipped_low), ("tokens", mk),
+                         ("clip_high", st.clipped_high), ("kl", st.kl), ("gap", (sampler - logp).abs() * mk)):
+                m[k] += v.sum().item()
     m["grad_norm"], m["ok"] = common.optimizer_step(policy, opt, m["loss"], c.grad_clip)
     return m
 
@@ -470,31 +449,30 @@ def main(argv=None):
         policy, tok, held_ex, k=1, template=template, temperature=0.6, top_p=0.95, max_new_tokens=c.max_new_tokens,
         seed=c.seed, workers=c.reward_workers, stop_strings=c.stop_strings, rg_exact=c.rg_exact)
     with common.autocast(device, dtype):
-        run_loop(policy, ref, opt, tok, train_ex, sampler, c, step, bad, template, stop_ids, vocab, log, heldout_eval)
+        run_loop(policy, ref, opt, tok, sampler, c, step, bad, template, stop_ids, vocab, log, heldout_eval)
     final = common.export_final(policy, tok, c.out_dir)
     log.finish()
     print0(f"done: {c.max_steps} steps; policy saved to {final}")
     return policy
 
 
-def run_loop(policy, ref, opt, tok, train_ex, sampler, c, step, bad, template, stop_ids, vocab, log, heldout_eval):
+def run_loop(policy, ref, opt, tok, sampler, c, step, bad, template, stop_ids, vocab, log, heldout_eval):
     """Rollouts and updates until max_steps, with a checkpoint at rollout boundaries."""
     t_start, last_ckpt = time.perf_counter(), step
-    on_policy_possible = c.mu == 1 and c.num_minibatches == 1
+    # exactly on-policy (ratio 1, old log-probs = the detached new ones) only when each rollout feeds one update
+    on_policy = c.mu == 1 and c.num_minibatches == 1 and c.old_logp == "auto"
     if c.eval_every and step == 0:  # the curve starts at the base policy
         ev = heldout_eval()
         log.log({"heldout_pass1": ev["pass@1"], "heldout_format": ev["format_rate"]}, 0)
     while step < c.max_steps:
-        rows, stats = collect_rollout(policy, tok, train_ex, sampler, c, step, template, stop_ids)
+        rows, stats = collect_rollout(policy, tok, sampler, c, step, template, stop_ids)
         if stats["zero_std_groups"] == stats["sampled_groups"]:
             print0(f"WARNING step {step}: every group has zero reward variance: no policy-gradient signal")
-        on_policy = on_policy_possible and c.old_logp == "auto"
-        if not on_policy:
-            if c.old_logp == "sampler":
-                for r in rows:
-                    r["old_logp"] = r["sampler_logp"]
-            else:
-                recompute_old_logp(policy, rows, c, vocab)
+        if c.old_logp == "sampler":
+            for r in rows:
+                r["old_logp"] = r["sampler_logp"]
+        elif not on_policy:
+            recompute_old_logp(policy, rows, c, vocab)
         rng = np.random.default_rng([c.seed, step])
         for _ in range(c.mu):
             perm = rng.permutation(len(rows))

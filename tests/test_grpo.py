@@ -294,6 +294,53 @@ def test_tiny_run_raises_its_reward(base_dir, tmp_path, monkeypatch):
     assert last > first + 0.2, (first, last)
 
 
+def test_trainer_logprobs_equal_the_samplers_at_the_sampling_temperature():
+    """PITFALLS P1/P2 end to end: rows built from a T=0.6 rollout go through train_step at T=0.6 and its logged
+    sampler-trainer gap is ~0; the trainer's log-probs at T=1 instead would not match (the negative control)."""
+    import rollout
+    model = tiny(200)
+    with torch.no_grad():  # sharper logits than the init, so the temperature matters
+        model.lm_head.weight.mul_(30)
+    prompts = [[5, 17, 42], [7, 8]]
+    out = rollout.generate(model, prompts, max_new_tokens=6, temperature=0.6, num_samples=4, seed=0, vocab_size=200)
+    rows = [dict(prompt=prompts[i // 4], completion=out.tokens[i], sampler_logp=out.logprobs[i], masked=False,
+                 adv=1.0 if i % 2 else -1.0, old_logp=None, experts=None, truncated=out.truncated[i])
+            for i in range(8)]
+    _, m = grads_of(model, rows, cfg(temperature=0.6))
+    assert m["tokens"] == 48 and m["gap"] / m["tokens"] < 1e-5
+    sampler = torch.tensor([x for r in rows for x in r["sampler_logp"]])
+    with torch.no_grad():
+        assert (grpo.token_logprobs(model, rows, 200, 0.6) - sampler).abs().max() < 1e-4
+        assert (grpo.token_logprobs(model, rows, 200, 1.0) - sampler).abs().max() > 1e-2
+
+
+def test_the_balance_loss_reaches_the_step_gradient_exactly_once():
+    """PITFALLS P17: with alpha > 0 the step's gradient gains exactly the gradient of the balance loss of one forward
+    over the whole mini-batch (the micro-batching test alone would pass if train_step dropped the term)."""
+    model = tiny(200)
+    rows = make_rows(masked=(2,))
+    c = cfg(micro_batch_size=3)  # three micro-batches of 3, 3, 2 rows
+    g0, _ = grads_of(model, rows, c)
+    model.config.aux_loss_alpha = 0.1
+    g1, _ = grads_of(model, rows, c)
+    model.zero_grad(set_to_none=True)
+    x, _, _, valid = grpo.pack(rows, "cpu")
+    model(x, valid=valid, return_hidden=True)
+    model.aux_loss().backward()
+    g_aux = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+    assert g_aux.abs().sum() > 0
+    assert torch.allclose(g1 - g0, g_aux, atol=1e-7, rtol=1e-4)
+
+
+def test_token_weights_closed_form():
+    """PITFALLS P8: the per-token weight of each aggregation, by hand (row 1 masked, max_new_tokens 8)."""
+    rows = [dict(completion=[0] * L, masked=i == 1) for i, L in enumerate([2, 3, 5, 4])]
+    want = {"seq_mean_token_mean": [1 / 6, 0, 1 / 15, 1 / 12], "token_mean": [1 / 11, 0, 1 / 11, 1 / 11],
+            "dr_grpo": [1 / 24, 0, 1 / 24, 1 / 24]}
+    for agg, w in want.items():
+        assert grpo.token_weights(rows, cfg(loss_agg=agg, max_new_tokens=8)) == pytest.approx(w, abs=1e-12)
+
+
 def test_entropy_and_kl_metrics_are_per_token_means():
     """PITFALLS P21: nano-aha-moment divided its entropy by the token count twice; check ours against a direct sum."""
     model = tiny(200)
@@ -309,6 +356,16 @@ def test_entropy_and_kl_metrics_are_per_token_means():
     assert m["entropy"] / m["tokens"] == pytest.approx(ent[keep].mean().item(), rel=1e-5)
     assert m["kl"] / m["tokens"] == pytest.approx((torch.exp(d) - d - 1)[keep].mean().item(), rel=1e-5)
     assert 0 < m["entropy"] / m["tokens"] <= torch.log(torch.tensor(200.0)).item()
+    # and what log_step writes to metrics.jsonl is the same per-token mean (divided once, not twice)
+    logged = {}
+    log = type("Log", (), {"log": lambda self, met, step: logged.update(met)})()
+    for r in rows:
+        r.update(reward=0.0, acc=0.0, fmt=1.0, lang=None, text="x")
+    stats = {"refills": 0, "zero_std_groups": 0, "sampled_groups": 1, "new_tokens": 1, "sample_s": 1.0,
+             "reasons": __import__("collections").Counter()}
+    grpo.log_step(log, 1, rows, m, stats, None, 1e-4, 1.0, 1.0, cfg(beta=0.1, sample_every=0), None)
+    assert logged["entropy"] == pytest.approx(ent[keep].mean().item(), rel=1e-5)
+    assert logged["kl"] == pytest.approx((torch.exp(d) - d - 1)[keep].mean().item(), rel=1e-5)
 
 
 def test_mini_batches_and_mu_two_freeze_old_logprobs_and_clip(base_dir, tmp_path, monkeypatch):
@@ -395,3 +452,38 @@ def test_duplicate_prompts_in_one_rollout_stay_separate_groups(monkeypatch):
     adv = [r["adv"] for r in rows]
     assert zero == [False, True] and adv[4:] == [0.0] * 4
     assert adv[:4] == pytest.approx([0.866, -0.866, 0.866, -0.866], abs=1e-3)  # (r - 0.5) / std(ddof=1)
+
+
+def test_score_round_adds_the_overlong_penalty_and_masks_truncated_rows(monkeypatch):
+    """PITFALLS P5 wiring: the soft overlong penalty is added to each row's reward before the group advantages, and
+    --mask-truncated marks exactly the truncated rows (max_new_tokens 6, buffer 2: lengths 2, 5, 6, 6 get
+    0, -0.5, -1, -1)."""
+    import rollout
+    tok = data.toy_tokenizer(n_docs=200)
+    lens, trunc = [2, 5, 6, 6], [False, False, False, True]
+    monkeypatch.setattr(grpo.rollout, "generate", lambda policy, prompts, *a, **kw: rollout.Rollout(
+        tokens=[[5] * L for L in lens], logprobs=[[0.0] * L for L in lens], truncated=trunc, num_samples=4))
+    monkeypatch.setattr(grpo.rewards, "score_batch", lambda completions, examples, weights=None, **kw: (
+        [0.0] * 4, {"accuracy": [0.0] * 4, "format": [0.0] * 4, "language": [None] * 4}, {}))
+    c = grpo.GRPOConfig(group_size=4, template="none", max_new_tokens=6, overlong_buffer=2, mask_truncated=True)
+    stats = {"sample_s": 0.0, "new_tokens": 0, "zero_std_groups": 0, "sampled_groups": 0,
+             "reasons": __import__("collections").Counter()}
+    rows, zero = grpo.score_round(None, tok, [data.Example(prompt="1+2", answer="3")], c, 0, 0, "", [tok.eot_id],
+                                  stats)
+    want = group_advantages(torch.tensor([[0.0, -0.5, -1.0, -1.0]]))[0].tolist()
+    assert [r["adv"] for r in rows] == pytest.approx(want) and zero == [False]
+    assert [r["masked"] for r in rows] == trunc
+    c.mask_truncated = False
+    rows, _ = grpo.score_round(None, tok, [data.Example(prompt="1+2", answer="3")], c, 0, 0, "", [tok.eot_id], stats)
+    assert not any(r["masked"] for r in rows)
+
+
+def test_beta_zero_never_builds_a_reference_model(base_dir, tmp_path, monkeypatch):
+    """PITFALLS P11: beta = 0 loads the policy only; beta > 0 loads a second (reference) model."""
+    built = []
+    orig = common.build_model
+    monkeypatch.setattr(grpo.common, "build_model", lambda *a, **kw: built.append(1) or orig(*a, **kw))
+    run(base_dir, tmp_path / "b0", "--max-steps=1", "--beta=0")
+    assert len(built) == 1
+    run(base_dir, tmp_path / "b1", "--max-steps=1", "--beta=0.01")
+    assert len(built) == 3

@@ -292,11 +292,15 @@ def naive_moe(moe, x):
 
 
 @pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
-def test_sorted_dispatch_equals_naive_per_token(scoring):
+@pytest.mark.parametrize("negative_bias", [False, True])
+def test_sorted_dispatch_equals_naive_per_token(scoring, negative_bias):
     cfg = ModelConfig(vocab_size=V, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
                       scoring_func=scoring, routed_scaling_factor=2.5)
     torch.manual_seed(0)
     moe = perturb(Transformer(cfg)).layers[1].mlp.eval()
+    if negative_bias:  # every biased score < 0: masking dropped groups with 0 instead of -inf would pick them (M4)
+        with torch.no_grad():
+            moe.gate.e_score_correction_bias.copy_(-1.0 - torch.rand(8))
     x = torch.randn(2, 9, cfg.hidden_size)
     with torch.no_grad():
         ref = naive_moe(moe.double(), x.double())

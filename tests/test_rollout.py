@@ -243,3 +243,17 @@ def test_bf16_model_sampler_logprobs_use_fp32_logits():
         worst_rounded = max(worst_rounded, (rounded - ref).abs().max().item())
     assert worst_ours < 2e-5
     assert worst_rounded > 20 * worst_ours  # the check can tell fp32 logits from bf16-rounded ones
+
+
+def test_stop_ids_for_takes_every_eos_id_inside_the_vocabulary():
+    """PITFALLS P4: Qwen3 names two EOS ids; ids the tokenizer does not have are left out, the tokenizer's end of
+    text is always in."""
+    from types import SimpleNamespace
+    m = make()
+    tok = SimpleNamespace(eot_id=7, vocab_size=200)
+    m.config.eos_token_id = [150, 9, 250]
+    assert rollout.stop_ids_for(m, tok) == [7, 9, 150]
+    m.config.eos_token_id = 12
+    assert rollout.stop_ids_for(m, tok) == [7, 12]
+    m.config.eos_token_id = None
+    assert rollout.stop_ids_for(m, tok) == [7]

@@ -50,6 +50,8 @@ ACCURACY = [  # (completion, gold, expected)
     (tag("\\dfrac{3}{4}"), "3/4", 1.0),
     (tag("x = 5"), "5", 1.0),  # assignments
     (tag("5"), "x = 5", 1.0),
+    (tag("1"), "2x + z = 1", 0.0),  # gold first (P12): math-verify is not symmetric; an equation gold wants one
+    (tag("2x + z = 1"), "1", 1.0),  # ...while an equation answer is read as its right-hand side
     (tag("2\\pi"), "2\\pi", 1.0),  # LaTeX and symbolic forms
     (tag("\\sqrt{2}"), "2^{1/2}", 1.0),
     (tag("\\frac{\\sqrt{3}}{2}"), "\\sqrt{3}/2", 1.0),

@@ -21,8 +21,9 @@ start=$(date +%s)
 # 1. corpus and tokenizer
 [ -f "$OUT/data/tokenizer.bpe" ] || python data.py --out-dir="$OUT/data" --docs="$DOCS" --seed=1
 
-# 2. pretraining (the "base model"): ~9 minutes on 2 cores; copying operands into the steps is learned late (the
-#    same run stopped at 1,500 steps copies wrongly in most stepwise solutions: RL then gains ~23 points, not ~75)
+# 2. pretraining (the "base model"): 9-11 minutes on 2 cores; copying operands into the steps is learned late (the
+#    same run stopped at 1,500 steps copies wrongly in most stepwise solutions: RL then gains ~23 points, not ~75),
+#    and how well it is learned differs between CPUs (README: "What happened")
 [ -f "$OUT/base/final/config.json" ] || python sft.py --data="$OUT/data/corpus.txt" \
     --tokenizer="$OUT/data/tokenizer.bpe" --out-dir="$OUT/base" --max-steps="$BASE_STEPS" --batch-size=32 --seq-len=128 \
     --lr=2e-3 --warmup-steps=100 --log-every=100 --eval-every=500 --ckpt-every=250 --threads="$THREADS" \

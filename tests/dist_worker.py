@@ -38,46 +38,53 @@ def rows(n=8):
 PROMPTS = [[5, 17, 42, 9, 100], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [11, 12]]
 
 
+def one_step(agg, sharded):
+    """One GRPO optimizer step with a live KL term, on this rank's share of the 8 rows (all of them when not
+    sharded). Returns (loss summed over ranks, grad norm, policy)."""
+    c = grpo.GRPOConfig(**{**grpo.GRPOConfig().__dict__, **grpo.PRESETS["cpu"], "init_from": "x", "beta": 0.05,
+                           "micro_batch_size": 2, "loss_agg": agg})
+    policy, ref = tiny().train(), tiny().eval().requires_grad_(False)
+    with torch.no_grad():  # a reference different from the policy, so the KL term is live
+        for p in ref.parameters():
+            p.mul_(0.9)
+    r, w = (common.rank(), common.world_size()) if sharded else (0, 1)
+    if sharded:
+        policy, ref = common.shard_model(policy), common.shard_model(ref)
+    opt = common.adamw(policy, 1e-2, 0.1)
+    mine = rows()[r * 8 // w:(r + 1) * 8 // w]  # this rank's share of the step's 8 rows
+    m = grpo.train_step(policy, ref, opt, mine, c, VOCAB, on_policy=True)
+    return common.all_reduce_sum(m["loss"]) if sharded else m["loss"], m["grad_norm"], policy
+
+
+AGGS = ("token_mean", "seq_mean_token_mean", "dr_grpo")
+
+
 def run(out_dir):
     common.init_distributed()
     torch.set_num_threads(1)
     r, w = common.rank(), common.world_size()
-    c = grpo.GRPOConfig(**{**grpo.GRPOConfig().__dict__, **grpo.PRESETS["cpu"], "init_from": "x", "beta": 0.05,
-                           "micro_batch_size": 2, "loss_agg": "token_mean"})
-    policy = tiny().train()
-    ref = common.shard_model(tiny().eval().requires_grad_(False))
-    with torch.no_grad():  # a reference different from the policy, so the KL term is live
-        for p in ref.parameters():
-            p.mul_(0.9)
-    policy = common.shard_model(policy)
-    opt = common.adamw(policy, 1e-2, 0.1)
-    mine = rows()[r * 8 // w:(r + 1) * 8 // w]  # this rank's share of the step's 8 rows
-    m = grpo.train_step(policy, ref, opt, mine, c, VOCAB, on_policy=True)
-    loss = common.all_reduce_sum(m["loss"])
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    params = {k: v.clone() for k, v in full.items()}  # the whole state on rank 0 (empty on the others)
-    policy.eval()
+    res = {}
+    for agg in AGGS:  # every loss aggregation: its normaliser is all-reduced over ranks (PITFALLS P8)
+        loss, gnorm, policy = one_step(agg, sharded=True)
+        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        res[agg] = {"loss": loss, "grad_norm": gnorm, "params": {k: v.clone() for k, v in full.items()}}
+    policy.eval()  # the last policy: the whole state dict sits on rank 0 (empty on the others)
     with common.gathered(policy):  # each rank generates for its own prompts, weights gathered once
         gen = rollout.generate(policy, PROMPTS[r::w], max_new_tokens=6 + 3 * r, temperature=0, stop_ids=[3])
-    torch.save({"loss": loss, "grad_norm": m["grad_norm"], "params": params, "tokens": gen.tokens},
-               os.path.join(out_dir, f"rank{r}.pt"))
+    torch.save({"aggs": res, "tokens": gen.tokens}, os.path.join(out_dir, f"rank{r}.pt"))
 
 
 def reference(out_dir):
     """The same work in one process: the whole batch, every prompt."""
-    c = grpo.GRPOConfig(**{**grpo.GRPOConfig().__dict__, **grpo.PRESETS["cpu"], "init_from": "x", "beta": 0.05,
-                           "micro_batch_size": 2, "loss_agg": "token_mean"})
-    policy, ref = tiny().train(), tiny().eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.mul_(0.9)
-    opt = common.adamw(policy, 1e-2, 0.1)
-    m = grpo.train_step(policy, ref, opt, rows(), c, VOCAB, on_policy=True)
+    res = {}
+    for agg in AGGS:
+        loss, gnorm, policy = one_step(agg, sharded=False)
+        res[agg] = {"loss": loss, "grad_norm": gnorm, "params": policy.state_dict()}
     policy.eval()
     gens = [rollout.generate(policy, [p], max_new_tokens=6 + 3 * (i % 2), temperature=0, stop_ids=[3]).tokens[0]
             for i, p in enumerate(PROMPTS)]
-    return {"loss": m["loss"], "grad_norm": m["grad_norm"], "params": policy.state_dict(), "tokens": gens}
+    return {"aggs": res, "tokens": gens}
 
 
 def dynamic(base, out_dir):

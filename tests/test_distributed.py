@@ -30,12 +30,15 @@ def test_grpo_step_and_generation_match_one_process(tmp_path):
     torchrun("tests/dist_worker.py", str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     ref = dist_worker.reference(tmp_path)
-    for got in ranks:
-        assert abs(got["loss"] - ref["loss"]) < 1e-6
-        assert abs(got["grad_norm"] - ref["grad_norm"]) < 1e-5
-    assert set(ranks[0]["params"]) == set(ref["params"])  # the gathered full state dict lands on rank 0
-    for k, v in ref["params"].items():
-        assert (ranks[0]["params"][k] - v).abs().max() < 1e-5, k
+    for agg, want in ref["aggs"].items():  # every loss aggregation (P8)
+        for got in (ranks[0]["aggs"][agg], ranks[1]["aggs"][agg]):
+            assert abs(got["loss"] - want["loss"]) < 1e-6, agg
+            assert abs(got["grad_norm"] - want["grad_norm"]) < 1e-5, agg
+        got = ranks[0]["aggs"][agg]["params"]
+        assert set(got) == set(want["params"])  # the gathered full state dict lands on rank 0
+        for k, v in want["params"].items():
+            assert (got[k] - v).abs().max() < 1e-5, (agg, k)
+    assert len({round(a["loss"], 6) for a in ref["aggs"].values()}) == 3  # three different normalisers
     # rank r generated prompts r, r+2 (different lengths and stops: different numbers of decode steps per rank)
     assert ranks[0]["tokens"] == ref["tokens"][0::2] and ranks[1]["tokens"] == ref["tokens"][1::2]
 

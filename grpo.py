@@ -138,7 +138,7 @@ def check_config(c):
     for f in ("rollout_prompts", "mu", "micro_batch_size", "max_new_tokens", "max_steps", "log_every", "ckpt_every"):
         need(getattr(c, f) >= 1, f, "must be >= 1")
     for f in ("eps_low", "eps_high", "beta", "sample_every", "overlong_buffer", "batch_prompts"):
-        need(getattr(c, f) >= 0, f, "must be >= 0")
+        need(getattr(c, f) >= 0, f, "must be >= 0" + (" (>= 1: no lower clip)" if f == "eps_low" else ""))
     need(c.rollout_prompts % W == 0, "rollout-prompts", f"must be divisible by the number of ranks ({W})")
     local = c.rollout_prompts // W * c.group_size
     need(c.num_minibatches >= 1 and local % c.num_minibatches == 0, "num-minibatches",

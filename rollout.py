@@ -79,6 +79,13 @@ def stop_ids_for(model, tok):
 
 
 @torch.no_grad()
+def head_logits(h, w_head, V):
+    """Final hidden states h (B, D) -> fp32 logits (B, V) over the first V ids, the matmul in w_head's dtype (fp32
+    or fp64) with autocast off."""
+    with torch.autocast(h.device.type, enabled=False):
+        return (h.to(w_head.dtype) @ w_head.T)[:, :V].float()
+
+
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=1, stop_ids=(),
              stop_strings=(), decode=None, vocab_size=None, seed=0, generator=None, record_experts=False,
              compact_fraction=0.25, prompt_batch=0, row_seeds=None):
@@ -93,6 +100,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     depends only on its prompt and its seed, not on which other prompts share the batch (eval.py uses this so
     results do not change with --batch-prompts or the number of ranks). Exactly so where the kernels do not depend
     on the batch shape (CPU fp32, tested); GPU and bf16 kernels can differ in the last bits with batch size.
+    Under FSDP call it inside `common.gathered(model)`: the weights stay unsharded for the whole call.
     """
     t0 = time.perf_counter()
     cfg = model.config
@@ -139,14 +147,14 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     batch = torch.zeros(P, Tp, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         batch[i, :len(p)] = torch.tensor(p, device=device)
-    # The LM head in fp32 whatever the model's dtype (PITFALLS M8): logits rounded to bf16 put ~1e-3 errors into the
-    # sampler's log-probs, while the trainer's kernel accumulates in fp32. Columns >= V (a padded head) are cut
-    # off, so they are never sampled. In an fp32 model w_head is the weight itself, not a copy.
-    w_head = model.lm_head.weight.float()  # (V_padded, D)
-
-    def head(h):  # (B, D) final hidden states -> (B, V) fp32 logits
-        with torch.autocast(device.type, enabled=False):
-            return (h.float() @ w_head.T)[:, :V]
+    # The LM head's matmul in fp32 (fp64 for an fp64 model) whatever the model's dtype (PITFALLS M8): logits
+    # rounded to bf16 put ~1e-3 errors into the sampler's log-probs, while the trainer's kernel accumulates in fp32.
+    # An fp32 head is used as it is (no copy); a bf16 one (FSDP mixed precision) is upcast once per call: V x D x 4
+    # bytes (3.7 GB for DeepSeek-V3's head), held while sampling. Columns >= V (a padded head) are never sampled.
+    w = model.lm_head.weight
+    cdt = torch.promote_types(w.dtype, torch.float32)
+    w_head = w if w.dtype == cdt else w[:V].to(cdt)  # (V_padded or V, D)
+    head = lambda h: head_logits(h, w_head, V)  # noqa: E731
 
     cache = KVCache(cfg, P, Tp + max_new_tokens, device=device, dtype=dtype)
     h = model(batch, cache, n_new=lens, return_hidden=True)  # (P, Tp, D)

@@ -335,8 +335,8 @@ def train_step(policy, ref, opt, rows, c, vocab, on_policy):
         loss.backward()
         with torch.no_grad():  # diagnostics, summed over this micro-batch's tokens (stats are 0 where masked)
             sampler, mk = torch.tensor([x for r in mb for x in r["sampler_logp"]], device=dev), mask.float()
-            for k, v in (("loss", loss_tok * w), ("entropy", ent * mk), ("clip_low", st.clipped_low), ("tokens", mk),
-                         ("clip_high", st.clipped_high), ("kl", st.kl), ("gap", (sampler - logp).abs() * mk)):
+            for k, v in (("loss", loss_tok * w), ("entropy", ent * mk), ("kl", st.kl), ("clip_low", st.clipped_low),
+                         ("clip_high", st.clipped_high), ("gap", (sampler - logp).abs() * mk), ("tokens", mk)):
                 m[k] += v.sum().item()
     m["grad_norm"], m["ok"] = common.optimizer_step(policy, opt, m["loss"], c.grad_clip)
     return m

@@ -78,7 +78,6 @@ def stop_ids_for(model, tok):
                                   if i is not None and i < tok.vocab_size})
 
 
-@torch.no_grad()
 def head_logits(h, w_head, V):
     """Final hidden states h (B, D) -> fp32 logits (B, V) over the first V ids, the matmul in w_head's dtype (fp32
     or fp64) with autocast off."""
@@ -86,6 +85,7 @@ def head_logits(h, w_head, V):
         return (h.to(w_head.dtype) @ w_head.T)[:, :V].float()
 
 
+@torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=1, stop_ids=(),
              stop_strings=(), decode=None, vocab_size=None, seed=0, generator=None, record_experts=False,
              compact_fraction=0.25, prompt_batch=0, row_seeds=None):

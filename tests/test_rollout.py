@@ -257,3 +257,15 @@ def test_stop_ids_for_takes_every_eos_id_inside_the_vocabulary():
     assert rollout.stop_ids_for(m, tok) == [7, 12]
     m.config.eos_token_id = None
     assert rollout.stop_ids_for(m, tok) == [7]
+
+
+def test_generate_records_no_autograd_graph():
+    """Sampling under grad mode (as grpo.py calls it) must not build a graph: the final hidden states of every
+    forward it runs do not require grad, and the model's parameters still require grad afterwards."""
+    m = make()
+    assert torch.is_grad_enabled()
+    seen = []
+    m.norm.register_forward_hook(lambda mod, inp, out: seen.append(out.requires_grad))
+    out = rollout.generate(m, PROMPTS, max_new_tokens=4, temperature=1.0, num_samples=2, seed=0)
+    assert len(out.tokens) == 6 and seen and not any(seen)
+    assert all(p.requires_grad for p in m.parameters())

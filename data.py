@@ -311,10 +311,18 @@ def _toy_sample(rng, k, cfg, first=None):
     return nums, ops, totals
 
 
+def toy_split(text, frac):
+    """Which side a toy problem text is on, by its hash: 'heldout' (the reported eval), 'dev' (for choosing recipes and
+    the pre-RL check: results on it may steer a choice, results on held-out never do) or 'train'. The held-out and dev
+    slices are `frac` each and disjoint; neither ever occurs in the corpus or among RL's training prompts."""
+    h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+    return "heldout" if h < frac * 2 ** 64 else "dev" if h < 2 * frac * 2 ** 64 else "train"
+
+
 def _toy_clean(nums, ops, cfg):
-    """No run of 3+ consecutive operands of the problem (itself included) is the text of a held-out problem."""
-    return not any(is_heldout(_toy_text(nums[i:j], ops[i:j - 1], cfg.width), cfg.heldout_frac)
-                   for i in range(len(nums)) for j in range(i + 3, len(nums) + 1))
+    """No run of 3+ consecutive operands of the problem (itself included) is the text of a held-out or dev problem."""
+    return all(toy_split(_toy_text(nums[i:j], ops[i:j - 1], cfg.width), cfg.heldout_frac) == "train"
+               for i in range(len(nums)) for j in range(i + 3, len(nums) + 1))
 
 
 def _near_miss(v, rng, cfg):
@@ -370,27 +378,29 @@ def toy_tokenizer(seed=0, cfg=None, n_docs=20000):
     return Tokenizer.train(toy_corpus(n_docs, seed, cfg), TOY_VOCAB_SIZE)
 
 
-def toy_problems(n_train, n_heldout, seed=0, cfg=None, operands=(3, 4)):
-    """(train, held_out): distinct toy problems with operands[0]..operands[1] operands (at least 3: 2-operand sums
-    are the facts the corpus teaches). Held-out problems never occur in the corpus; train problems contain no
-    held-out run either, so the two sets share no problem text."""
+def toy_problems(n, split="train", seed=0, cfg=None, operands=(3, 4)):
+    """n distinct toy problems of one split ('train', 'dev' or 'heldout', see toy_split) with operands[0]..operands[1]
+    operands (at least 3: 2-operand sums are the facts the corpus teaches). Held-out and dev problems never occur in
+    the corpus; train problems contain no held-out or dev run either, so the three sets share no problem text."""
     rng, cfg = random.Random(seed), cfg or ToyConfig()
     if not 3 <= operands[0] <= operands[1] <= cfg.max_operands:
         raise DataError(f"operands={operands}: need 3 <= low <= high <= max_operands={cfg.max_operands}")
-    want, out = {"train": n_train, "heldout": n_heldout}, {"train": {}, "heldout": {}}
-    for _ in range(1000 * (n_train + n_heldout + 1)):
-        if all(len(out[s]) >= want[s] for s in out):
+    if split not in ("train", "dev", "heldout"):
+        raise DataError(f"split={split!r}: the toy task has train, dev and heldout")
+    out = {}
+    for _ in range(1000 * (n + 1)):
+        if len(out) >= n:
             break
         nums, ops, totals = _toy_sample(rng, rng.randint(*operands), cfg)
         text = _toy_text(nums, ops, cfg.width)
-        s = "heldout" if is_heldout(text, cfg.heldout_frac) else "train" if _toy_clean(nums, ops, cfg) else None
-        if s and text not in out[s] and len(out[s]) < want[s]:
-            out[s][text] = Example(text, toy_num(totals[-1], cfg.width), "math", {
-                "difficulty": len(nums), "id": f"toy-{s}-{len(out[s])}", "source": "toy", "value": totals[-1],
+        s = toy_split(text, cfg.heldout_frac)
+        if s == split and text not in out and (s != "train" or _toy_clean(nums, ops, cfg)):
+            out[text] = Example(text, toy_num(totals[-1], cfg.width), "math", {
+                "difficulty": len(nums), "id": f"toy-{s}-{len(out)}", "source": "toy", "value": totals[-1],
                 "notation": "reversed"})  # gold "09" is 90: compare the text exactly, math-verify reads it as 9
-    if any(len(out[s]) < want[s] for s in out):
-        raise DataError(f"toy_problems: the problem space is too small for {n_train} train + {n_heldout} held-out")
-    return list(out["train"].values()), list(out["heldout"].values())
+    if len(out) < n:
+        raise DataError(f"toy_problems: the problem space is too small for {n} {split} problems")
+    return list(out.values())
 
 # ----------------------------------------------------------------------------------------------------------------
 # Other sources
@@ -529,13 +539,15 @@ def load_task(name, n=0, seed=0, split="all", heldout_frac=0.1, **kwargs):
     """Examples of a task by name (one of TASKS). split: 'all', 'train' or 'heldout' by is_heldout(prompt) (the toy
     task has its own split, which also keeps held-out problems out of its corpus). n > 0 keeps the first n; the
     generated tasks need it. kwargs go to the source (field names; cfg=ToyConfig(...))."""
-    if split not in ("all", "train", "heldout"):
-        raise DataError(f"split={split!r}: must be one of all, train, heldout")
+    if split not in ("all", "train", "heldout", "dev"):
+        raise DataError(f"split={split!r}: must be one of all, train, heldout, dev (dev: the toy task only)")
     generated = name in ("toy", "countdown") or name.startswith("rg:")
     if generated and n <= 0:
         raise DataError(f"task {name!r} is generated: give n > 0")
     if name == "toy":
-        return toy_problems(0, n, seed, **kwargs)[1] if split == "heldout" else toy_problems(n, 0, seed, **kwargs)[0]
+        return toy_problems(n, "train" if split == "all" else split, seed, **kwargs)
+    if split == "dev":
+        raise DataError(f"split='dev': only the toy task has a dev split (task {name!r})")
     share = {"all": 1.0, "train": 1 - heldout_frac, "heldout": heldout_frac}[split]
     pool = int(n / max(share, 1e-3) * 1.5) + 50  # generate enough that n survive the split
     if name == "countdown":

@@ -199,6 +199,77 @@ def rejection_sample(instances, max_per_prompt=0, dedup=True):
     return rows
 
 
+def toy_solution_roles(prompt, width=2):
+    """The correct stepwise solution of a toy problem ("24+70+31") as the policy writes it, and the role of every
+    character: 'op<j>' (a copy of operand j), 'carry' (a step restating the running total), 'sum' (a fact's result),
+    'answer', 'choice' (':' where a direct answer would write '='), None (fixed text)."""
+    parts = re.split(r"([+-])", prompt)
+    nums, ops = [int(p[::-1]) for p in parts[0::2]], parts[1::2]
+    num = lambda n: str(n).zfill(width)[::-1]  # noqa: E731  (data.toy_num)
+    segs = [("<think>", None)]
+    for j, n in enumerate(nums):
+        segs += ([(ops[j - 1], None)] if j else []) + [(num(n), f"op{j}")]
+    segs += [(":", "choice")]
+    total = nums[0]
+    for j, (o, n) in enumerate(zip(ops, nums[1:]), 1):
+        new = total + n if o == "+" else total - n
+        segs += [(" ", None), (num(total), "op0" if j == 1 else "carry"), (o, None), (num(n), f"op{j}"), ("=", None),
+                 (num(new), "sum")]
+        total = new
+    segs += [("</think><answer>", None), (num(total), "answer"), ("</answer>", None)]
+    return "".join(t for t, _ in segs), [r for t, r in segs for _ in t], len(nums)
+
+
+@torch.no_grad()
+def toy_probe(model, tok, examples, template, temperature=0.6, batch=100):
+    """Can the base do what RL will select? RL on the toy task mostly moves the policy from direct answers to
+    stepwise ones, so its ceiling is how often the base, once it has chosen to work stepwise, writes every step
+    right. Teacher-forced on each problem's correct stepwise solution (toy_solution_roles), per problem:
+      step_ok  the probability that a sample at `temperature` that chose the stepwise path (the ':' token) writes the
+               rest of this solution exactly: exp(sum of log p_T over every other completion token);
+      copy_j   operand j copied right (argmax) everywhere it is restated; sums, carries likewise;
+      p_step   the probability of choosing ':' (stepwise) over everything else at that point.
+    Returns means over problems, and step_ok by operand count."""
+    was = model.training
+    model.eval()
+    rows = []
+    for s in range(0, len(examples), batch):
+        chunk = examples[s:s + batch]
+        seqs, metas = [], []
+        for ex in chunk:
+            comp, roles, k = toy_solution_roles(ex.prompt)
+            p_ids, c_ids = tok.encode(data.apply_template(template, ex.prompt)), tok.encode(comp)
+            ends = np.cumsum([len(tok.decode([t])) for t in c_ids])  # char end of each completion token
+            if ends[-1] != len(comp):
+                raise ValueError(f"toy_probe: the tokenizer does not round-trip {comp!r}")
+            tok_roles = [roles[e - 1] for e in ends]  # a token's role: its last character's (digits are 1 token)
+            seqs.append(p_ids + c_ids)
+            metas.append((len(p_ids), c_ids, tok_roles, k))
+        L = max(len(q) for q in seqs)
+        x = torch.zeros(len(seqs), L, dtype=torch.long)
+        for b, q in enumerate(seqs):
+            x[b, :len(q)] = torch.tensor(q)
+        logits = model(x.to(model.lm_head.weight.device))[..., :tok.vocab_size].float().cpu()  # (B, L, V)
+        for b, (P, c_ids, tok_roles, k) in enumerate(metas):
+            lg = logits[b, P - 1:P - 1 + len(c_ids)]  # (C, V): the prediction of each completion token
+            tgt = torch.tensor(c_ids)
+            right = (lg.argmax(-1) == tgt).tolist()
+            lp = (lg / temperature).log_softmax(-1).gather(1, tgt[:, None])[:, 0]
+            choice = tok_roles.index("choice")
+            r = {"k": k, "p_step": float(lg[choice].softmax(-1)[tgt[choice]]),
+                 "step_ok": math.exp(float(lp.sum() - lp[choice]))}
+            for role in set(tok_roles) - {None, "choice"}:
+                r[role] = all(ok for ok, t in zip(right, tok_roles) if t == role)
+            rows.append(r)
+    model.train(was)
+    keys = sorted({key for r in rows for key in r} - {"k"})
+    out = {key: float(np.mean([r[key] for r in rows if key in r])) for key in keys}
+    out["problems"] = len(rows)
+    for k in sorted({r["k"] for r in rows}):
+        out[f"step_ok_{k}"] = float(np.mean([r["step_ok"] for r in rows if r["k"] == k]))
+    return out
+
+
 def eval_output(d, name, flag):
     """The path of an earlier eval run's output file, or an error saying how to make it."""
     path = os.path.join(d, name)
@@ -273,7 +344,7 @@ class EvalConfig:
     task: str = "toy"
     problems: int = 200          # how many (generated tasks need one; 0 = a whole file); not --n:
     #                              torchrun would read --n as an abbreviation of its own flags
-    split: Literal["heldout", "train", "all"] = "heldout"
+    split: Literal["heldout", "dev", "train", "all"] = "heldout"  # dev: the toy task's split for choosing recipes
     heldout_frac: float = 0.1
     template: Literal["r1_zero", "toy", "none"] = "r1_zero"
     k: int = 16
@@ -282,21 +353,88 @@ class EvalConfig:
     max_new_tokens: int = 32768
     stop_strings: list = dataclasses.field(default_factory=lambda: ["</answer>"])
     out_dir: str = "out/eval"
-    seed: int = 1337
+    seed: int = 1337             # the samples' random streams
+    problem_seed: int = 1337     # which problems a generated task (toy, countdown, rg:) draws
     workers: int = 2
     batch_prompts: int = 64
     lang: str = "en"
     rg_exact: bool = True        # reasoning-gym: exact answers only (its default gives partial credit, P12)
     compare: list = dataclasses.field(default_factory=list)  # two eval out_dirs: A,B -> paired bootstrap of B - A
     report: list = dataclasses.field(default_factory=list)  # eval out_dirs to tabulate side by side
+    sweep: list = dataclasses.field(default_factory=list)  # train.sh output dirs (a seed sweep): one table
     curves: str = ""             # with --report: a training run's metrics.jsonl ...
     curves_png: str = ""         # ... plotted to this PNG (needs matplotlib)
     rejection_sampling: bool = False
     max_per_prompt: int = 0      # 0 = keep every correct sample
     dedup: bool = True
+    probe: bool = False          # toy task: toy_probe instead of sampling (can the base do what RL will select?)
+    probe_min: float = 0.0       # with --probe: exit with status 3 when step_ok of some operand count is below this
     device: str = "auto"
     dtype: str = "auto"
     threads: int = 0
+
+
+def probe_main(c, model, tok, examples, template, device, dtype):
+    if c.task != "toy":
+        raise ConfigError(f"--probe: only for --task=toy (got {c.task!r})")
+    with common.autocast(device, dtype):
+        out = toy_probe(model, tok, examples, template, c.temperature)
+    worst = min(v for key, v in out.items() if key.startswith("step_ok_"))
+    out.update(probe_min=c.probe_min, passed=worst >= c.probe_min, model=c.model, split=c.split)
+    if common.rank() == 0:
+        os.makedirs(c.out_dir, exist_ok=True)
+        common.atomic_write_json(os.path.join(c.out_dir, "probe.json"), out)
+    by_k = "  ".join(f"{key[8:]} operands {v:.3f}" for key, v in out.items() if key.startswith("step_ok_"))
+    copies = " ".join(f"{key} {out[key]:.3f}" for key in sorted(out) if key.startswith("op"))
+    print0(f"probe of {c.model} on {out['problems']} {c.split} problems: a stepwise sample at T={c.temperature} is "
+           f"right with probability {out['step_ok']:.3f} ({by_k}); stepwise chosen {out['p_step']:.3f}; copied "
+           f"right (argmax): {copies}, carries {out.get('carry', float('nan')):.3f}, sums {out['sum']:.3f}")
+    if not out["passed"]:
+        print0(f"probe FAILED: the worst operand count's stepwise success {worst:.3f} is below --probe-min="
+               f"{c.probe_min}: this base cannot write the steps RL would select")
+        raise SystemExit(3)
+    return out
+
+
+def sweep(dirs):
+    """One row per train.sh output directory (a seed sweep): the base's held-out loss and probe, pass@1 before and
+    after GRPO with its standard error, by operand count, and each stage's wall time; then the worst seed."""
+    def load(d, name):
+        path = os.path.join(d, name)
+        return json.load(open(path)) if os.path.isfile(path) else None
+
+    lines = ["| run | base loss | probe step_ok (3 / 4) | base pass@1 | after GRPO ± se | gain | after, 3 / 4 operands "
+             "| data / pretrain / grpo / evals (s) |", "|---|---|---|---|---|---|---|---|"]
+    finals = []
+    for d in dirs:
+        val = None
+        if os.path.isfile(os.path.join(d, "base", "metrics.jsonl")):
+            vals = [r["val_loss"] for r in map(json.loads, open(os.path.join(d, "base", "metrics.jsonl")))
+                    if r.get("val_loss") is not None]
+            val = vals[-1] if vals else None
+        probe, base, rl = load(d, "probe_base/probe.json"), load(d, "eval_base/summary.json"), \
+            load(d, "eval_rl/summary.json")
+        times = defaultdict(int)
+        if os.path.isfile(os.path.join(d, "times.tsv")):
+            for line in open(os.path.join(d, "times.tsv")):
+                name, sec = line.split()
+                times[name] += int(sec)
+        fmt = lambda x, f="{:.3f}": "-" if x is None else f.format(x)  # noqa: E731
+        by = lambda s, k: s["by_difficulty"].get(k, {}).get("pass@1") if s else None  # noqa: E731
+        if rl:
+            finals.append((rl["pass@1"], d))
+        lines.append(f"| {os.path.basename(os.path.normpath(d))} | {fmt(val)} | "
+                     f"{fmt(probe and probe.get('step_ok_3'))} / {fmt(probe and probe.get('step_ok_4'))} | "
+                     f"{fmt(base and base['pass@1'])} | "
+                     f"{fmt(rl and rl['pass@1'])} ± {fmt(rl and rl['pass@1_se'])} | "
+                     f"{fmt(rl['pass@1'] - base['pass@1'], '{:+.3f}') if rl and base else '-'} | "
+                     f"{fmt(by(rl, '3'))} / {fmt(by(rl, '4'))} | "
+                     f"{times['data']} / {times['pretrain']} / {times['grpo']} / {times['eval_base'] + times['eval_rl']} |")
+    print("\n".join(lines))
+    if finals:
+        print(f"worst seed: {min(finals)[1]} at {min(finals)[0]:.3f} held-out pass@1 after GRPO "
+              f"({len(finals)} of {len(dirs)} runs finished)")
+    return lines
 
 
 def compare(dirs, seed=0):
@@ -322,6 +460,8 @@ def main(argv=None):
         return compare(c.compare, c.seed)
     if c.report:
         return report(c.report, c.curves, c.curves_png)
+    if c.sweep:
+        return sweep(c.sweep)
     if not c.model:
         raise ConfigError("--model: required (a checkpoint, run dir or Hugging Face dir)")
     if c.k < 1:
@@ -332,8 +472,10 @@ def main(argv=None):
     dtype = common.get_dtype(c.dtype, device)
     model = common.build_model(c.model, None, device, dtype)  # under torchrun: sharded
     tok = data.Tokenizer.from_file(common.find_tokenizer(c.tokenizer, c.model))
-    examples = data.load_task(c.task, n=c.problems, seed=c.seed, split=c.split, heldout_frac=c.heldout_frac)
+    examples = data.load_task(c.task, n=c.problems, seed=c.problem_seed, split=c.split, heldout_frac=c.heldout_frac)
     template = data.TEMPLATES[c.template]
+    if c.probe:
+        return probe_main(c, model, tok, examples, template, device, dtype)
     with common.autocast(device, dtype):
         summary = evaluate(model, tok, examples, c.k, template, c.temperature, c.top_p, c.max_new_tokens, c.seed,
                            c.workers, c.stop_strings, c.batch_prompts, c.lang, c.rg_exact)

@@ -111,7 +111,8 @@ class GRPOConfig:
     ckpt_every: int = 100            # rounded up to a rollout boundary
     keep_last: int = 2
     max_bad_steps: int = 5
-    seed: int = 1337
+    seed: int = 1337                 # sampling, prompt order, initial RNG state
+    problem_seed: int = 1337         # which problems a generated task (toy, countdown, rg:) draws, train and held-out
     device: str = "auto"
     dtype: str = "auto"
     threads: int = 0
@@ -422,8 +423,9 @@ def main(argv=None):
         raise ConfigError(f"--tokenizer: {vocab} tokens do not fit the model's vocab_size {policy.config.vocab_size}")
     stop_ids = rollout.stop_ids_for(policy, tok)
     template = data.TEMPLATES[c.template]
-    train_ex = data.load_task(c.task, n=c.task_size, seed=c.seed, split="train", heldout_frac=c.heldout_frac)
-    held_ex = data.load_task(c.task, n=c.eval_prompts, seed=c.seed, split="heldout", heldout_frac=c.heldout_frac) \
+    train_ex = data.load_task(c.task, n=c.task_size, seed=c.problem_seed, split="train", heldout_frac=c.heldout_frac)
+    held_ex = data.load_task(c.task, n=c.eval_prompts, seed=c.problem_seed, split="heldout",
+                             heldout_frac=c.heldout_frac) \
         if c.eval_every else []
     ref = None
     if c.beta > 0:  # a frozen copy (loaded again, sharded like the policy); with beta = 0 never built (PITFALLS P11)

@@ -340,11 +340,13 @@ def test_toy_corpus_is_deterministic():
 
 
 def test_toy_heldout_never_in_corpus(corpus):
-    train, held = data.toy_problems(300, 300, seed=0)
-    assert {e.meta["difficulty"] for e in held} == {3, 4}
-    report = data.contamination(corpus, held, n=10)
-    assert report["eval"] == 300 and report["contaminated"] == 0
-    assert data.contamination(train, held)["contaminated"] == 0
+    train, held, dev = (data.toy_problems(300, s, seed=0) for s in ("train", "heldout", "dev"))
+    assert {e.meta["difficulty"] for e in held} == {3, 4} == {e.meta["difficulty"] for e in dev}
+    for evals in (held, dev):  # neither the eval's problems nor the dev ones occur in the corpus or in RL's prompts
+        report = data.contamination(corpus, evals, n=10)
+        assert report["eval"] == 300 and report["contaminated"] == 0
+        assert data.contamination(train, evals)["contaminated"] == 0
+    assert not {e.prompt for e in held} & {e.prompt for e in dev}
     # the check does find a held-out problem once it is there, even inside a longer problem
     leaked = corpus[:1000] + [held[7].prompt + "+00: ...", data.apply_template(data.TOY_TEMPLATE, held[9].prompt)]
     assert data.contamination(leaked, held)["indices"] == [7, 9]
@@ -354,7 +356,7 @@ def test_toy_heldout_never_in_corpus(corpus):
 
 
 def test_toy_problems(corpus):
-    train, held = data.toy_problems(200, 100, seed=1, operands=(3, 4))
+    train, held = data.toy_problems(200, "train", seed=1), data.toy_problems(100, "heldout", seed=1, operands=(3, 4))
     assert len(train) == 200 and len(held) == 100
     assert len({e.prompt for e in train + held}) == 300
     for e in train + held:
@@ -362,9 +364,16 @@ def test_toy_problems(corpus):
         assert e.kind == "math" and e.meta["difficulty"] == k and e.meta["value"] == v and e.answer == data.toy_num(v)
         assert e.meta["notation"] == "reversed"
     assert all(data.is_heldout(e.prompt, 0.05) for e in held) and not any(data.is_heldout(e.prompt, 0.05) for e in train)
-    assert [e.prompt for e in data.toy_problems(200, 100, seed=1)[1]] == [e.prompt for e in held]
+    assert {data.toy_split(e.prompt, 0.05) for e in train} == {"train"}
+    assert [e.prompt for e in data.toy_problems(100, "heldout", seed=1)] == [e.prompt for e in held]
+    dev = data.load_task("toy", n=50, split="dev", seed=1)
+    assert {data.toy_split(e.prompt, 0.05) for e in dev} == {"dev"} and not any(data.is_heldout(e.prompt, 0.05) for e in dev)
     with pytest.raises(DataError, match="operands"):
-        data.toy_problems(1, 1, operands=(2, 4))
+        data.toy_problems(1, operands=(2, 4))
+    with pytest.raises(DataError, match="split"):
+        data.toy_problems(1, "test")
+    with pytest.raises(DataError, match="only the toy task has a dev split"):
+        data.load_task("countdown", n=5, split="dev")
     with pytest.raises(DataError, match="ops="):
         data.ToyConfig(ops="*")
 
@@ -544,7 +553,7 @@ def test_split_is_deterministic_and_order_free():
     b = data.load_task("countdown", n=50, split="heldout", seed=3)
     assert len(a) == len(b) == 50 and not {e.prompt for e in a} & {e.prompt for e in b}
     assert [e.prompt for e in data.load_task("toy", n=20, split="heldout", seed=2)] == \
-        [e.prompt for e in data.toy_problems(0, 20, seed=2)[1]]
+        [e.prompt for e in data.toy_problems(20, "heldout", seed=2)]
 
 
 def test_load_task_on_a_file(tmp_path):

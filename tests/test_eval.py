@@ -124,7 +124,7 @@ def test_evaluate_scores_each_prompt_against_its_own_gold(monkeypatch):
     import data
     import rollout
     tok = data.toy_tokenizer(n_docs=500)
-    exs = data.toy_problems(0, 7, seed=3)[1]
+    exs = data.toy_problems(7, "heldout", seed=3)
     gold = {data.apply_template(data.TOY_TEMPLATE, e.prompt): e.answer for e in exs}
     order = list(gold)
 
@@ -156,7 +156,7 @@ def test_sampled_eval_does_not_depend_on_batching():
                                     num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
                                     v_head_dim=8, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
                                     num_experts_per_tok=2))
-    exs = data.toy_problems(0, 5, seed=1)[1]
+    exs = data.toy_problems(5, "heldout", seed=1)
     run = lambda bp, seed=0: [[s["text"] for s in i["samples"]] for i in ev.evaluate(  # noqa: E731
         model, tok, exs, k=3, template=data.TOY_TEMPLATE, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=seed,
         workers=0, batch_prompts=bp)["instances"]]
@@ -164,3 +164,93 @@ def test_sampled_eval_does_not_depend_on_batching():
     assert run(2) == a and run(1) == a
     assert run(5, seed=1) != a
     assert len({t for texts in a for t in texts}) > 5  # really sampled, not greedy
+
+
+def test_toy_solution_roles_label_every_copy():
+    text, roles, k = ev.toy_solution_roles("24+70+31")
+    assert text == "<think>24+70+31: 24+70=94 94+31=26</think><answer>26</answer>" and k == 3
+    assert len(roles) == len(text)
+    role_of = lambda i, n=2: set(roles[i:i + n])  # noqa: E731
+    h = len("<think>")
+    assert role_of(h) == {"op0"} and role_of(h + 3) == {"op1"} and role_of(h + 6) == {"op2"}
+    assert roles[h + 8] == "choice"  # ':' where a direct answer writes '='
+    s = text.index(": ") + 2  # the steps: op0 restated, op1 copied, a sum; the carry restated, op2 copied, a sum
+    assert [roles[s + i] for i in (0, 3, 6, 9, 12, 15)] == ["op0", "op1", "sum", "carry", "op2", "sum"]
+    assert set(roles[text.index("<answer>") + 8:][:2]) == {"answer"}
+    # an operand that repeats still gets its own label
+    assert ev.toy_solution_roles("01+01+01+01")[0].count("01") == 8
+
+
+class Oracle(torch.nn.Module):
+    """A stand-in model that knows the correct stepwise solutions: at every position it puts logit 5 on the gold
+    next token (0 elsewhere), except where `wrong(role)` says to put it on another digit instead."""
+
+    def __init__(self, tok, exs, wrong=lambda role: False, vocab=320):
+        super().__init__()
+        import data
+        self.lm_head = torch.nn.Linear(1, vocab)
+        self.seqs = []
+        for e in exs:
+            comp, roles, _ = ev.toy_solution_roles(e.prompt)
+            p, c = tok.encode(data.apply_template(data.TOY_TEMPLATE, e.prompt)), tok.encode(comp)
+            assert tok.decode(c) == comp
+            ends = np.cumsum([len(tok.decode([t])) for t in c])
+            self.seqs.append((p + c, [None] * (len(p) - 1) + [roles[e - 1] for e in ends]))
+        self.wrong, self.zero, self.vocab = wrong, tok.encode("0")[0], vocab
+
+    def forward(self, x):
+        out = torch.zeros(*x.shape, self.vocab)
+        for b, row in enumerate(x.tolist()):
+            seq, roles = next((s, r) for s, r in self.seqs if row[:len(s)] == s)
+            for t in range(len(seq) - 1):
+                nxt = seq[t + 1]
+                if roles[t] is not None and self.wrong(roles[t]):
+                    nxt = self.zero + (nxt - self.zero + 1) % 10  # another digit
+                out[b, t, nxt] = 5.0
+        return out
+
+
+def test_toy_probe_on_a_perfect_and_a_miscopying_model():
+    import data
+    tok = data.toy_tokenizer(n_docs=500)
+    exs = data.load_task("toy", n=12, split="dev", seed=4)
+    perfect = ev.toy_probe(Oracle(tok, exs), tok, exs, data.TOY_TEMPLATE, batch=5)
+    assert perfect["problems"] == 12 and all(perfect[key] == 1.0 for key in ("op0", "op1", "op2", "sum", "answer"))
+    # logit 5 on the gold token, 0 on the tokenizer's other V - 1 ids (the padded head's extra rows do not count):
+    # at T=0.6 each token has p = 1 / (1 + (V - 1) e^(-5/0.6)); the choice token is left out, at T=1 it is p_step
+    V = tok.vocab_size
+    n_tok = [len(tok.encode(ev.toy_solution_roles(e.prompt)[0])) - 1 for e in exs]
+    want = np.mean([(1 / (1 + (V - 1) * math.exp(-5 / 0.6))) ** n for n in n_tok])
+    assert perfect["step_ok"] == pytest.approx(want, rel=1e-4) and 0.02 < want < 0.5  # fp32 logits
+    assert perfect["p_step"] == pytest.approx(1 / (1 + (V - 1) * math.exp(-5)), rel=1e-6)
+    # a model that miscopies operand 2 whenever it restates it: op2 fails everywhere, nothing else does
+    bad = ev.toy_probe(Oracle(tok, exs, wrong=lambda r: r == "op2"), tok, exs, data.TOY_TEMPLATE)
+    assert bad["op2"] == 0.0 and bad["op1"] == 1.0 and bad["sum"] == 1.0 and bad["step_ok"] < 1e-6
+    fours = [e for e in exs if e.meta["difficulty"] == 4]
+    assert fours, "the draw should hold a 4-operand problem"
+    only4 = ev.toy_probe(Oracle(tok, exs, wrong=lambda r: r == "op3"), tok, exs, data.TOY_TEMPLATE)
+    assert only4["step_ok_3"] == perfect["step_ok_3"] and only4["step_ok_4"] < 1e-6 < perfect["step_ok_4"]
+    assert only4["op3"] == 0.0  # averaged over the problems that have an operand 3
+
+
+def test_sweep_table_reads_each_runs_outputs(tmp_path, capsys):
+    def run(name, val, base, after, by, times):
+        d = tmp_path / name
+        for sub in ("base", "probe_base", "eval_base", "eval_rl"):
+            (d / sub).mkdir(parents=True)
+        (d / "base" / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "val_loss": v}) + "\n"
+                                                          for i, v in enumerate([1.5, val])))
+        (d / "probe_base" / "probe.json").write_text(json.dumps({"step_ok_3": 0.9, "step_ok_4": 0.8}))
+        (d / "eval_base" / "summary.json").write_text(json.dumps({"pass@1": base, "pass@1_se": 0.01,
+                                                                  "by_difficulty": {}}))
+        (d / "eval_rl" / "summary.json").write_text(json.dumps({"pass@1": after, "pass@1_se": 0.02, "by_difficulty": {
+            "3": {"pass@1": by[0]}, "4": {"pass@1": by[1]}}}))
+        (d / "times.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in times))
+        return str(d)
+    a = run("1", 0.74, 0.2, 0.97, (0.99, 0.95), [("data", 9), ("pretrain", 400), ("pretrain", 20), ("grpo", 130)])
+    b = run("2", 0.81, 0.1, 0.60, (0.90, 0.30), [("data", 8)])
+    (tmp_path / "3").mkdir()  # a run that died before anything was written
+    lines = ev.sweep([a, b, str(tmp_path / "3")])
+    assert lines[2] == "| 1 | 0.740 | 0.900 / 0.800 | 0.200 | 0.970 ± 0.020 | +0.770 | 0.990 / 0.950 | 9 / 420 / 130 / 0 |"
+    assert lines[3].startswith("| 2 | 0.810 |") and lines[4].startswith("| 3 | - | - / - | - | - ± - | - |")
+    assert "worst seed: " + b + " at 0.600" in capsys.readouterr().out

@@ -21,7 +21,7 @@ def files(tmp_path_factory):
     tok = data.toy_tokenizer(n_docs=2000)
     tok.save(str(d / "tok.bpe"))
     with open(d / "pairs.jsonl", "w") as f:
-        for p in data.toy_problems(200, 0)[0]:
+        for p in data.toy_problems(200):
             f.write(json.dumps({"prompt": data.apply_template(data.TOY_TEMPLATE, p.prompt),
                                 "completion": f"<think></think><answer>{p.answer}</answer>"}) + "\n")
     return d, tok

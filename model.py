@@ -311,17 +311,22 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
-    def _apply(self, fn, recurse=True):  # model.to(bf16) must not round the bias: keep it fp32 (or fp64)
+    def _apply(self, fn, recurse=True):
+        """model.to(bf16) must not touch the bias's values: a bf16 round trip moves them by up to ~7e-3, enough to
+        flip near-tied experts. Device moves apply; a cast to a low-precision dtype does not (fp32 stays fp32,
+        and an fp64 model's bias may be fp64)."""
         bias = self.e_score_correction_bias
         super()._apply(fn, recurse)
-        if self.e_score_correction_bias.dtype not in (torch.float32, torch.float64):
-            self.e_score_correction_bias = fn(bias).float()
+        moved = self.e_score_correction_bias
+        if moved.dtype not in (torch.float32, torch.float64):
+            self.e_score_correction_bias = bias.to(device=moved.device)  # the original values, on the new device
         return self
 
-    def scores(self, x):  # x (N, D) -> (N, E) in fp32 (fp64 for an fp64 model)
+    def scores(self, x):  # x (N, D) -> (N, E) in fp32 (fp64 for an fp64 model), autocast or not
         dt = torch.promote_types(x.dtype, torch.float32)
-        logits = F.linear(x.to(dt), self.weight.to(dt))
-        return logits.sigmoid() if self.cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run this in bf16: near-ties flip (M6)
+            logits = F.linear(x.to(dt), self.weight.to(dt))
+            return logits.sigmoid() if self.cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
 
     def forward(self, x):
         cfg, k = self.cfg, self.cfg.num_experts_per_tok

@@ -201,6 +201,41 @@ def test_rope_frequencies_stay_fp32_under_bf16():
     assert m.inv_freq.dtype == torch.float32
 
 
+def test_router_bias_is_bit_identical_after_dtype_moves():
+    """model.to(bf16) once rounded the correction bias through bf16 (values moved by up to ~7e-3)."""
+    m = Transformer(ModelConfig(vocab_size=V))
+    gen = torch.Generator().manual_seed(0)
+    for r in (l.mlp.gate for l in m.layers if isinstance(l.mlp, M.MoE)):
+        r.e_score_correction_bias.copy_(torch.randn(r.e_score_correction_bias.shape, generator=gen) * 0.3 + 0.123456)
+    before = [l.mlp.gate.e_score_correction_bias.clone() for l in m.layers if isinstance(l.mlp, M.MoE)]
+    assert before and any((b.bfloat16().float() != b).any() for b in before)  # values bf16 cannot hold
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        m.to(dt)
+        after = [l.mlp.gate.e_score_correction_bias for l in m.layers if isinstance(l.mlp, M.MoE)]
+        assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(after, before)), dt
+    m.half().float()
+    assert all(torch.equal(l.mlp.gate.e_score_correction_bias, b)
+               for l, b in zip([l for l in m.layers if isinstance(l.mlp, M.MoE)], before))
+
+
+def test_router_scores_stay_fp32_under_autocast():
+    """Under bf16 autocast the router's explicit fp32 linear was run in bf16: gates came back bf16 and near-ties
+    chose other experts than without autocast (a sampler/trainer routing mismatch)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, n_routed_experts=16, num_experts_per_tok=4)
+    r = M.Router(cfg)
+    torch.nn.init.normal_(r.weight, std=0.02)
+    x = torch.randn(4096, cfg.hidden_size)
+    idx, w, scores = r(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx_ac, w_ac, scores_ac = r(x)
+        # a bf16 linear, as autocast ran it before: near-ties do flip, so the test can tell the two apart
+        flipped = M.stable_topk(F.linear(x, r.weight).float().sigmoid(), 4)
+    assert scores_ac.dtype == torch.float32 and w_ac.dtype == torch.float32
+    assert torch.equal(scores_ac, scores) and torch.equal(idx_ac, idx) and torch.equal(w_ac, w)
+    assert not torch.equal(flipped, idx)
+
+
 def test_mtp_layers_beyond_num_hidden_layers_are_skipped(tmp_path):
     cfg = ModelConfig(vocab_size=V, num_hidden_layers=2)
     m = Transformer(cfg).eval()

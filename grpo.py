@@ -314,7 +314,7 @@ def token_logprobs(model, rows, vocab, temperature, replay=False, entropy=False)
 def train_step(policy, ref, opt, rows, c, vocab, on_policy):
     """One optimizer update on one mini-batch. Returns metrics (sums over this rank's tokens and rows)."""
     w_seq = token_weights(rows, c)
-    m = dict(loss=0.0, kl=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0, tokens=0, gap=0.0)
+    m = dict(loss=0.0, kl=0.0, kl_capped=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0, tokens=0, gap=0.0)
     for i in range(0, len(rows), c.micro_batch_size):
         mb, w_mb = rows[i:i + c.micro_batch_size], w_seq[i:i + c.micro_batch_size]
         if common.distributed():  # reduce gradients over ranks once, after the last micro-batch
@@ -336,8 +336,9 @@ def train_step(policy, ref, opt, rows, c, vocab, on_policy):
         loss.backward()
         with torch.no_grad():  # diagnostics, summed over this micro-batch's tokens (stats are 0 where masked)
             sampler, mk = torch.tensor([x for r in mb for x in r["sampler_logp"]], device=dev), mask.float()
-            for k, v in (("loss", loss_tok * w), ("entropy", ent * mk), ("kl", st.kl), ("clip_low", st.clipped_low),
-                         ("clip_high", st.clipped_high), ("gap", (sampler - logp).abs() * mk), ("tokens", mk)):
+            for k, v in (("loss", loss_tok * w), ("entropy", ent * mk), ("kl", st.kl), ("kl_capped", st.kl_capped),
+                         ("clip_low", st.clipped_low), ("clip_high", st.clipped_high),
+                         ("gap", (sampler - logp).abs() * mk), ("tokens", mk)):
                 m[k] += v.sum().item()
     m["grad_norm"], m["ok"] = common.optimizer_step(policy, opt, m["loss"], c.grad_clip)
     return m
@@ -371,7 +372,8 @@ def log_step(log, step, mb, m, stats, loads, lr, train_s, elapsed, c, heldout_ev
            "len_mean": sum(lens) / n, "len_min": min(lens), "len_max": max(lens),
            "len_terminated": sum(term) / max(1, len(term)), "truncated": sum(trunc) / n,
            "reflective_per_token": sum(refl) / max(1, sum(lens)), "loss": s["loss"], "entropy": s["entropy"] / ntok,
-           "kl": s["kl"] / ntok, "clip_low": s["clip_low"] / ntok, "clip_high": s["clip_high"] / ntok,
+           "kl": s["kl"] / ntok, "kl_capped": s["kl_capped"] / ntok,  # share of tokens at the k3 cap (K3_MAX)
+           "clip_low": s["clip_low"] / ntok, "clip_high": s["clip_high"] / ntok,
            "sampler_trainer_gap": s["gap"] / ntok, "grad_norm": m["grad_norm"], "lr": lr,
            "skipped_steps": 0 if m["ok"] else 1, "refills": stats["refills"], "elapsed_s": elapsed,
            "frac_reward_zero_std": common.all_reduce_sum(stats["zero_std_groups"]) /

@@ -2,9 +2,16 @@
 
     ratio   = exp(logp - old_logp)                 old_logp None: on-policy, old = logp.detach() (ratio 1, grad -A)
     surr    = min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
-    k3      = exp(ref - logp) - (ref - logp) - 1   Schulman's estimator of KL(pi || ref): >= 0, 0 at logp == ref
+    k3      = min(exp(d) - d - 1, K3_MAX)          d = ref - logp; Schulman's estimator of KL(pi || ref): >= 0,
+                                                   0 at logp == ref; bounded (below)
     loss    = mask * (-surr + beta * k3)           k3 only when ref_logp is given and beta != 0
-    d loss / d logp = mask * (-A * ratio * [not clipped] + beta * (1 - exp(ref - logp)))
+    d loss / d logp = mask * (-A * ratio * [not clipped] + beta * (1 - exp(d)) * [k3 not bounded])
+
+The bound. k3 grows like exp(ref - logp): a rare sampled token (policy 1e-6, reference 0.5) has k3 ~ 5e5, which
+swamps every surrogate term of the batch, and ref - logp > 88 overflows fp32 to inf (a skipped step). So k3 is
+capped at K3_MAX = 10 per token (verl caps its k3 at 10 too): where the cap binds (ref - logp > ~2.6, or < -11)
+the token's KL term is the constant 10 and gives no gradient, as a clipped ratio does. exp() sees d clamped to
+<= 30 so nothing overflows on the way. The stats count the tokens where the cap binds ("kl_capped").
 
 A token is clipped (zero surrogate gradient) when A > 0 and ratio > 1 + eps_high ("clipped_high") or A < 0 and
 ratio < 1 - eps_low ("clipped_low"); exactly where torch's min/clamp give zero gradient (PITFALLS P10). With
@@ -21,13 +28,19 @@ import torch
 
 from ._backend import jit, tl, triton, use_triton
 
+K3_MAX = 10.0  # per-token cap on the k3 KL estimate (see the module docstring)
+
 
 @dataclasses.dataclass
 class GRPOTokenStats:
     """Per-token diagnostics, fp32, 0 on masked tokens: sum them with the mask's token count for fractions/means."""
     clipped_low: torch.Tensor  # 1.0 where A < 0 and ratio < 1 - eps_low
     clipped_high: torch.Tensor  # 1.0 where A > 0 and ratio > 1 + eps_high
-    kl: torch.Tensor  # k3 per token (0 everywhere when ref_logp is None; computed even when beta == 0)
+    kl: torch.Tensor  # k3 per token, capped at K3_MAX (0 everywhere when ref_logp is None; also when beta == 0)
+    kl_capped: torch.Tensor  # 1.0 where the K3_MAX cap binds
+
+
+K3_MAX_C = tl.constexpr(K3_MAX) if triton is not None else K3_MAX  # a compile-time constant in the kernels
 
 
 @jit
@@ -47,19 +60,21 @@ def _terms(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, offs, N, eps_low, eps_
     d = tl.zeros(lp.shape, tl.float32)
     if HAS_REF:
         d = tl.where(keep, tl.load(ref_ptr + offs, mask=ok, other=0.0), 0.0) - lp
-    return ok, mk, keep, a, ratio, clip_lo, clip_hi, d
+    ed = tl.exp(tl.minimum(d, 30.0))
+    k3 = ed - d - 1  # 0 when HAS_REF is off (d == 0)
+    capped = keep & (k3 > K3_MAX_C)
+    return ok, mk, keep, a, ratio, clip_lo, clip_hi, ed, tl.where(capped, K3_MAX_C, k3), capped
 
 
 @jit
-def _fwd_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, loss_ptr, lo_ptr, hi_ptr, kl_ptr, N,
+def _fwd_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, loss_ptr, lo_ptr, hi_ptr, kl_ptr, cap_ptr, N,
                 eps_low, eps_high, beta, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, ADD_KL: tl.constexpr,
                 STATS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok, mk, keep, a, ratio, clip_lo, clip_hi, d = _terms(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, offs, N,
-                                                         eps_low, eps_high, HAS_OLD, HAS_REF)
+    ok, mk, keep, a, ratio, clip_lo, clip_hi, ed, kl, capped = _terms(
+        logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, offs, N, eps_low, eps_high, HAS_OLD, HAS_REF)
     clipped = tl.minimum(tl.maximum(ratio, 1 - eps_low), 1 + eps_high)
     loss = -tl.minimum(ratio * a, clipped * a)
-    kl = tl.exp(d) - d - 1  # 0 when HAS_REF is off (d == 0)
     if ADD_KL:
         loss += beta * kl
     tl.store(loss_ptr + offs, tl.where(keep, loss * mk, 0.0), mask=ok)
@@ -67,17 +82,18 @@ def _fwd_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, loss_ptr, lo_ptr,
         tl.store(lo_ptr + offs, clip_lo.to(tl.float32), mask=ok)
         tl.store(hi_ptr + offs, clip_hi.to(tl.float32), mask=ok)
         tl.store(kl_ptr + offs, tl.where(keep, kl, 0.0), mask=ok)
+        tl.store(cap_ptr + offs, capped.to(tl.float32), mask=ok)
 
 
 @jit
 def _bwd_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, gout_ptr, glogp_ptr, N, eps_low, eps_high, beta,
                 HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, ADD_KL: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok, mk, keep, a, ratio, clip_lo, clip_hi, d = _terms(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, offs, N,
-                                                         eps_low, eps_high, HAS_OLD, HAS_REF)
+    ok, mk, keep, a, ratio, clip_lo, clip_hi, ed, kl, capped = _terms(
+        logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, offs, N, eps_low, eps_high, HAS_OLD, HAS_REF)
     g = tl.where(clip_lo | clip_hi, 0.0, -a * ratio)  # d ratio / d logp = ratio
     if ADD_KL:
-        g += beta * (1 - tl.exp(d))
+        g += tl.where(capped, 0.0, beta * (1 - ed))
     g_out = tl.load(gout_ptr + offs, mask=ok, other=0.0)
     tl.store(glogp_ptr + offs, tl.where(keep, g * mk * g_out, 0.0), mask=ok)
 
@@ -94,7 +110,7 @@ class GRPOTokenLoss(torch.autograd.Function):
         add_kl = has_ref and beta != 0
         grid, block = _grid(N, logp)
         loss = torch.empty_like(logp)
-        out = [torch.empty_like(logp) for _ in range(3)] if stats else [loss] * 3  # never written without STATS
+        out = [torch.empty_like(logp) for _ in range(4)] if stats else [loss] * 4  # never written without STATS
         _fwd_kernel[grid](logp, old if has_old else logp, ref if has_ref else logp, adv, mask, loss, *out, N,
                           eps_low, eps_high, beta, has_old, has_ref, add_kl, stats, BLOCK=block)
         ctx.save_for_backward(logp, old, ref, adv, mask)
@@ -125,17 +141,20 @@ def _torch_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta):
     a = torch.where(keep, adv, zero)
     ratio = torch.exp(lp - (lp.detach() if old is None else torch.where(keep, old, zero)))
     loss = -torch.minimum(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
-    kl = torch.zeros_like(lp)
+    kl, capped = torch.zeros_like(lp), torch.zeros_like(lp, dtype=torch.bool)
     if ref is not None:
         d = torch.where(keep, ref, zero) - lp
-        kl = torch.exp(d) - d - 1
+        k3 = torch.exp(d.clamp(max=30.0)) - d - 1
+        capped = keep & (k3 > K3_MAX)
+        kl = torch.where(capped, torch.full_like(k3, K3_MAX), k3)  # where: a capped token passes no gradient
         if beta != 0:
             loss = loss + beta * kl
     loss = torch.where(keep, loss * mask, zero)
     with torch.no_grad():
         ratio = ratio.detach()
         stats = ((keep & (a < 0) & (ratio < 1 - eps_low)).to(logp.dtype),
-                 (keep & (a > 0) & (ratio > 1 + eps_high)).to(logp.dtype), torch.where(keep, kl.detach(), zero))
+                 (keep & (a > 0) & (ratio > 1 + eps_high)).to(logp.dtype), torch.where(keep, kl.detach(), zero),
+                 capped.to(logp.dtype))
     return loss, stats
 
 

@@ -366,6 +366,26 @@ def test_entropy_and_kl_metrics_are_per_token_means():
     grpo.log_step(log, 1, rows, m, stats, None, 1e-4, 1.0, 1.0, cfg(beta=0.1, sample_every=0), None)
     assert logged["entropy"] == pytest.approx(ent[keep].mean().item(), rel=1e-5)
     assert logged["kl"] == pytest.approx((torch.exp(d) - d - 1)[keep].mean().item(), rel=1e-5)
+    k3 = torch.exp(d) - d - 1  # tiny random models stay far below the k3 cap; the logged share says so
+    assert (k3[keep] < 10).all() and logged["kl_capped"] == 0.0
+
+
+def test_capped_kl_tokens_are_counted_through_train_step():
+    """A reference far from the policy (a sharpened head): some tokens reach the k3 cap; train_step counts exactly
+    those, and their KL term adds no gradient."""
+    from kernels.grpo_loss import K3_MAX
+    model, rows, ref = tiny(200), make_rows(), tiny(200, seed=1)
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(40.0)
+        lp = grpo.token_logprobs(model, rows, 200, 1.0)
+        ref_lp = grpo.token_logprobs(ref, rows, 200, 1.0)
+    keep = torch.tensor([not r["masked"] for r in rows for _ in r["completion"]])
+    d = (ref_lp - lp).double()
+    capped = ((d.clamp(max=30).exp() - d - 1) > K3_MAX) & keep
+    assert 0 < int(capped.sum()) < int(keep.sum())
+    _, m = grads_of(model, rows, cfg(beta=0.1), ref=ref)
+    assert m["kl_capped"] == int(capped.sum())
+    assert m["kl"] == pytest.approx(torch.where(capped, K3_MAX, d.exp() - d - 1)[keep].sum().item(), rel=1e-4)
 
 
 def test_mini_batches_and_mu_two_freeze_old_logprobs_and_clip(base_dir, tmp_path, monkeypatch):

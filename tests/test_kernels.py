@@ -2,6 +2,7 @@
 tiny ragged sizes: interpreter blocks are 16 (rows, vocab, D) for the log-prob kernels and 64 for the loss, so
 N=37, D=24, V=45 spans 3 row blocks, 2 D steps and 3 vocabulary tiles (the last partial) and, with chunk=16,
 3 backward chunks (the last partial)."""
+import math
 import os
 import subprocess
 import sys
@@ -197,7 +198,7 @@ def test_grpo_token_loss_matches_reference(backend, variant):
     ref = None if variant == "ref_none" else ref
     beta = 0.0 if variant == "beta0" else 0.05
     a, st = kernels.grpo_token_loss(logp, old, ref, adv, mask, 0.2, 0.28, beta, backend=backend, return_stats=True)
-    b, lo, hi, kl = grpo_token_loss_reference(logp, old, ref, adv, mask, 0.2, 0.28, beta)
+    b, lo, hi, kl, cap = grpo_token_loss_reference(logp, old, ref, adv, mask, 0.2, 0.28, beta)
     assert a.dtype == torch.float32 and (a.double() - b).abs().max() < 1e-6
     g = torch.randn(a.shape, generator=torch.Generator().manual_seed(3))
     ga, = torch.autograd.grad((a * g).sum(), logp)
@@ -205,7 +206,7 @@ def test_grpo_token_loss_matches_reference(backend, variant):
     assert (ga.double() - gb).abs().max() < 1e-6
     assert (a[~mask] == 0).all() and (ga[~mask] == 0).all() and torch.isfinite(ga).all()
     assert (st.clipped_low.double() == lo).all() and (st.clipped_high.double() == hi).all()
-    assert (st.kl.double() - kl).abs().max() < 1e-6
+    assert (st.kl.double() - kl).abs().max() < 1e-6 and (st.kl_capped.double() == cap).all()
     if variant != "old_none":  # both clip sides occur in the data
         assert lo.sum() > 0 and hi.sum() > 0
     if variant == "ref_none":
@@ -259,6 +260,30 @@ def test_k3_is_zero_at_ref_and_bf16_logp(backend):
     assert a.shape == (10, 15) and a.dtype == torch.float32 and (a.reshape(-1).double() - b).abs().max() < 1e-6
     g, = torch.autograd.grad(a.sum(), lp)
     assert g.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_one_rare_token_cannot_blow_up_the_step(backend):
+    """k3 = exp(ref - logp) - (ref - logp) - 1 is unbounded: a sampled token the policy gives 1e-6 and the
+    reference 0.5 had k3 ~ 5e5 (swamping the surrogate), and ref - logp > 88 made it inf (a skipped step). Capped
+    at K3_MAX per token, with no gradient where the cap binds, and counted."""
+    from kernels.grpo_loss import K3_MAX
+    logp = torch.tensor([math.log(1e-6), -100.0, -0.7, -0.69, 0.0, -50.0], requires_grad=True)
+    ref = torch.tensor([math.log(0.5), 0.0, -0.69, -0.7, -20.0, -49.0])
+    adv, mask = torch.tensor([1.0, -1.0, 0.5, 0.5, 1.0, 0.0]), torch.tensor([1, 1, 1, 1, 1, 0], dtype=torch.bool)
+    loss, st = kernels.grpo_token_loss(logp, None, ref, adv, mask, 0.2, 0.2, 0.04, backend=backend,
+                                       return_stats=True)
+    g, = torch.autograd.grad(loss.sum(), logp)
+    assert torch.isfinite(loss).all() and torch.isfinite(g).all()
+    assert st.kl_capped.tolist() == [1, 1, 0, 0, 1, 0] and st.kl.max() == K3_MAX
+    assert loss[0].item() == pytest.approx(-1.0 + 0.04 * K3_MAX) and g[0].item() == pytest.approx(-1.0)  # -A only
+    assert g[4].item() == pytest.approx(-1.0)  # d = -20: k3 = e^-20 + 19 > K3_MAX, capped too
+    for i in (2, 3):  # small d: the exact k3 and its gradient, against float64
+        d = ref[i].double() - logp[i].double()
+        assert st.kl[i].item() == pytest.approx((d.exp() - d - 1).item(), abs=1e-6)  # fp32 cancellation
+        assert g[i].item() == pytest.approx(-0.5 + 0.04 * (1 - d.exp().item()), abs=1e-6)
+    b, _, _, kl, cap = grpo_token_loss_reference(logp, None, ref, adv, mask, 0.2, 0.2, 0.04)
+    assert (loss.double() - b).abs().max() < 1e-6 and (cap == st.kl_capped.double()).all()
 
 
 def test_k3_estimates_the_kl():

@@ -85,19 +85,30 @@ EOT_NAMES = ["<|endoftext|>", "<|end_of_text|>", "<｜end▁of▁sentence｜>", 
 class Tokenizer:
     """A tiktoken.Encoding plus the ids the trainer needs. Special tokens in the text always encode to their id."""
 
-    def __init__(self, enc, eot=None, nfc=False):
+    def __init__(self, enc, eot=None, nfc=False, bos=None):
         self.enc, self.nfc = enc, nfc  # nfc: the tokenizer.json had an NFC normalizer (Qwen); encode applies it
         self.special = dict(enc._special_tokens)
         self.eot = eot or next((s for s in EOT_NAMES if s in self.special), None)
         if self.eot not in self.special:
             raise DataError(f"tokenizer {enc.name}: no end-of-text token among {eot or EOT_NAMES}")
+        if bos is not None and bos not in self.special:
+            raise DataError(f"tokenizer {enc.name}: its begin-of-text token {bos!r} is not a special token")
         self.eot_id = self.special[self.eot]
+        # the token the model's own tokenizer puts before every text it encodes (Llama 3, DeepSeek-V3: their
+        # pretraining saw it at position 0), or None (Qwen, the toy tokenizer); prompt_ids adds it
+        self.bos, self.bos_id = bos, self.special.get(bos)
         self.think_id, self.think_end_id, self.answer_id, self.answer_end_id = (
             self.special.get(s) for s in SPECIAL_TOKENS[1:])  # None for tokenizers without the R1 tags
         self.vocab_size = enc.n_vocab  # includes the special tokens
 
     def encode(self, text):
+        """The ids of a piece of text, nothing added (see prompt_ids for a whole prompt)."""
         return self.enc.encode(unicodedata.normalize("NFC", text) if self.nfc else text, allowed_special="all")
+
+    def encode_text(self, text):
+        """A whole text as the model's own tokenizer encodes it: the BOS first where it adds one. The same ids as
+        `tokenizers`' encode(text).ids for a tokenizer.json, and Llama 3's encode(text, bos=True, eos=False)."""
+        return ([self.bos_id] if self.bos_id is not None else []) + self.encode(text)
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
@@ -160,7 +171,7 @@ class Tokenizer:
                          for t, r in sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1]))
         with open(path + ".json", "w") as f:
             json.dump({"pattern": self.enc._pat_str, "special_tokens": self.special, "eot": self.eot,
-                       "nfc": self.nfc}, f, indent=1, ensure_ascii=False)
+                       "nfc": self.nfc, "bos": self.bos}, f, indent=1, ensure_ascii=False)
 
     @classmethod
     def from_file(cls, path, eot=None):
@@ -180,7 +191,7 @@ class Tokenizer:
                 raise DataError(f"{path}:{i}: not a tiktoken ranks line (base64 token, space, rank)") from None
         if not ranks:
             raise DataError(f"{path}: empty tokenizer file")
-        side = {"pattern": LLAMA3_PATTERN, "eot": "<|end_of_text|>", "nfc": False,
+        side = {"pattern": LLAMA3_PATTERN, "eot": "<|end_of_text|>", "nfc": False, "bos": "<|begin_of_text|>",
                 "special_tokens": {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}}
         if os.path.exists(path + ".json"):
             with open(path + ".json") as f:
@@ -190,7 +201,7 @@ class Tokenizer:
                     raise DataError(f"{path}.json: missing field {k!r}")
         enc = tiktoken.Encoding(os.path.basename(path), pat_str=side["pattern"], mergeable_ranks=ranks,
                                 special_tokens=side["special_tokens"])
-        return cls(enc, eot=eot or side["eot"], nfc=side["nfc"])
+        return cls(enc, eot=eot or side["eot"], nfc=side["nfc"], bos=side.get("bos"))  # no "bos": older files
 
     @classmethod
     def _from_hf_json(cls, path, eot=None):
@@ -231,7 +242,28 @@ class Tokenizer:
             raise DataError(f"{path}: field 'model.merges': ids do not follow merge order, not expressible as ranks")
         enc = tiktoken.Encoding(os.path.basename(path), pat_str=patterns[0], mergeable_ranks=ranks,
                                 special_tokens=added)
-        return cls(enc, eot=eot, nfc=norm == "NFC")
+        return cls(enc, eot=eot, nfc=norm == "NFC", bos=_hf_bos(path, spec.get("post_processor")))
+
+def _hf_bos(path, post):
+    """The special token a tokenizer.json's post-processor puts before a single text (TemplateProcessing
+    "single": [BOS, $A], as Llama 3 and DeepSeek-V3 have), or None ([$A], or only ByteLevel, as Qwen has).
+    Anything else it could add (a token after the text, a pair-only format, BERT/RoBERTa processors) is refused:
+    ids would silently differ from the model's own tokenizer."""
+    if not post:
+        return None
+    bos = None
+    for p in post.get("processors", [post]) if post.get("type") == "Sequence" else [post]:
+        if p.get("type") == "ByteLevel":
+            continue  # offsets only; no ids added
+        single = p.get("single") if p.get("type") == "TemplateProcessing" else None
+        kinds = [next(iter(item)) for item in single or []]
+        if kinds not in (["Sequence"], ["SpecialToken", "Sequence"]):
+            raise DataError(f"{path}: field 'post_processor': {p.get('type')!r} adding {kinds or 'tokens'} is not "
+                            "supported (only an optional special token before the text)")
+        if kinds[0] == "SpecialToken":
+            bos = single[0]["SpecialToken"]["id"]
+    return bos
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Templates: plain strings, easy to edit
@@ -256,6 +288,12 @@ def apply_template(template, prompt):
     if "{prompt}" not in template:
         raise DataError("template has no {prompt} slot")
     return template.replace("{prompt}", prompt)  # not str.format: prompts (LaTeX, code) are full of braces
+
+
+def prompt_ids(tok, prompt, template=""):
+    """A prompt as the policy sees it, in grpo.py, eval.py and sft.py alike: the template applied (none: the bare
+    prompt), then encoded as the model's own tokenizer encodes a text (the BOS first where it adds one)."""
+    return tok.encode_text(apply_template(template, prompt) if template else prompt)
 
 # ----------------------------------------------------------------------------------------------------------------
 # The toy task (CPU default) and its pretraining corpus; the notation is explained at the top of this file.

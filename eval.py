@@ -100,7 +100,8 @@ def _sample_and_score(model, tok, examples, mine, k, template, temperature, top_
     for s in range(0, len(mine), batch_prompts):
         idx = mine[s:s + batch_prompts]
         texts = [data.apply_template(template, examples[i].prompt) if template else examples[i].prompt for i in idx]
-        out = rollout.generate(model, [tok.encode(t) for t in texts], max_new_tokens, temperature, top_p,
+        out = rollout.generate(model, [data.prompt_ids(tok, examples[i].prompt, template) for i in idx],
+                               max_new_tokens, temperature, top_p,
                                num_samples=k, stop_ids=stop_ids, stop_strings=list(stop_strings),
                                decode=tok.decode, vocab_size=tok.vocab_size,
                                row_seeds=[row_seed(seed, i, g) for i in idx for g in range(k)])
@@ -238,7 +239,7 @@ def toy_probe(model, tok, examples, template, temperature=0.6, batch=100):
         seqs, metas = [], []
         for ex in chunk:
             comp, roles, k = toy_solution_roles(ex.prompt)
-            p_ids, c_ids = tok.encode(data.apply_template(template, ex.prompt)), tok.encode(comp)
+            p_ids, c_ids = data.prompt_ids(tok, ex.prompt, template), tok.encode(comp)
             ends = np.cumsum([len(tok.decode([t])) for t in c_ids])  # char end of each completion token
             if ends[-1] != len(comp):
                 raise ValueError(f"toy_probe: the tokenizer does not round-trip {comp!r}")

@@ -233,8 +233,7 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
     G = c.group_size
     out, shaped, total, comps, texts = None, torch.zeros(0, G), [], {}, []
     if exs:
-        prompts = [tok.encode(data.apply_template(template, e.prompt)) if template else tok.encode(e.prompt)
-                   for e in exs]
+        prompts = [data.prompt_ids(tok, e.prompt, template) for e in exs]
         seed = int(np.random.SeedSequence([c.seed, step, refills, common.rank()]).generate_state(1)[0])
         out = rollout.generate(policy, prompts, c.max_new_tokens, c.temperature, num_samples=G, stop_ids=stop_ids,
                                stop_strings=c.stop_strings, decode=tok.decode, vocab_size=tok.vocab_size, seed=seed,

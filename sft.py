@@ -27,6 +27,7 @@ import torch
 
 import common
 from common import ConfigError, print0
+import data
 from data import DataError, Tokenizer
 from model import ModelConfig, Transformer
 
@@ -129,7 +130,8 @@ def load_pairs(path, tok, c):
             for fld in (c.prompt_field, c.completion_field):
                 if not isinstance(obj, dict) or not isinstance(obj.get(fld), str):
                     raise DataError(f"{path}:{i}: field {fld!r} missing or not a string")
-            p, comp = tok.encode(obj[c.prompt_field]), tok.encode(obj[c.completion_field]) + [tok.eot_id]
+            # the prompt as grpo.py and eval.py encode it (BOS included where the tokenizer adds one)
+            p, comp = data.prompt_ids(tok, obj[c.prompt_field]), tok.encode(obj[c.completion_field]) + [tok.eot_id]
             if not p:  # the first completion token needs a position before it to be predicted from
                 raise DataError(f"{path}:{i}: field {c.prompt_field!r} is empty")
             rows.append((p, comp))

@@ -217,6 +217,47 @@ def test_hf_tokenizer_json_ids_match_tokenizers(tmp_path, kind):
     assert all(again.encode(s) == ours.encode(s) for s in texts)
 
 
+@pytest.mark.parametrize("post", ["bos", "none", "bytelevel", "sequence"])
+def test_prompts_are_encoded_as_the_models_own_tokenizer_does(tmp_path, post):
+    """BOS where the tokenizer.json's post-processor adds one (Llama 3, DeepSeek-V3), none where it does not (Qwen):
+    the ids equal `tokenizers`' encode(text).ids, special tokens added as the model's tokenizer adds them."""
+    tk = pytest.importorskip("tokenizers")
+    from tokenizers import processors
+    hf, path = _hf_tokenizer(tmp_path, "split-nfc")
+    hf.add_special_tokens(["<|begin_of_text|>"])
+    bos_id = hf.token_to_id("<|begin_of_text|>")
+    template = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>",
+                                                                                             bos_id)])
+    hf.post_processor = {"bos": template, "none": None, "bytelevel": processors.ByteLevel(trim_offsets=False),
+                         "sequence": processors.Sequence([processors.ByteLevel(trim_offsets=False), template])}[post]
+    hf.save(path)
+    ours = Tokenizer.from_file(path)
+    assert ours.bos_id == (bos_id if post in ("bos", "sequence") else None)
+    for s in VARIED + _corpus(50, seed=6):
+        assert data.prompt_ids(ours, s) == hf.encode(s).ids, s
+        assert data.prompt_ids(ours, s, data.TOY_TEMPLATE) == hf.encode(data.apply_template(data.TOY_TEMPLATE, s)).ids
+    # saved in our format and loaded again, the BOS rule travels with it
+    ours.save(str(tmp_path / "conv.tiktoken"))
+    assert Tokenizer.from_file(str(tmp_path / "conv.tiktoken")).encode_text("12+34") == ours.encode_text("12+34")
+    # a post-processor that would add something else is refused, naming the file and field
+    hf.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>", special_tokens=[
+        ("<|endoftext|>", hf.token_to_id("<|endoftext|>"))])
+    hf.save(path)
+    with pytest.raises(DataError, match=r"tokenizer.json: field 'post_processor'"):
+        Tokenizer.from_file(path)
+
+
+def test_llama3_prompts_get_begin_of_text():
+    llama_models = pytest.importorskip("llama_models")
+    from llama_models.llama3.tokenizer import Tokenizer as LlamaTokenizer
+    path = os.path.join(os.path.dirname(llama_models.__file__), "llama3", "tokenizer.model")
+    ours, ref = Tokenizer.from_file(path), LlamaTokenizer.get_instance()
+    assert ours.bos_id == ref.bos_id == 128000
+    for s in VARIED:
+        assert data.prompt_ids(ours, s) == ref.encode(s, bos=True, eos=False, allowed_special="all")
+    assert data.toy_tokenizer(n_docs=200).encode_text("12+34") == data.toy_tokenizer(n_docs=200).encode("12+34")
+
+
 def test_hf_tokenizer_json_unsupported_is_a_clear_error(tmp_path):
     p = tmp_path / "wp.json"
     p.write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}, "pre_tokenizer": None}))

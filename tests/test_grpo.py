@@ -532,3 +532,34 @@ def test_bf16_run_end_to_end(base_dir, tmp_path, monkeypatch):
     params = dict(p.named_parameters())
     assert all(params[k].dtype == torch.float32 for k in start)  # master weights stay fp32
     assert all(not torch.equal(params[k], v) for k, v in start.items())
+
+
+def test_every_entry_point_encodes_prompts_with_the_tokenizers_bos(monkeypatch, tmp_path):
+    """grpo.py (rollout prompts), eval.py (sampling and the probe) and sft.py (prompt/completion rows) all encode a
+    prompt through data.prompt_ids: a tokenizer that adds a BOS gets it at position 0 everywhere."""
+    import eval as ev
+    import rollout
+    import sft
+    base = data.toy_tokenizer(n_docs=300)
+    tok = data.Tokenizer(base.enc, bos="<think>")  # any special token will do as the BOS here
+    exs = data.toy_problems(3, "dev", seed=0)
+    want = [tok.special["<think>"]] + base.encode(data.apply_template(data.TOY_TEMPLATE, exs[0].prompt))
+
+    class Seen(Exception):
+        pass
+
+    def capture(model, prompts, *a, **k):
+        raise Seen(prompts)
+    monkeypatch.setattr(rollout, "generate", capture)
+    with pytest.raises(Seen) as e:
+        grpo.score_round(None, tok, exs, cfg(template="toy"), 1, 0, data.TOY_TEMPLATE, [tok.eot_id], {})
+    assert e.value.args[0][0] == want
+    model = torch.nn.Linear(1, 1)
+    model.config = __import__("types").SimpleNamespace(eos_token_id=None)
+    with pytest.raises(Seen) as e:
+        ev.evaluate(model, tok, exs, k=1, template=data.TOY_TEMPLATE, workers=0)
+    assert e.value.args[0][0] == want
+    p = tmp_path / "sft.jsonl"
+    p.write_text(json.dumps({"prompt": "User: 1\nAssistant:", "completion": "<answer>1</answer>"}) + "\n")
+    rows = sft.load_pairs(str(p), tok, sft.SFTConfig())
+    assert rows[0][0] == [tok.special["<think>"]] + base.encode("User: 1\nAssistant:")

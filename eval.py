@@ -50,23 +50,29 @@ def pass_at_k(n, c, k):
     return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def normalise_answer(ans):
-    """For voting: plain numbers by value ("1,000" == "1000.0"), anything else with spaces and case removed."""
-    if ans is None:
-        return None
-    num = rewards._number(ans)
-    if num is not None:
-        return str(num)
-    s = re.sub(r"\s+", "", ans).lower().rstrip(".")
-    return s or None
+def vote(answers, same=rewards.same_answer):
+    """Majority vote -> the indices of the samples in the winning group ([] when nothing wins). Answers that `same`
+    calls equal vote together (rewards.same_answer: "1,000" and "1000.0", and "1/2", "0.5" and "\\frac12"); each
+    answer is compared with one representative per group. No answer (None) is a vote too, for nothing: if it wins,
+    no answer wins. TIE RULE: a tie for the most votes is no majority (so cons@k does not depend on sample order)."""
+    groups = []  # [representative answer, [sample indices]]
+    for i, a in enumerate(answers):
+        for g in groups:
+            if (a is None) == (g[0] is None) and (a is None or same(g[0], a)):
+                g[1].append(i)
+                break
+        else:
+            groups.append([a, [i]])
+    groups.sort(key=lambda g: -len(g[1]))  # stable
+    if not groups or (len(groups) > 1 and len(groups[0][1]) == len(groups[1][1])) or groups[0][0] is None:
+        return []
+    return groups[0][1]
 
 
-def majority_vote(answers):
-    """The most frequent non-None answer, or None when there is none or when the top count is tied."""
-    counts = Counter(a for a in answers if a is not None).most_common()
-    if not counts or (len(counts) > 1 and counts[0][1] == counts[1][1]):
-        return None
-    return counts[0][0]
+def majority_vote(answers, same=rewards.same_answer):
+    """The winning answer of vote(), or None (no majority, or no answer won)."""
+    won = vote(answers, same)
+    return answers[won[0]] if won else None
 
 
 @torch.no_grad()
@@ -107,10 +113,13 @@ def _sample_and_score(model, tok, examples, mine, k, template, temperature, top_
                                row_seeds=[row_seed(seed, i, g) for i in idx for g in range(k)])
         comps = [tok.decode([t for t in ids if t not in stop_ids]) for ids in out.tokens]
         exs = [examples[i] for i in idx for _ in range(k)]
-        total, parts, _ = rewards.score_batch(comps, exs, workers=workers, lang=lang, rg_exact=rg_exact)
+        block = bool(template)  # both templates ask for <answer></answer> (the toy's through its corpus): only that
+        #                         block is an answer; with no template a \\boxed{} anywhere counts
+        total, parts, _ = rewards.score_batch(comps, exs, workers=workers, lang=lang, rg_exact=rg_exact,
+                                              answer_block=block)
         for j, i in enumerate(idx):
             ex = examples[i]
-            samples = [dict(text=comps[j * k + g], answer=rewards.extract_answer(comps[j * k + g]),
+            samples = [dict(text=comps[j * k + g], answer=rewards.extract_answer(comps[j * k + g], block),
                             accuracy=parts["accuracy"][j * k + g], format=parts["format"][j * k + g],
                             reward=total[j * k + g], tokens=len(out.tokens[j * k + g]),
                             truncated=out.truncated[j * k + g]) for g in range(k)]
@@ -133,11 +142,12 @@ def summarize(instances, k):
         p = c / len(acc)
         per.append(p)
         inst["pass@1"] = p
-        norm = (lambda a: a.strip() or None if a else None) if inst.get("exact") else normalise_answer
-        votes = [norm(s["answer"]) for s in inst["samples"]]
-        winner = majority_vote(votes)
-        inst["cons"] = float(winner is not None and any(v == winner and s["accuracy"] >= 1.0
-                                                        for v, s in zip(votes, inst["samples"])))
+        # vote with the scorer's notion of "the same answer": exact text for the toy's reversed digits
+        answers = [s["answer"] for s in inst["samples"]]
+        if inst.get("exact"):
+            answers = [a.strip() or None if a else None for a in answers]
+        won = vote(answers, (lambda a, b: a == b) if inst.get("exact") else rewards.same_answer)
+        inst["cons"] = float(any(inst["samples"][j]["accuracy"] >= 1.0 for j in won))
         cons.append(inst["cons"])
         inst["pass@k"] = {str(j): pass_at_k(len(acc), c, j) for j in ks(len(acc))}
         fmt += [s["format"] for s in inst["samples"]]
@@ -152,8 +162,9 @@ def summarize(instances, k):
         raise common.UserError("evaluate: every problem was skipped (unparseable golds)")
     mean = sum(per) / n
     se = (np.std(per, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    cons_se = (np.std(cons, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
     summary = {"problems": n, "k": k, "skipped": skipped, "pass@1": mean, "pass@1_se": float(se),
-               f"cons@{k}": sum(cons) / n, "format_rate": sum(fmt) / len(fmt), "mean_length": sum(lens) / len(lens),
+               f"cons@{k}": sum(cons) / n, f"cons@{k}_se": float(cons_se), "format_rate": sum(fmt) / len(fmt), "mean_length": sum(lens) / len(lens),
                "truncated": sum(trunc) / len(trunc), "reflective_per_token": refl / max(1, ntok),
                "pass@k": {j: sum(i["pass@k"][j] for i in instances if "pass@k" in i) / n for j in map(str, ks(k))},
                "by_difficulty": {str(d): {"problems": len(v), "pass@1": sum(v) / len(v)}

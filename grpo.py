@@ -243,7 +243,8 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
         texts = [tok.decode([t for t in ids if t not in stop_ids]) for ids in out.tokens]
         weights = {"accuracy": c.accuracy_weight, "format": c.format_weight, "language": c.language_weight}
         total, comps, reasons = rewards.score_batch(texts, [exs[i // G] for i in range(len(texts))], weights,
-                                                    workers=c.reward_workers, lang=c.lang, rg_exact=c.rg_exact)
+                                                    workers=c.reward_workers, lang=c.lang, rg_exact=c.rg_exact,
+                                                    answer_block=bool(template))  # as eval.py
         stats["reasons"].update(reasons)
         shaped = torch.tensor([t + overlong_penalty(len(ids), c.max_new_tokens, c.overlong_buffer)
                                for t, ids in zip(total, out.tokens)]).view(len(exs), G)
@@ -254,6 +255,13 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
     if not exs:
         return [], []
     adv = group_advantages(shaped, c.adv_scale, c.adv_eps, batch_std=batch_std)
+    # an example whose correctness cannot be judged (unparseable gold, broken tests: accuracy None) must not
+    # train its group on the other rewards alone
+    unjudged = torch.tensor([c.accuracy_weight != 0 and all(a is None for a in comps["accuracy"][j * G:(j + 1) * G])
+                             for j in range(len(exs))])
+    if unjudged.any():
+        adv[unjudged] = 0.0
+        stats["reasons"]["unjudged_example"] += int(unjudged.sum())
     zero = (adv.abs().sum(1) == 0).tolist()
     stats["zero_std_groups"] += sum(zero)
     stats["sampled_groups"] += len(zero)

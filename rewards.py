@@ -51,15 +51,17 @@ def _last_boxed(text):
     return None
 
 
-def extract_answer(completion):
-    """The last <answer>...</answer> block (its last \\boxed{} if it has one), else the last \\boxed{...}, else None."""
+def extract_answer(completion, answer_block=False):
+    """The last <answer>...</answer> block (its last \\boxed{} if it has one), else the last \\boxed{...}, else None.
+    answer_block: the format asks for the answer block, so no block means no answer (a \\boxed{} inside <think> or
+    in a truncated output is not one)."""
     i = completion.rfind("<answer>")
     j = completion.find("</answer>", i) if i >= 0 else -1
     if j >= 0:
         ans = completion[i + 8:j]
         box = _last_boxed(ans)
         return (ans if box is None else box).strip()
-    box = _last_boxed(completion)
+    box = None if answer_block else _last_boxed(completion)
     return None if box is None else box.strip()
 
 
@@ -112,9 +114,9 @@ def _parse_gold(gold):
     return _parse(gold) or None
 
 
-def _math(completion, gold, cheap_only=False):
+def _math(completion, gold, cheap_only=False, answer_block=False):
     """(1.0 | 0.0 | None, reason). cheap_only: return None when deciding needs sympy."""
-    gold, ans = str(gold), extract_answer(completion)
+    gold, ans = str(gold), extract_answer(completion, answer_block)
     bad = ("no_answer_tag" if ans is None else "empty_answer" if not ans
            else "answer_too_long" if len(ans) > MAX_ANSWER_CHARS else None)
     g, p = _number(gold), (None if bad else _number(ans))
@@ -125,7 +127,7 @@ def _math(completion, gold, cheap_only=False):
     if cheap_only:
         return None
     if threading.current_thread() is not threading.main_thread():
-        return _in_worker(_math, (completion, gold))  # math-verify's signal.alarm works only in a main thread
+        return _in_worker(_math, (completion, gold, False, answer_block))  # signal.alarm needs a main thread
     if _parse_gold(gold) is None:
         return None, "unparseable_gold"
     if bad:
@@ -139,13 +141,36 @@ def _math(completion, gold, cheap_only=False):
     return (1.0, None) if ok else (0.0, "wrong_answer")
 
 
-def _exact(completion, gold):
+def _exact(completion, gold, answer_block=False):
     """Text equality of the extracted answer and the gold, for notations math-verify would misread (the toy's
     reversed digits: gold "09" is ninety, and "9" must not match it)."""
-    ans = extract_answer(completion)
+    ans = extract_answer(completion, answer_block)
     if ans is None:
         return 0.0, "no_answer_tag"
     return (1.0, None) if ans == str(gold).strip() else (0.0, "wrong_answer")
+
+
+def same_answer(a, b):
+    """Do two extracted answers say the same thing? Plain numbers by value ("1,000" and "1000.0"), then text with
+    spaces removed, then math-verify both ways ("1/2", "0.5", "\\frac12"). For majority votes (cons@k); outside a
+    main thread math-verify cannot time out, so only the cheap checks run there."""
+    if a is None or b is None:
+        return a is b
+    na, nb = _number(a), _number(b)
+    if na is not None and nb is not None:
+        return na == nb
+    if _squash(a) == _squash(b):
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        pa, pb = _parse(a), _parse(b)
+        return bool(pa and pb and _mv().verify(pa, pb, timeout_seconds=MV_TIMEOUT)
+                    and _mv().verify(pb, pa, timeout_seconds=MV_TIMEOUT))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # math-verify's timeout is a BaseException
+        return False
 
 
 def accuracy_reward(completion, answer):
@@ -157,11 +182,11 @@ def accuracy_reward(completion, answer):
 _CHOICE = re.compile(r"\(?([A-Za-z])\)?(?:[.:)]\s*.*)?", re.S)
 
 
-def _choice(completion, gold):
+def _choice(completion, gold, answer_block=False):
     g = str(gold).strip().strip("()").upper()
     if not re.fullmatch(r"[A-Z]", g):
         return None, "unparseable_gold"
-    ans = extract_answer(completion)
+    ans = extract_answer(completion, answer_block)
     if ans is None:
         return 0.0, "no_answer_tag"
     m = _CHOICE.fullmatch(re.sub(r"\\text\{(.*?)\}", r"\1", ans).strip().strip("$").strip())
@@ -178,8 +203,8 @@ def choice_reward(completion, answer):
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
-def _countdown(completion, numbers, target):
-    ans = extract_answer(completion)
+def _countdown(completion, numbers, target, answer_block=False):
+    ans = extract_answer(completion, answer_block)
     if ans is None:
         return 0.0, "no_answer_tag"
     expr = ans.split("=")[0]  # "3*8 = 24" is fine; the value is checked anyway
@@ -218,8 +243,8 @@ def _rg_scorer(name):
     return reasoning_gym.get_score_answer_fn(name)
 
 
-def _rg(completion, name, entry, exact=False):
-    ans = extract_answer(completion)
+def _rg(completion, name, entry, exact=False, answer_block=False):
+    ans = extract_answer(completion, answer_block)
     if ans is None:
         return 0.0, "no_answer_tag"
     try:
@@ -399,11 +424,11 @@ def _in_worker(fn, args, timeout=60):
 
 def _job(kind, completion, answer, meta, opts):
     if kind == "math":
-        return _safe(_math, completion, answer)
+        return _safe(_math, completion, answer, False, opts["answer_block"])
     if kind == "code":
         return _safe(_code, completion, meta.get("tests", ""), opts["code_timeout"], opts["code_binary"],
                      meta.get("entry_point"))
-    return _safe(_rg, completion, meta.get("rg_name"), meta.get("rg_entry"), opts["rg_exact"])
+    return _safe(_rg, completion, meta.get("rg_name"), meta.get("rg_entry"), opts["rg_exact"], opts["answer_block"])
 
 
 def _jobs(chunk):
@@ -433,13 +458,15 @@ def _run_heavy(jobs, workers):
 
 
 def score_batch(completions, examples, weights=None, workers=2, lang="en", think_prefilled=False,
-                code_timeout=4.0, code_binary=False, rg_exact=False):
+                code_timeout=4.0, code_binary=False, rg_exact=False, answer_block=False):
     """Score one step's completions against their examples (duck-typed: .kind, .answer, .meta).
     -> (total per completion, {"accuracy"|"format"|"language": per-completion value or None}, Counter of reasons)
     Accuracy is the correctness of any kind (math, choice, countdown, code tests, reasoning-gym); None means
     skipped (unparseable gold, bad tests) and adds 0 to the total. Language is computed only when weighted
     (target: meta["lang"] else lang). Plain-number math, choice, countdown, format and language are scored here;
-    math needing sympy, code and reasoning-gym run in `workers` processes (0: in this process)."""
+    math needing sympy, code and reasoning-gym run in `workers` processes (0: in this process). answer_block: the
+    prompt's format asks for <answer></answer> (the R1-Zero and toy templates), so only that block is an answer;
+    without it a \\boxed{} anywhere counts too (for models that answer in a box)."""
     weights = WEIGHTS if weights is None else weights
     for k in weights:
         if k not in ("accuracy", "format", "language"):
@@ -451,17 +478,18 @@ def score_batch(completions, examples, weights=None, workers=2, lang="en", think
     fmt = [format_reward(c, think_prefilled) for c in completions]
     lng = [language_consistency_reward(c, (ex.meta or {}).get("lang", lang)) if weights.get("language") else None
            for c, ex in zip(completions, examples)]
-    opts = {"code_timeout": code_timeout, "code_binary": code_binary, "rg_exact": rg_exact}
+    opts = {"code_timeout": code_timeout, "code_binary": code_binary, "rg_exact": rg_exact,
+            "answer_block": answer_block}
     heavy = []
     for i, (c, ex) in enumerate(zip(completions, examples)):
         meta = ex.meta or {}
         kind = "rg" if "rg_name" in meta else ex.kind  # any reasoning-gym task is scored by its own verifier
         if kind not in KINDS:
             raise ValueError(f"score_batch: example {i} has kind {kind!r}; expected one of {KINDS}")
-        r = (_safe(_exact, c, ex.answer) if meta.get("notation") == "reversed" else
-             _safe(_choice, c, ex.answer) if kind == "choice" else
-             _safe(_countdown, c, meta.get("numbers", ()), meta.get("target")) if kind == "countdown" else
-             _safe(_math, c, ex.answer, True) if kind == "math" else None)
+        r = (_safe(_exact, c, ex.answer, answer_block) if meta.get("notation") == "reversed" else
+             _safe(_choice, c, ex.answer, answer_block) if kind == "choice" else
+             _safe(_countdown, c, meta.get("numbers", ()), meta.get("target"), answer_block) if kind == "countdown"
+             else _safe(_math, c, ex.answer, True, answer_block) if kind == "math" else None)
         if r is None:
             keep = {k: meta[k] for k in ("tests", "entry_point", "rg_name", "rg_entry") if k in meta}
             heavy.append((i, (kind, c, ex.answer, keep, opts)))

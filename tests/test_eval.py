@@ -39,17 +39,33 @@ def test_majority_vote_and_tie_rule():
     assert ev.majority_vote([]) is None
     assert ev.majority_vote([None, None]) is None
     assert ev.majority_vote(["3", "3", "4"]) == "3"
-    assert ev.majority_vote(["3", None, None, None]) == "3"       # None is not an answer
+    assert ev.majority_vote(["3", None, None, None]) is None       # no answer is a vote too, and it won ...
+    assert ev.majority_vote(["3", "3", None, None]) is None        # ... or tied
+    assert ev.majority_vote(["3", "3", None, "4"]) == "3"
     assert ev.majority_vote(["3", "4"]) is None                    # a tie is not a majority ...
     assert ev.majority_vote(["4", "3", "3", "4", "5"]) is None     # ... whatever the order
     assert ev.majority_vote(["4", "3", "3", "4", "3"]) == "3"
+    assert ev.vote(["4", "3", "3", "4", "3"]) == [1, 2, 4]
 
 
-def test_normalised_answers_vote_together():
-    votes = [ev.normalise_answer(a) for a in ["1,000", "1000.0", " 1000 ", "999", None]]
-    assert votes[0] == votes[1] == votes[2] != votes[3] and votes[4] is None
-    assert ev.majority_vote(votes) == votes[0]
-    assert ev.normalise_answer("X = y") == ev.normalise_answer("x=Y")
+def test_equivalent_answers_vote_together():
+    assert ev.majority_vote(["1,000", "1000.0", " 1000 ", "999", None]) == "1,000"
+    # math-verify equivalence: three spellings of one half outvote two of a third
+    assert ev.majority_vote(["1/2", "\\frac{1}{3}", "0.5", "\\frac12", "1/3"]) == "1/2"
+    assert ev.majority_vote(["\\frac{1}{3}", "1/2", "0.5", "1/3"]) is None  # 2 - 2: a tie
+    assert ev.majority_vote(["x = 5", "x=5", "5", "6"]) == "x = 5"
+    # exact mode (the toy's reversed digits): "09" is ninety, never nine
+    assert ev.vote(["09", "9", "9"], same=lambda a, b: a == b) == [1, 2]
+
+
+def test_cons_counts_equivalent_answers_and_has_a_standard_error():
+    """cons@k once split "1/2", "0.5" and "\\frac12" into three votes and dropped samples with no answer."""
+    s = ev.summarize([inst("a", [1.0, 0.0, 1.0, 1.0], ["1/2", "1/3", "0.5", "\\frac12"]),
+                      inst("b", [1.0, 0.0, 0.0, 0.0], ["7", None, None, None]),
+                      inst("c", [0.0, 0.0, 1.0, 1.0], ["8", "8", "6", "6.0"]),
+                      inst("d", [1.0, 1.0, 1.0, 0.0], ["2", "2", "2", "3"])], k=4)
+    assert [i["cons"] for i in s["instances"]] == [1.0, 0.0, 0.0, 1.0]
+    assert s["cons@4"] == 0.5 and s["cons@4_se"] == pytest.approx(np.std([1, 0, 0, 1], ddof=1) / 2)
 
 
 def inst(prompt, accs, answers, fmt=1.0, difficulty=None, tokens=10):

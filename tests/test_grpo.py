@@ -498,6 +498,39 @@ def test_score_round_adds_the_overlong_penalty_and_masks_truncated_rows(monkeypa
     assert not any(r["masked"] for r in rows)
 
 
+def test_a_group_whose_gold_cannot_be_judged_does_not_train(monkeypatch):
+    """An unparseable gold gives accuracy None; its group used to train on the format reward alone. Real rewards:
+    the completions differ in format only, so without the fix the group would get non-zero advantages."""
+    import rollout
+    tok = data.toy_tokenizer(n_docs=200)
+    texts = ["<think>a</think><answer>1</answer>", "no tags", "<think>b</think><answer>2</answer>", "x"]
+    monkeypatch.setattr(grpo.rollout, "generate", lambda policy, prompts, *a, num_samples, **kw: rollout.Rollout(
+        tokens=[tok.encode(t) for t in texts] * len(prompts), logprobs=[[0.0] * len(tok.encode(t)) for t in texts] *
+        len(prompts), truncated=[False] * 4 * len(prompts), num_samples=num_samples))
+    c = grpo.GRPOConfig(group_size=4, template="none", reward_workers=0)
+    stats = {"sample_s": 0.0, "new_tokens": 0, "zero_std_groups": 0, "sampled_groups": 0,
+             "reasons": __import__("collections").Counter()}
+    bad, good = data.Example(prompt="q", answer="\\frac{1}{"), data.Example(prompt="q", answer="1")
+    rows, zero = grpo.score_round(None, tok, [bad, good], c, 0, 0, "", [tok.eot_id], stats)
+    assert [r["acc"] for r in rows[:4]] == [None] * 4 and [r["fmt"] for r in rows[:4]] == [1.0, 0.0, 1.0, 0.0]
+    assert [r["adv"] for r in rows[:4]] == [0.0] * 4 and zero == [True, False]
+    assert any(r["adv"] != 0 for r in rows[4:]) and stats["reasons"]["unjudged_example"] == 1
+
+
+def test_answer_outside_the_answer_block_does_not_count():
+    """With a template that asks for <answer></answer>, a \\boxed{} inside <think> or in a truncated output is no
+    answer; without one (a boxed-answer model) it still is."""
+    import rewards
+    ex = data.Example(prompt="q", answer="42")
+    texts = ["<think>so \\boxed{42}", "<think>\\boxed{42}</think><answer>41</answer>",
+             "<think>x</think><answer>\\boxed{42}</answer>"]
+    _, comps, _ = rewards.score_batch(texts, [ex] * 3, workers=0, answer_block=True)
+    assert comps["accuracy"] == [0.0, 0.0, 1.0]
+    _, comps, _ = rewards.score_batch(texts, [ex] * 3, workers=0, answer_block=False)
+    assert comps["accuracy"] == [1.0, 0.0, 1.0]
+    assert rewards.extract_answer(texts[0], answer_block=True) is None
+
+
 def test_beta_zero_never_builds_a_reference_model(base_dir, tmp_path, monkeypatch):
     """PITFALLS P11: beta = 0 loads the policy only; beta > 0 loads a second (reference) model."""
     built = []

@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -599,7 +600,7 @@ def shard_model(model, bf16=False):
     return model
 
 
-def build_model(path, state, device, dtype=torch.float32):
+def build_model(path, state, device, dtype=torch.float32, flag="--init-from"):
     """The model to train or evaluate: fp32 (master) weights on `device` (fp64 for dtype fp64), sharded with FSDP2
     under torchrun. A bf16/fp16 dtype is the compute dtype: autocast(device, dtype) in one process, FSDP's bf16
     MixedPrecisionPolicy under torchrun (rounding the weights themselves would lose small updates and the RoPE
@@ -607,7 +608,8 @@ def build_model(path, state, device, dtype=torch.float32):
     - resuming (state given): built on the meta device; restore_checkpoint fills the weights;
     - a Hugging Face dir, or a run dir with a final/ export: under torchrun each rank reads only its own shard from
       the safetensors files (hf.load), so no rank ever holds the whole model;
-    - a nano-r1 checkpoint file or a run dir without final/: loaded whole, then sharded (small models)."""
+    - a nano-r1 checkpoint file or a run dir without final/: loaded whole, then sharded (small models).
+    A path that is none of these is a ConfigError naming `flag`."""
     import hf
     from model import ModelConfig, Transformer, find_hf_dir, load_model
     if distributed() and dtype not in (torch.float32, torch.bfloat16):
@@ -622,7 +624,13 @@ def build_model(path, state, device, dtype=torch.float32):
     if find_hf_dir(path):
         return hf.load(find_hf_dir(path), wdtype, device,
                        shard=(lambda m: shard_model(m, bf16)) if distributed() else None)
-    return shard_model(load_model(path).to(device=device, dtype=wdtype), bf16)
+    try:
+        model = load_model(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{flag}={path}: {str(e).removeprefix(f'{path}: ')}") from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # what torch.load says of a file that is not one
+        raise ConfigError(f"{flag}={path}: not a checkpoint torch can read ({type(e).__name__}: {e})") from None
+    return shard_model(model.to(device=device, dtype=wdtype), bf16)
 
 
 class gathered:

@@ -482,7 +482,7 @@ def main(argv=None):
     common.set_threads(c.threads)
     device = common.get_device(c.device)
     dtype = common.get_dtype(c.dtype, device)
-    model = common.build_model(c.model, None, device, dtype)  # under torchrun: sharded
+    model = common.build_model(c.model, None, device, dtype, flag="--model")  # under torchrun: sharded
     tok = data.Tokenizer.from_file(common.find_tokenizer(c.tokenizer, c.model))
     examples = data.load_task(c.task, n=c.problems, seed=c.problem_seed, split=c.split, heldout_frac=c.heldout_frac)
     template = data.TEMPLATES[c.template]

@@ -62,6 +62,30 @@ def test_bad_flags_name_the_flag(argv, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("argv", [["grpo.py", "--preset=cpu", "--init-from={bad}", "--out-dir={tmp}/rl"],
+                                  ["eval.py", "--model={bad}"],
+                                  ["sft.py", "--data={data}", "--tokenizer={tok}", "--init-from={bad}",
+                                   "--out-dir={tmp}/sft"]])
+@pytest.mark.parametrize("bad", ["missing", "garbage.pt", "empty.pt", "emptydir"])
+def test_a_bad_model_path_is_one_line_naming_the_flag(tmp_path, argv, bad):
+    """--init-from / --model pointing at nothing, or at a file that is no checkpoint: one line naming the flag and
+    the path, exit status 2, no traceback."""
+    import data
+    (tmp_path / "garbage.pt").write_text("not a checkpoint\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "emptydir").mkdir()
+    tok = data.toy_tokenizer(n_docs=50)
+    tok.save(str(tmp_path / "tok.bpe"))
+    (tmp_path / "c.txt").write_text("12+34=46<|endoftext|>" * 50)
+    args = [a.format(bad=tmp_path / bad, tmp=tmp_path, data=tmp_path / "c.txt", tok=tmp_path / "tok.bpe")
+            for a in argv]
+    r = subprocess.run([sys.executable, *args], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       capture_output=True, text=True, timeout=120)
+    flag = "--model" if argv[0] == "eval.py" else "--init-from"
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"{argv[0]}: {flag}={tmp_path / bad}: "), r.stderr
+
+
 def test_help_lists_fields(capsys):
     with pytest.raises(SystemExit):
         parse_config(Cfg, ["--help"], PRESETS)

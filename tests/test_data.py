@@ -221,7 +221,7 @@ def test_hf_tokenizer_json_ids_match_tokenizers(tmp_path, kind):
 def test_prompts_are_encoded_as_the_models_own_tokenizer_does(tmp_path, post):
     """BOS where the tokenizer.json's post-processor adds one (Llama 3, DeepSeek-V3), none where it does not (Qwen):
     the ids equal `tokenizers`' encode(text).ids, special tokens added as the model's tokenizer adds them."""
-    tk = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     from tokenizers import processors
     hf, path = _hf_tokenizer(tmp_path, "split-nfc")
     hf.add_special_tokens(["<|begin_of_text|>"])

@@ -114,7 +114,7 @@ def _sample_and_score(model, tok, examples, mine, k, template, temperature, top_
         comps = [tok.decode([t for t in ids if t not in stop_ids]) for ids in out.tokens]
         exs = [examples[i] for i in idx for _ in range(k)]
         block = bool(template)  # both templates ask for <answer></answer> (the toy's through its corpus): only that
-        #                         block is an answer; with no template a \\boxed{} anywhere counts
+        #                         block is an answer; with no template a \boxed{} anywhere counts
         total, parts, _ = rewards.score_batch(comps, exs, workers=workers, lang=lang, rg_exact=rg_exact,
                                               answer_block=block)
         for j, i in enumerate(idx):

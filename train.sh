@@ -28,7 +28,7 @@ SEED=${SEED:-1}
 OUT=${OUT:-out/toy}
 THREADS=${THREADS:-2}
 DOCS=${DOCS:-500000}; BASE_STEPS=${BASE_STEPS:-1300}; RL_STEPS=${RL_STEPS:-150}; EVAL_PROBLEMS=${EVAL_PROBLEMS:-200}
-PROBE_MIN=${PROBE_MIN:-0.5}
+PROBE_MIN=${PROBE_MIN:-0.8}
 resume() { ls "$1"/ckpt_*.pt >/dev/null 2>&1 && echo --resume || true; }
 mkdir -p "$OUT"
 # stage NAME CMD...: run CMD and append its wall time to $OUT/times.tsv (what the seed sweep's table reports)
@@ -48,10 +48,14 @@ start=$(date +%s)
     --threads="$THREADS" --seed="$SEED" $(resume "$OUT/base")
 
 # 3. the pre-RL check, on dev problems (never in the corpus, never the held-out ones): RL here selects stepwise
-#    solutions, so it can only reach what the base writes right once it works stepwise. A base below PROBE_MIN
-#    would waste the RL stage (README: "What happened"); the run stops and says so.
+#    solutions, so it can only reach what the base writes right once it works stepwise. PROBE_MIN=0.8: the bases
+#    that ended below ~0.85 on some operand count after RL were far below this (README: "What happened").
 python eval.py --probe --model="$OUT/base" --task=toy --split=dev --problems=200 --template=toy --threads="$THREADS" \
-    --out-dir="$OUT/probe_base" --probe-min="$PROBE_MIN"
+    --out-dir="$OUT/probe_base" --probe-min="$PROBE_MIN" || {
+    echo "train.sh: stopped before RL: the base in $OUT/base does not write the stepwise solutions RL would select"
+    echo "  (numbers above). Train it longer (rm -r $OUT/base $OUT/probe_base; BASE_STEPS=2000 bash train.sh), try"
+    echo "  another SEED, or run RL anyway with PROBE_MIN=0."
+    exit 3; }
 
 # 4. the base on held-out problems (never in the corpus; data.py checked)
 EVAL="--task=toy --split=heldout --problems=$EVAL_PROBLEMS --k=4 --template=toy --max-new-tokens=48 --workers=0 --threads=$THREADS --seed=$SEED"

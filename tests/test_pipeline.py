@@ -14,6 +14,7 @@ def test_train_sh_runs_every_stage_and_skips_finished_ones(tmp_path):
     r = subprocess.run(["bash", "train.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]
     assert "probe FAILED" in r.stdout and "below --probe-min=0.5" in r.stdout and not (out / "rl").exists()
+    assert "stopped before RL" in r.stdout and "BASE_STEPS=2000" in r.stdout
     probe = json.load(open(out / "probe_base" / "probe.json"))
     assert probe["passed"] is False and probe["split"] == "dev" and probe["step_ok_4"] < 0.5
     # with the check's bar at 0 the same base goes on to RL (the corpus and the base are reused, not rebuilt)

@@ -417,7 +417,7 @@ def sweep(dirs):
 
     lines = ["| run | base loss | probe step_ok (3 / 4) | base pass@1 | after GRPO ± se | gain | after, 3 / 4 operands "
              "| data / pretrain / grpo / evals (s) |", "|---|---|---|---|---|---|---|---|"]
-    finals = []
+    finals, stopped = [], []
     for d in dirs:
         val = None
         if os.path.isfile(os.path.join(d, "base", "metrics.jsonl")):
@@ -435,6 +435,8 @@ def sweep(dirs):
         by = lambda s, k: s["by_difficulty"].get(k, {}).get("pass@1") if s else None  # noqa: E731
         if rl:
             finals.append((rl["pass@1"], d))
+        elif probe and not probe.get("passed", True):
+            stopped.append(d)
         lines.append(f"| {os.path.basename(os.path.normpath(d))} | {fmt(val)} | "
                      f"{fmt(probe and probe.get('step_ok_3'))} / {fmt(probe and probe.get('step_ok_4'))} | "
                      f"{fmt(base and base['pass@1'])} | "
@@ -443,9 +445,11 @@ def sweep(dirs):
                      f"{fmt(by(rl, '3'))} / {fmt(by(rl, '4'))} | "
                      f"{times['data']} / {times['pretrain']} / {times['grpo']} / {times['eval_base'] + times['eval_rl']} |")
     print("\n".join(lines))
-    if finals:
-        print(f"worst seed: {min(finals)[1]} at {min(finals)[0]:.3f} held-out pass@1 after GRPO "
-              f"({len(finals)} of {len(dirs)} runs finished)")
+    if stopped:
+        print(f"worst: {', '.join(stopped)} stopped before RL (the base failed the pre-RL probe)")
+    elif finals:
+        print(f"worst: {min(finals)[1]} at {min(finals)[0]:.3f} held-out pass@1 after GRPO")
+    print(f"{len(finals)} of {len(dirs)} runs finished RL, {len(stopped)} stopped before it")
     return lines
 
 

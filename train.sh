@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # nano-r1: the R1-Zero pipeline as a readable script.
 #
-# Default (no GPU needed): a complete toy R1-Zero reproduction on CPU in about ten minutes.
+# Default (no GPU needed): a complete toy R1-Zero reproduction on CPU in about eleven minutes.
 #   1. toy corpus + tokenizer       (data.py)     reversed-digit addition, direct and stepwise solutions, some tagged
 #   2. pretrain the toy MoE base    (sft.py)      a DeepSeek-V3-style MoE (MLA, 8 routed + 1 shared experts)
-#   3. check the base (eval.py --probe) on dev problems: can it write the steps RL will select? stops if not
-#   4. evaluate the base            (eval.py)     held-out problems, R1-Zero-style template, k=4 at T=0.6, top-p 0.95
+#   3. evaluate the base            (eval.py)     held-out problems, R1-Zero-style template, k=4 at T=0.6, top-p 0.95
+#   4. check the base (eval.py --probe) on dev problems: can it write the steps RL will select? stops if not
 #   5. GRPO from the base           (grpo.py)     --preset=cpu: accuracy + format rewards, no length/reflection terms
 #   6. evaluate the policy, print the before/after table, plot curves.png
 # Every stage is skipped when its output exists; an interrupted training stage resumes from its last checkpoint.
@@ -38,16 +38,20 @@ start=$(date +%s)
 # 1. corpus and tokenizer
 [ -f "$OUT/data/tokenizer.bpe" ] || stage data python data.py --out-dir="$OUT/data" --docs="$DOCS" --seed=1
 
-# 2. pretraining (the "base model"): ~7 minutes on 2 cores. RL can only select what the base can do, and here that
+# 2. pretraining (the "base model"): ~8 minutes on 2 cores. RL can only select what the base can do, and here that
 #    is copying each operand into the steps. With 4 attention heads that skill came late (after 2,000 steps or never,
-#    depending on the seed and the CPU); with 8 it is learned by step ~750 on every seed tried (README: "What
-#    happened"), so the base has more heads and fewer steps.
+#    depending on the seed and the CPU); with 8 it comes earlier, but not early enough on every seed: at 1,300 steps
+#    seeds 1-2 copy every operand and seeds 3-4 do not yet (README: "What happened"; step 4 catches those).
 [ -f "$OUT/base/final/config.json" ] || stage pretrain python sft.py --data="$OUT/data/corpus.txt" \
     --tokenizer="$OUT/data/tokenizer.bpe" --out-dir="$OUT/base" --num-attention-heads=8 --max-steps="$BASE_STEPS" \
     --batch-size=32 --seq-len=128 --lr=2e-3 --warmup-steps=100 --log-every=100 --eval-every=250 --ckpt-every=250 \
     --threads="$THREADS" --seed="$SEED" $(resume "$OUT/base")
 
-# 3. the pre-RL check, on dev problems (never in the corpus, never the held-out ones): RL here selects stepwise
+# 3. the base on held-out problems (never in the corpus; data.py checked)
+EVAL="--task=toy --split=heldout --problems=$EVAL_PROBLEMS --k=4 --template=toy --max-new-tokens=48 --workers=0 --threads=$THREADS --seed=$SEED"
+[ -f "$OUT/eval_base/summary.json" ] || stage eval_base python eval.py --model="$OUT/base" $EVAL --out-dir="$OUT/eval_base"
+
+# 4. the pre-RL check, on dev problems (never in the corpus, never the held-out ones): RL here selects stepwise
 #    solutions, so it can only reach what the base writes right once it works stepwise. PROBE_MIN=0.8: the bases
 #    that ended below ~0.85 on some operand count after RL were far below this (README: "What happened").
 python eval.py --probe --model="$OUT/base" --task=toy --split=dev --problems=200 --template=toy --threads="$THREADS" \
@@ -56,10 +60,6 @@ python eval.py --probe --model="$OUT/base" --task=toy --split=dev --problems=200
     echo "  (numbers above). Train it longer (rm -r $OUT/base $OUT/probe_base; BASE_STEPS=2000 bash train.sh), try"
     echo "  another SEED, or run RL anyway with PROBE_MIN=0."
     exit 3; }
-
-# 4. the base on held-out problems (never in the corpus; data.py checked)
-EVAL="--task=toy --split=heldout --problems=$EVAL_PROBLEMS --k=4 --template=toy --max-new-tokens=48 --workers=0 --threads=$THREADS --seed=$SEED"
-[ -f "$OUT/eval_base/summary.json" ] || stage eval_base python eval.py --model="$OUT/base" $EVAL --out-dir="$OUT/eval_base"
 
 # 5. R1-Zero: GRPO from the base with rule rewards only
 [ -f "$OUT/rl/final/config.json" ] || stage grpo python grpo.py --preset=cpu --init-from="$OUT/base" --out-dir="$OUT/rl" \

@@ -269,4 +269,12 @@ def test_sweep_table_reads_each_runs_outputs(tmp_path, capsys):
     lines = ev.sweep([a, b, str(tmp_path / "3")])
     assert lines[2] == "| 1 | 0.740 | 0.900 / 0.800 | 0.200 | 0.970 ± 0.020 | +0.770 | 0.990 / 0.950 | 9 / 420 / 130 / 0 |"
     assert lines[3].startswith("| 2 | 0.810 |") and lines[4].startswith("| 3 | - | - / - | - | - ± - | - |")
-    assert "worst seed: " + b + " at 0.600" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "worst: " + b + " at 0.600" in out and "2 of 3 runs finished RL, 0 stopped" in out
+    # a run the pre-RL check stopped is the worst, whatever the others reached
+    (tmp_path / "3" / "probe_base").mkdir()
+    (tmp_path / "3" / "probe_base" / "probe.json").write_text(json.dumps({"step_ok_3": 0.3, "step_ok_4": 0.5,
+                                                                          "passed": False}))
+    ev.sweep([a, b, str(tmp_path / "3")])
+    out = capsys.readouterr().out
+    assert f"worst: {tmp_path / '3'} stopped before RL" in out and "1 stopped before it" in out

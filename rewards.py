@@ -3,21 +3,25 @@
 Every reward is a function of (completion text, gold) that never raises: a bad completion scores 0 and
 score_batch counts why. The paper's R1-Zero reward is accuracy + format with equal weights (004 Eq. B4); the
 language-consistency reward is added directly when enabled (003 line 214). An unparseable gold gives None (skip),
-never 1 (PITFALLS P12). Model-written code runs in sandbox_runner.py (its docstring lists the walls and their limits).
+never 1 (PITFALLS P12). Model-written code runs in sandbox_runner.py, and the tests run outside it, against
+proxies of the code's functions (its docstring lists the walls, the proxies' semantics and their limits). Without
+root or a user namespace the code reward refuses to run (SandboxUnavailable, not a silent 0) unless the caller
+accepts weaker isolation with isolation="weak".
 
 Public: accuracy_reward, choice_reward, countdown_reward, reasoning_gym_reward, format_reward,
-language_consistency_reward, code_reward (split_tests, run_sandboxed), extract_answer, score_batch (one call per
-GRPO step: dispatch by example kind, weighted total, per-component values, counted reasons, a worker pool).
+language_consistency_reward, code_reward (split_tests, run_sandboxed, SandboxUnavailable), extract_answer,
+score_batch (one call per GRPO step: dispatch by example kind, weighted total, per-component values, counted
+reasons, a worker pool).
 """
 import ast
 import atexit
+import builtins
 import collections
 import marshal
 import multiprocessing as mp
 import operator
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -76,11 +80,16 @@ def _squash(s):
     return re.sub(r"\s+", "", str(s)).strip("$").rstrip(".")
 
 
+class SandboxUnavailable(RuntimeError):
+    """The code sandbox cannot isolate model-written code here (no root, no user namespace) and the caller did not
+    accept weaker isolation. Raised to the caller, never turned into a reward."""
+
+
 def _safe(fn, *args):
     """Run a scorer; any failure (math-verify's TimeoutException is a BaseException) becomes 0 with a reason."""
     try:
         return fn(*args)
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, SandboxUnavailable):
         raise
     except BaseException:
         return 0.0, "exception"
@@ -281,7 +290,8 @@ def language_consistency_reward(text, lang="en"):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# code: tests split on the trusted side, then the sandbox (supervisor + child, see the module docstring)
+# code: tests split on the trusted side; the code runs in a sandboxed process and the tests in its supervisor, which
+# calls the code's functions over a pipe with plain data (sandbox_runner.py)
 
 _FENCE = re.compile(r"```(?:python3?|py)?[ \t]*\n(.*?)```", re.S)
 _SETUP = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign,
@@ -307,7 +317,7 @@ def split_tests(tests, entry_point=None):
     return units
 
 
-def _code(completion, tests, timeout=4.0, binary=False, entry_point=None, memory_mb=1024):
+def _code(completion, tests, timeout=4.0, binary=False, entry_point=None, memory_mb=1024, isolation="strict"):
     try:
         units = split_tests(tests, entry_point)
     except (SyntaxError, ValueError, TypeError):
@@ -318,7 +328,7 @@ def _code(completion, tests, timeout=4.0, binary=False, entry_point=None, memory
     blocks = _FENCE.findall(completion)
     if not blocks:
         return 0.0, "no_code"
-    bits, reason = run_sandboxed(blocks[-1], [u for u, _ in units], timeout, memory_mb)
+    bits, reason, _ = run_sandboxed(blocks[-1], [u for u, _ in units], timeout, memory_mb, isolation)
     if bits is None or len(bits) != len(units):
         return 0.0, reason or "sandbox_error"
     frac = sum(b == "1" for b, c in zip(bits, counted) if c) / sum(counted)
@@ -326,37 +336,66 @@ def _code(completion, tests, timeout=4.0, binary=False, entry_point=None, memory
     return (frac, None) if frac > 0 else (0.0, reason or "tests_failed")
 
 
-def code_reward(completion, tests, timeout=4.0, binary=False, entry_point=None, memory_mb=1024):
-    """Run the completion's last ```python block, then the tests, in the sandbox: the fraction of tests passed
-    (binary: 1.0 only if all pass). A test counts only if the harness provably ran to the end. None: bad tests."""
-    return _safe(_code, completion, tests, timeout, binary, entry_point, memory_mb)[0]
+def code_reward(completion, tests, timeout=4.0, binary=False, entry_point=None, memory_mb=1024, isolation="strict"):
+    """Run the completion's last ```python block in the sandbox and the tests against it from outside: the fraction
+    of tests passed (binary: 1.0 only if all pass). None: bad tests. isolation="weak" accepts running without root
+    or a user namespace (the code is then walled by Python-level guards only); "strict" raises SandboxUnavailable."""
+    return _safe(_code, completion, tests, timeout, binary, entry_point, memory_mb, isolation)[0]
 
 
 SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
                "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # all the sandbox sees: no trainer secrets
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_runner.py")
+PRETEND_ENV = "NANO_R1_SANDBOX_PRETEND"  # test-only: "no_root" | "no_isolation" (see sandbox_runner's docstring)
 
 
-def run_sandboxed(code, units, timeout=4.0, memory_mb=1024):
-    """Run code, then each unit (test source), in a fresh sandbox. -> (one "1"/"0" per unit or None, reason)."""
-    cfg = {"code": code, "units": list(units), "nonce": secrets.token_hex(16), "timeout": float(timeout),
-           "memory_mb": int(memory_mb)}
+def _names(units):
+    """The names the tests mention, so the model's process reports only those; builtins always mean the builtin
+    (a model's own `len` must not stand in for the tests' `len`). A unit that does not parse fails in the judge."""
+    names = set()
+    for u in units:
+        try:
+            names.update(n.id for n in ast.walk(ast.parse(u)) if isinstance(n, ast.Name))
+        except SyntaxError:
+            pass
+    return sorted(names - set(dir(builtins)))
+
+
+def _message(obj):
+    data = marshal.dumps(obj)
+    return len(data).to_bytes(8, "little") + data
+
+
+def run_sandboxed(code, units, timeout=4.0, memory_mb=1024, isolation="strict"):
+    """Run code in a fresh sandbox and each unit (test source) against it from the supervisor.
+    -> (one "1"/"0" per unit or None, reason or None, the isolation achieved: "uid+ns" | "uid" | "userns" | "none").
+    Raises SandboxUnavailable when only "none" is possible and isolation is not "weak"."""
+    if isolation not in ("strict", "weak"):
+        raise ValueError(f"run_sandboxed: isolation={isolation!r}; expected 'strict' or 'weak'")
+    units = list(units)
+    cfg = {"code": code, "names": _names(units), "timeout": float(timeout), "memory_mb": int(memory_mb),
+           "isolation": isolation, "pretend": os.environ.get(PRETEND_ENV) or None}
     try:
         proc = subprocess.Popen([sys.executable, "-I", RUNNER], env=SANDBOX_ENV, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", start_new_session=True)
     except OSError:
-        return None, "sandbox_error"
-    try:
-        out, err = proc.communicate(marshal.dumps(cfg), timeout=timeout + 15)
-        bits, reason = out.decode().split()
-        return (None if bits == "-" else bits), (None if reason == "-" else reason)
+        return None, "sandbox_error", None
+    try:  # two messages: the supervisor reads the tests only after the model's process has split off
+        out, err = proc.communicate(_message(cfg) + _message(units), timeout=timeout + 15)
+        line, _, message = out.decode().partition("\n")
+        bits, reason, achieved = line.split()
     except subprocess.TimeoutExpired:  # the supervisor itself hung: should not happen
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        return None, "timeout"
+        return None, "timeout", None
     except ValueError:  # a broken sandbox would silently zero every code reward: say so
         print(f"rewards: the sandbox supervisor failed:\n{err.decode(errors='replace')[-2000:]}", file=sys.stderr)
-        return None, "sandbox_error"
+        return None, "sandbox_error", None
+    if reason == "refused":
+        raise SandboxUnavailable(message.strip())
+    if reason == "sandbox_error":  # a wall did not go up: loud, like a broken supervisor
+        print(f"rewards: the sandbox could not be set up: {message.strip()}", file=sys.stderr)
+    return (None if bits == "-" else bits), (None if reason == "-" else reason), achieved
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -402,7 +441,7 @@ def _job(kind, completion, answer, meta, opts):
         return _safe(_math, completion, answer)
     if kind == "code":
         return _safe(_code, completion, meta.get("tests", ""), opts["code_timeout"], opts["code_binary"],
-                     meta.get("entry_point"))
+                     meta.get("entry_point"), 1024, opts["code_isolation"])
     return _safe(_rg, completion, meta.get("rg_name"), meta.get("rg_entry"), opts["rg_exact"])
 
 
@@ -433,13 +472,15 @@ def _run_heavy(jobs, workers):
 
 
 def score_batch(completions, examples, weights=None, workers=2, lang="en", think_prefilled=False,
-                code_timeout=4.0, code_binary=False, rg_exact=False):
+                code_timeout=4.0, code_binary=False, rg_exact=False, code_isolation="strict"):
     """Score one step's completions against their examples (duck-typed: .kind, .answer, .meta).
     -> (total per completion, {"accuracy"|"format"|"language": per-completion value or None}, Counter of reasons)
     Accuracy is the correctness of any kind (math, choice, countdown, code tests, reasoning-gym); None means
     skipped (unparseable gold, bad tests) and adds 0 to the total. Language is computed only when weighted
     (target: meta["lang"] else lang). Plain-number math, choice, countdown, format and language are scored here;
-    math needing sympy, code and reasoning-gym run in `workers` processes (0: in this process)."""
+    math needing sympy, code and reasoning-gym run in `workers` processes (0: in this process).
+    code_isolation="weak" accepts running code without root or a user namespace; under "strict" (the default)
+    that raises SandboxUnavailable (see code_reward)."""
     weights = WEIGHTS if weights is None else weights
     for k in weights:
         if k not in ("accuracy", "format", "language"):
@@ -451,7 +492,10 @@ def score_batch(completions, examples, weights=None, workers=2, lang="en", think
     fmt = [format_reward(c, think_prefilled) for c in completions]
     lng = [language_consistency_reward(c, (ex.meta or {}).get("lang", lang)) if weights.get("language") else None
            for c, ex in zip(completions, examples)]
-    opts = {"code_timeout": code_timeout, "code_binary": code_binary, "rg_exact": rg_exact}
+    if code_isolation not in ("strict", "weak"):
+        raise ValueError(f"score_batch: code_isolation={code_isolation!r}; expected 'strict' or 'weak'")
+    opts = {"code_timeout": code_timeout, "code_binary": code_binary, "rg_exact": rg_exact,
+            "code_isolation": code_isolation}
     heavy = []
     for i, (c, ex) in enumerate(zip(completions, examples)):
         meta = ex.meta or {}

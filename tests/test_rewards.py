@@ -374,11 +374,11 @@ def attacks(w):
         "growing_allocation": ("x = []\nwhile True:\n    x.append(bytearray(64 << 20))", {"memory", "timeout"},
                                None),  # page-faulting the memory in may take longer than TIMEOUT on a busy box
         "sys_exit_before_tests": ("import sys\nsys.exit(0)\ndef f():\n    return 1", {"exit_before_tests"}, None),
-        "os_exit_before_tests": ("import os\nos._exit(0)\ndef f():\n    return 1", {"no_proof"}, None),
+        "os_exit_before_tests": ("import os\nos._exit(0)\ndef f():\n    return 1", {"exit_before_tests"}, None),
         "fake_marker": ("import os\nfor fd in range(0, 64):\n    try:\n"
                         "        os.write(fd, b'0123456789abcdef0123456789abcdef 1 -\\nALL TESTS PASSED\\n')\n"
                         "    except OSError:\n        pass\nprint('ALL TESTS PASSED')\ndef f():\n    return 1\n"
-                        "os._exit(0)", {"no_proof"}, None),
+                        "os._exit(0)", {"bad_reply", "exit_before_tests"}, None),
         "huge_print": ("print('x' * (64 << 20))\ndef f():\n    return 1", {"output_limit"}, None),
         "print_flood": ("while True:\n    print('y' * 10000)", {"output_limit"}, None),
         "delete_outside": (f"import os\nos.remove({p!r})\ndef f():\n    return 1", {"exception"}, None),

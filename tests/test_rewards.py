@@ -335,6 +335,21 @@ def own_namespaces():
     return R.code_reward(code("import os\ndef f():\n    return os.getpid()"), "assert f() == 1") == 1.0
 
 
+@functools.lru_cache(maxsize=None)
+def isolation_in(mode):
+    """The isolation the supervisor achieves in a test mode: "default", or "no_root" (as root, pretend not to be:
+    the user-namespace path, with the trainer's uid outside)."""
+    old = os.environ.pop(R.PRETEND_ENV, None)
+    try:
+        if mode == "no_root":
+            os.environ[R.PRETEND_ENV] = "no_root"
+        return R.run_sandboxed("def f():\n    return 1", ["assert f() == 1"])[2]
+    finally:
+        os.environ.pop(R.PRETEND_ENV, None)
+        if old is not None:
+            os.environ[R.PRETEND_ENV] = old
+
+
 def test_sandbox_uses_namespaces_when_the_kernel_allows():
     flags = sandbox_runner.CLONE_NEWPID | sandbox_runner.CLONE_NEWNET | (0 if ROOT else sandbox_runner.CLONE_NEWUSER)
     probe = f"import ctypes, sys; sys.exit(ctypes.CDLL(None).unshare({flags}) != 0)"
@@ -364,12 +379,13 @@ def attacks(w):
               "        if libc.fork() == 0:\n            argv = (ctypes.c_char_p * 3)(b'sleep', b'987.654', None)\n"
               "            libc.execv(b'/bin/sleep', argv)\n        libc._exit(0)\ntime.sleep(100)\n"
               "def f():\n    return 1\n")
-    return {  # name: (code, acceptable reasons, needs: None | "root" | "ns" (own pid+net namespaces))
+    return {  # name: (code, acceptable reasons, needs: None | "uid" (a fresh uid) | "ns" (own pid+net namespaces)
+        # [, test source]: "assert f() == 1" unless given
         "infinite_loop": ("while True:\n    pass", {"timeout"}, None),
         "sleep_forever": ("import time\ntime.sleep(1000)", {"timeout"}, None),
         "detached_grandchildren": (detach, {"timeout"}, None),
         "python_fork": ("import os\nos.fork()\ndef f():\n    return 1", {"exception"}, None),
-        "fork_bomb": (LIBC + "while True:\n    libc.fork()", {"timeout"}, "root"),
+        "fork_bomb": (LIBC + "while True:\n    libc.fork()", {"timeout"}, "uid"),  # RLIMIT_NPROC binds a fresh uid
         "multi_gb_allocation": ("x = bytearray(8 << 30)\ndef f():\n    return 1", {"memory"}, None),
         "growing_allocation": ("x = []\nwhile True:\n    x.append(bytearray(64 << 20))", {"memory", "timeout"},
                                None),  # page-faulting the memory in may take longer than TIMEOUT on a busy box
@@ -386,7 +402,7 @@ def attacks(w):
         "rmtree_outside": (f"import shutil\nshutil.rmtree({d!r})\ndef f():\n    return 1", {"exception"}, None),
         "delete_outside_ctypes": (LIBC + f"r = libc.unlink({p!r}.encode())\nt = libc.truncate({p!r}.encode(), 0)\n"
                                   "fd = libc.open(%r.encode(), 1 | 512)\ndef f():\n    return int(r == 0 or t == 0 or "
-                                  "fd >= 0)" % p, {"tests_failed"}, "root"),
+                                  "fd >= 0)" % p, {"tests_failed"}, None),  # fresh uid, or read-only mounts
         "read_trainer_env": ("import os\nleak = os.environ.get('NANO_R1_TEST_SECRET', '')\n"
                              "for pid in os.listdir('/proc'):\n    try:\n"
                              f"        leak = leak or ({SECRET!r} in open(f'/proc/{{pid}}/environ', errors='ignore').read())\n"
@@ -404,16 +420,116 @@ def attacks(w):
                    "def f():\n    return 1", {"exception"}, None),
         "socket_raw": (f"import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\ns.settimeout(1)\n"
                        f"s.connect(('127.0.0.1', {port}))\ndef f():\n    return 1", {"exception"}, "ns"),
+        # -- gaming the verdict: each of these scored 1.0 when the tests ran in the model's own interpreter
+        "always_equal": ("class A:\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return A()",
+                         {"not_plain"}, None, "assert add(1, 2) == 3"),
+        "lying_int": ("class I(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+                      "def f():\n    return I(0)", {"tests_failed"}, None),
+        "lying_str": ("class S(str):\n    def __eq__(self, other):\n        return True\n    __hash__ = str.__hash__\n"
+                      "def f():\n    return S('no')", {"tests_failed"}, None),
+        "lying_list": ("class L(list):\n    def __eq__(self, other):\n        return True\ndef f():\n    return L()",
+                       {"tests_failed"}, None),
+        "forge_verdict": (FORGE, {"bad_reply", "exit_before_tests"}, None),
+        "read_tests_from_memory": (PEEK, {"tests_failed"}, None),
+        "patch_builtins": ("import builtins\nclass Never(BaseException):\n    pass\nbuiltins.AssertionError = Never\n"
+                           "builtins.len = lambda x: 3\nbuiltins.isinstance = lambda *a: True\n"
+                           "builtins.exec = builtins.compile = lambda *a, **k: None\n"
+                           "AssertionError = Never\ndef len(x):\n    return 3\ndef isinstance(*a):\n    return True\n"
+                           "def f():\n    return []", {"tests_failed", "bad_reply"}, None,  # its own replies break
+                           "assert len(f()) == 3 and isinstance(f(), dict)"),
+        # -- the model's function misbehaves while the judge waits for it
+        "hang_in_call": ("def f():\n    while True:\n        pass", {"timeout"}, None),
+        "sleep_in_call": ("import time\ndef f():\n    time.sleep(100)", {"timeout"}, None),
+        "flood_in_call": ("def f():\n    print('x' * (64 << 20))\n    return 1", {"output_limit"}, None),
+        "huge_reply": ("def f():\n    return 'x' * (32 << 20)", {"bad_reply"}, None),
+        "exit_in_call": ("import os\ndef f():\n    os._exit(0)", {"died"}, None),
+        "raises": ("def f():\n    raise ValueError('no')", {"tests_failed"}, None),
+        "raises_system_exit": ("def f():\n    raise SystemExit(0)", {"tests_failed"}, None),
+        "returns_a_function": ("def f():\n    return f", {"not_plain"}, None),
+        # -- speaking the pipe protocol by hand: whatever arrives is checked
+        "reply_code_object": (RAW_REPLY + "send(('ok', compile('1', '<x>', 'eval')))\n    os._exit(0)", {"bad_reply"},
+                              None),
+        "reply_dag_bomb": (RAW_REPLY + "x = 1\n    for _ in range(80):\n        x = [x, x]\n"
+                           "    send(('ok', x))\n    os._exit(0)", {"bad_reply"}, None),
+        "reply_garbage": (RAW_REPLY + "os.write(3, b'\\x05\\x00\\x00\\x00\\xff\\xfe\\xfd\\xfc\\xfb')\n    os._exit(0)",
+                          {"bad_reply"}, None),
+        # -- the judge holds the tests: it must be out of reach
+        "read_judge_memory": ("import os\nme, opened = os.readlink('/proc/self'), 0\nfor pid in os.listdir('/proc'):\n"
+                              "    if pid.isdigit() and pid != me:\n        try:\n"
+                              "            open(f'/proc/{pid}/mem', 'rb').close()\n            opened += 1\n"
+                              "        except OSError:\n            pass\ndef f():\n    return int(opened > 0)",
+                              {"tests_failed"}, None),
+        "kill_judge_ctypes": (LIBC + "import os\nkilled = 0\nfor pid in filter(str.isdigit, os.listdir('/proc')):\n"
+                              "    try:\n        cmd = open(f'/proc/{pid}/cmdline', 'rb').read()\n"
+                              "    except OSError:\n        continue\n"
+                              "    if b'sandbox_runner' in cmd and libc.kill(int(pid), 9) == 0:\n        killed += 1\n"
+                              "def f():\n    return int(killed > 0)", {"tests_failed"}, None),
     }
+
+
+# Finds the old harness's nonce in the frames above it or anywhere the garbage collector sees, writes a fake
+# verdict (old and new format) to every descriptor, and exits before any test could fail.
+FORGE = r"""import gc, os, re, sys
+found = set()
+frame = sys._getframe()
+while frame:
+    found.update(v for v in frame.f_locals.values() if isinstance(v, str))
+    frame = frame.f_back
+for obj in gc.get_objects():
+    items = list(obj.values()) if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    found.update(v for v in items if isinstance(v, str))
+nonces = [v for v in found if re.fullmatch('[0-9a-f]{32}', v)] + ['0' * 32]
+for fd in range(64):
+    for n in nonces:
+        try:
+            os.write(fd, f'{n} 1 -\n1 - uid+ns\n'.encode())
+        except OSError:
+            pass
+os._exit(0)
+"""
+
+# Looks for the tests' own source in its memory and returns the value they expect.
+PEEK = r"""import gc, re, sys
+pool = []
+frame = sys._getframe()
+while frame:
+    pool.append(frame.f_locals)
+    frame = frame.f_back
+pool += gc.get_objects()
+answer = 0
+for obj in pool:
+    items = list(obj.values()) if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for v in items:
+        for s in (v if isinstance(v, (list, tuple)) else [v]):
+            m = isinstance(s, str) and re.search('assert f[(][)] == ([0-9]+)', s)
+            if m:
+                answer = int(m.group(1))
+def f():
+    return answer
+"""
+
+# f answers the judge's call itself, with raw bytes on the reply descriptor
+RAW_REPLY = """import marshal, os
+def send(msg):
+    data = marshal.dumps(msg)
+    os.write(3, len(data).to_bytes(4, 'little') + data)
+def f():
+    """
 
 
 ATTACK_NAMES = list(attacks({"path": "", "dir": "", "port": 0}))
 
 
 @pytest.mark.parametrize("name", ATTACK_NAMES)
-def test_sandbox_attack(world, name):
-    src, reasons, needs = attacks(world)[name]
-    if needs == "root" and not ROOT or needs == "ns" and not own_namespaces():
+@pytest.mark.parametrize("mode", ["default", "no_root"])
+def test_sandbox_attack(world, name, mode, monkeypatch):
+    src, reasons, needs, *tests = attacks(world)[name]
+    if mode == "no_root":
+        if not ROOT:
+            pytest.skip("the default mode is the no-root mode here")
+        monkeypatch.setenv(R.PRETEND_ENV, "no_root")
+    isolation = isolation_in(mode)
+    if needs == "uid" and not isolation.startswith("uid") or needs == "ns" and isolation not in ("uid+ns", "userns"):
         pytest.skip(f"bypasses the Python guards; without {needs} no wall would stop it and it would do harm")
     seen = []  # processes with the marker seen while the attack ran (proves the detach attack really detached)
     done = threading.Event()
@@ -427,7 +543,7 @@ def test_sandbox_attack(world, name):
     watcher.start()
     t0 = time.monotonic()
     try:
-        value, reason = R._code(code(src), "assert f() == 1", timeout=TIMEOUT, memory_mb=512)
+        value, reason = R._code(code(src), tests[0] if tests else "assert f() == 1", timeout=TIMEOUT, memory_mb=512)
     finally:
         done.set()
         watcher.join()

@@ -340,6 +340,7 @@ def code_reward(completion, tests, timeout=4.0, binary=False, entry_point=None, 
     """Run the completion's last ```python block in the sandbox and the tests against it from outside: the fraction
     of tests passed (binary: 1.0 only if all pass). None: bad tests. isolation="weak" accepts running without root
     or a user namespace (the code is then walled by Python-level guards only); "strict" raises SandboxUnavailable."""
+    _check_isolation("code_reward: isolation", isolation)
     return _safe(_code, completion, tests, timeout, binary, entry_point, memory_mb, isolation)[0]
 
 
@@ -366,12 +367,16 @@ def _message(obj):
     return len(data).to_bytes(8, "little") + data
 
 
+def _check_isolation(where, isolation):
+    if isolation not in ("strict", "weak"):
+        raise ValueError(f"{where}={isolation!r}; expected 'strict' or 'weak'")
+
+
 def run_sandboxed(code, units, timeout=4.0, memory_mb=1024, isolation="strict"):
     """Run code in a fresh sandbox and each unit (test source) against it from the supervisor.
     -> (one "1"/"0" per unit or None, reason or None, the isolation achieved: "uid+ns" | "uid" | "userns" | "none").
     Raises SandboxUnavailable when only "none" is possible and isolation is not "weak"."""
-    if isolation not in ("strict", "weak"):
-        raise ValueError(f"run_sandboxed: isolation={isolation!r}; expected 'strict' or 'weak'")
+    _check_isolation("run_sandboxed: isolation", isolation)
     units = list(units)
     cfg = {"code": code, "names": _names(units), "timeout": float(timeout), "memory_mb": int(memory_mb),
            "isolation": isolation, "pretend": os.environ.get(PRETEND_ENV) or None}
@@ -492,8 +497,7 @@ def score_batch(completions, examples, weights=None, workers=2, lang="en", think
     fmt = [format_reward(c, think_prefilled) for c in completions]
     lng = [language_consistency_reward(c, (ex.meta or {}).get("lang", lang)) if weights.get("language") else None
            for c, ex in zip(completions, examples)]
-    if code_isolation not in ("strict", "weak"):
-        raise ValueError(f"score_batch: code_isolation={code_isolation!r}; expected 'strict' or 'weak'")
+    _check_isolation("score_batch: code_isolation", code_isolation)
     opts = {"code_timeout": code_timeout, "code_binary": code_binary, "rg_exact": rg_exact,
             "code_isolation": code_isolation}
     heavy = []

@@ -3,6 +3,7 @@ the fast math path against math-verify, the sandbox attack suite, a hypothesis f
 import dataclasses
 import functools
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -295,6 +296,156 @@ def test_code_can_use_libraries_and_its_own_dir():
 def test_code_runs_as_a_fresh_uid():
     assert R.code_reward(code("import os\ndef f():\n    return os.getuid()"),
                          f"assert f() > {sandbox_runner.UID_BASE}") == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# code: the tests run in the supervisor and call the model's functions through proxies (plain data both ways)
+
+
+def test_code_exceptions_cross_as_their_builtin_type():
+    """A builtin exception is raised again in the judge (try/except and raises-style tests work); the model's own
+    exception classes arrive as ModelRaised, an Exception named after them."""
+    src = ("class Bad(Exception):\n    pass\ndef f(x):\n    if x < 0:\n        raise ValueError('negative')\n"
+           "    if x == 0:\n        raise Bad()\n    return x")
+    tests = ("try:\n    f(-1)\nexcept ValueError:\n    pass\nelse:\n    raise AssertionError('no raise')\n"
+             "try:\n    f(0)\nexcept Exception as e:\n    assert type(e).__name__ == 'ModelRaised' and str(e) == 'Bad'\n"
+             "else:\n    raise AssertionError('no raise')\n"
+             "assert f(2) == 2\nassert f(-1) == -1")
+    assert R.code_reward(code(src), tests) == pytest.approx(3 / 4)
+
+
+def test_code_values_cross_as_plain_data():
+    src = ("import numpy as np\nLIMIT = {'a': [1, 2.5]}\n"
+           "def f():\n    return (1, 2.5, 'a', b'b', None, True, 1j, {1: [2]}, {3}, frozenset({4}), float('nan'))\n"
+           "def g():\n    return np.int64(3), np.float64(0.5), np.array([1, 2])\n"
+           "def h(xs, key=None):\n    xs.append(key)\n    return xs\n")
+    tests = ["r = f()",
+             "assert r[:10] == (1, 2.5, 'a', b'b', None, True, 1j, {1: [2]}, {3}, frozenset({4}))",
+             "assert [type(v) for v in r[:6]] == [int, float, str, bytes, type(None), bool] and r[10] != r[10]",
+             "assert g() == (3, 0.5, [1, 2])",  # numpy values arrive as their .tolist()
+             "assert LIMIT == {'a': [1, 2.5]}",  # a plain-data global is copied once
+             "assert h([], key=7) == [7]",
+             "xs = []\nh(xs)\nassert xs == []"]  # arguments are copies: the caller never sees the mutation
+    assert R._code(code(src), "\n".join(tests), timeout=5.0) == (1.0, None)
+
+
+def test_code_what_cannot_cross_fails_the_test():
+    """An object of the model's class, an argument that is not plain data: that test fails, with a reason, even
+    if the test catches the complaint."""
+    src = "class Stack:\n    pass\ndef apply(fn, x):\n    return fn(x)\ndef inc(x):\n    return x + 1"
+    assert R._code(code(src), "s = Stack()\nassert s is not None") == (0.0, "not_plain")
+    assert R._code(code(src), "try:\n    Stack()\nexcept BaseException:\n    pass") == (0.0, "not_plain")
+    assert R._code(code(src), "assert apply(lambda x: x + 1, 1) == 2") == (0.0, "bad_args")
+    assert R._code(code(src), "assert apply(lambda x: x + 1, 1) == 2\nassert inc(1) == 2") == (0.5, None)
+
+
+def test_code_a_hung_function_fails_the_remaining_tests():
+    src = "def g():\n    return 1\ndef f():\n    while True:\n        pass"
+    for middle in ("assert f() == 1", "try:\n    f()\nexcept BaseException:\n    pass"):  # swallowing does not help
+        t0 = time.monotonic()
+        value, reason = R._code(code(src), f"assert g() == 1\n{middle}\nassert g() == 1", timeout=TIMEOUT)
+        assert value == pytest.approx(1 / 3) and time.monotonic() - t0 < TIMEOUT + 5
+    assert R._code(code(src), "assert f() == 1\nassert g() == 1", timeout=TIMEOUT) == (0.0, "timeout")
+
+
+def test_code_builtin_names_mean_the_builtin():
+    src = "def len(x):\n    return 3\ndef f():\n    return []"
+    assert R._code(code(src), "assert len(f()) == 0") == (1.0, None)
+
+
+def test_code_tests_may_print():
+    """The tests run in the supervisor, whose stdout carries the verdict: their output must not garble it."""
+    tests = "print('1 - uid+ns')\nprint('x' * 100000)\nassert f() == 1"
+    assert R.code_reward(code("def f():\n    return 1"), tests) == 1.0
+    assert R.code_reward(code("def f():\n    return 2"), tests) == pytest.approx(2 / 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# code: isolation, and the refusal to run without it
+
+
+def test_sandbox_reports_its_isolation():
+    bits, reason, isolation = R.run_sandboxed("def f():\n    return 1", ["assert f() == 1"])
+    assert (bits, reason) == ("1", None)
+    if ROOT:
+        assert isolation == ("uid+ns" if own_namespaces() else "uid")
+    else:
+        assert isolation == "userns"  # else it refused: see test_code_refuses_without_isolation
+
+
+def test_code_refuses_without_isolation(monkeypatch):
+    """Neither root nor a user namespace (forced): the code reward raises, once, naming what is missing and how
+    to accept weak isolation knowingly; it is never a silent 0. With isolation="weak" it runs."""
+    monkeypatch.setenv(R.PRETEND_ENV, "no_isolation")
+    good = code("def f():\n    return 1")
+    with pytest.raises(R.SandboxUnavailable, match="refused a user namespace") as e:
+        R.code_reward(good, "assert f() == 1")
+    assert "not to be root" in str(e.value) and "isolation='weak'" in str(e.value)
+    assert isinstance(e.value, RuntimeError) and pickle.loads(pickle.dumps(e.value)).args == e.value.args  # pools
+    with pytest.raises(R.SandboxUnavailable):
+        R.run_sandboxed("def f():\n    return 1", ["assert f() == 1"])
+    examples = [Ex("q", "", "code", {"tests": "assert f() == 1"})] * 3
+    with pytest.raises(R.SandboxUnavailable):
+        R.score_batch([good] * 3, examples, workers=0)
+    assert R.run_sandboxed("def f():\n    return 1", ["assert f() == 1"], isolation="weak") == ("1", None, "none")
+    assert R.code_reward(good, "assert f() == 1", isolation="weak") == 1.0
+    assert R.score_batch([good] * 3, examples, workers=0, code_isolation="weak")[1]["accuracy"] == [1.0] * 3
+    with pytest.raises(ValueError, match="isolation='none'"):
+        R.code_reward(good, "assert f() == 1", isolation="none")
+    with pytest.raises(ValueError, match="code_isolation"):
+        R.score_batch([good], examples[:1], workers=0, code_isolation="off")
+
+
+NOBODY = 65534
+AS_NOBODY = """import os, sys
+sys.path.insert(0, sys.argv[1])
+import rewards as R
+victim = sys.argv[2]
+attack = ("import ctypes\\nlibc = ctypes.CDLL(None)\\nr = libc.unlink(%r)\\nfd = libc.open(%r, 1 | 512)\\n"
+          "def f():\\n    return int(r == 0 or fd >= 0)") % (victim.encode(), victim.encode())
+peek = ("import os\\nn, me = 0, os.readlink('/proc/self')\\nfor p in filter(str.isdigit, os.listdir('/proc')):\\n"
+        "    try:\\n        if p != me and b'sandbox_runner.py' in open(f'/proc/{p}/cmdline', 'rb').read():\\n"
+        "            open(f'/proc/{p}/mem', 'rb').close()\\n            n += 1\\n    except OSError:\\n        pass\\n"
+        "def f():\\n    return n")
+try:
+    print(R.run_sandboxed("def f():\\n    return 1", ["assert f() == 1"]), R.run_sandboxed(attack, ["assert f() == 1"]))
+except R.SandboxUnavailable:
+    print("refused")
+os.environ[R.PRETEND_ENV] = "no_isolation"  # weak: same uid as the judge, which must still be out of reach
+print(R.run_sandboxed(peek, ["assert f() == 0"], isolation="weak"))
+"""
+
+
+@pytest.mark.skipif(not ROOT or not shutil.which("setpriv") or not os.access("/usr/bin/python3", os.X_OK),
+                    reason="needs root (to become an unprivileged uid), setpriv and a system python")
+def test_sandbox_as_an_unprivileged_uid():
+    """For real, not pretended: as an unprivileged uid the code runs in a user namespace (or the reward refuses),
+    and cannot delete or truncate a file of that uid outside its directory, even through ctypes."""
+    repo = os.path.dirname(os.path.abspath(R.__file__))
+    home = tempfile.mkdtemp(prefix="nano_r1_nobody_")
+    victim = os.path.join(home, "keep.txt")
+    with open(victim, "w") as f:
+        f.write("precious")
+    for path in (home, victim):
+        os.chown(path, NOBODY, NOBODY)
+    cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "/usr/bin/python3"]
+    try:
+        if subprocess.run(cmd + ["-c", f"import os; open({repo + '/rewards.py'!r}).close()"], env={},
+                          capture_output=True).returncode != 0:
+            pytest.skip("the unprivileged uid cannot run the system python or read the repository")
+        script = os.path.join(home, "as_nobody.py")  # a file: the peek must not find our own command line
+        with open(script, "w") as f:
+            f.write(AS_NOBODY)
+        out = subprocess.run(cmd + [script, repo, victim], env={"HOME": home}, capture_output=True, text=True,
+                             timeout=120, cwd=home)
+        lines = out.stdout.splitlines()
+        assert out.returncode == 0 and len(lines) == 2, out.stderr[-3000:]
+        assert lines[0] in ("refused", "('1', None, 'userns') ('0', None, 'userns')"), lines[0]
+        assert lines[1] == "('1', None, 'none')", lines[1]
+        with open(victim) as f:
+            assert f.read() == "precious"
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

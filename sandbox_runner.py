@@ -1,4 +1,5 @@
-"""The code sandbox: `python -I sandbox_runner.py`, two marshal-ed messages on stdin (the model's part of the config,
+"""The code sandbox: `python -I -c "import sandbox_runner; sandbox_runner._supervise()"` (rewards.RUNNER; the
+module's bytecode is cached, a script's is not), two marshal-ed messages on stdin (the model's part of the config,
 then the tests), one verdict line ("<bits or -> <reason or -> <isolation>") on stdout. Started by
 rewards.run_sandboxed in a cleared environment and its own session; never imported by the trainer, and it imports
 nothing slow (it starts once per code completion).
@@ -118,17 +119,24 @@ def _supervise():
     os.close(call_r)
     units = _read_message(0)  # the tests: read only now, so that the model's process never held them
     link = {"pid": pid, "in": reply_r, "out": call_w, "deadline": deadline, "ready": False, "stop": None,
-            "taint": None, "reason": None}
+            "taint": None, "reason": None, "status": None}
     try:
         bits, reason = _judge(units, set(cfg["names"]), link)
     except _Stop:  # the alarm went off just as the judge was leaving: it is the deadline all the same
         bits, reason = "0" * len(units), "timeout"
     message = link.get("message", "")
-    _kill_all(pid, uid if isolation == "uid" else None)  # (no forks into a dead pid namespace: it is empty anyway)
     try:
         capped = os.path.getsize(os.path.join(tmp, "output.txt")) >= OUTPUT_CAP
     except OSError:
         capped = False
+    if link["status"] is None:  # still running (serving calls): kill it and sleep until it is gone, then sweep
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        _wait(pid, 5)
+    _kill_all(pid, uid if isolation == "uid" else None)  # (no forks into a dead pid namespace: it is empty anyway)
     _rmtree(tmp)
     reason = "output_limit" if capped else reason
     os.write(verdict, f"{bits or '-'} {reason or '-'} {isolation}\n{message}\n".encode())
@@ -306,7 +314,7 @@ def _read_or_die(link, n):
 
 def _died(link):
     """The model's process closed its end (it died, most likely): say why, from its exit status."""
-    status = _wait(link["pid"], min(1.0, max(link["deadline"] - time.monotonic(), 0.0)))
+    status = link["status"] = _wait(link["pid"], min(1.0, max(link["deadline"] - time.monotonic(), 0.0)))
     sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
     if status is None or sig in (signal.SIGXCPU, signal.SIGKILL):
         _stop(link, "timeout")  # the wall clock, or RLIMIT_CPU

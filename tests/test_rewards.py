@@ -404,7 +404,7 @@ victim = sys.argv[2]
 attack = ("import ctypes\\nlibc = ctypes.CDLL(None)\\nr = libc.unlink(%r)\\nfd = libc.open(%r, 1 | 512)\\n"
           "def f():\\n    return int(r == 0 or fd >= 0)") % (victim.encode(), victim.encode())
 peek = ("import os\\nn, me = 0, os.readlink('/proc/self')\\nfor p in filter(str.isdigit, os.listdir('/proc')):\\n"
-        "    try:\\n        if p != me and b'sandbox_runner.py' in open(f'/proc/{p}/cmdline', 'rb').read():\\n"
+        "    try:\\n        if p != me and b'sandbox_runner' in open(f'/proc/{p}/cmdline', 'rb').read():\\n"
         "            open(f'/proc/{p}/mem', 'rb').close()\\n            n += 1\\n    except OSError:\\n        pass\\n"
         "def f():\\n    return n")
 try:
@@ -519,7 +519,7 @@ def leftovers(marker="987.654"):
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, IndexError, ValueError):
             continue
-        if uid >= sandbox_runner.UID_BASE or marker in cmd or "sandbox_runner.py" in cmd:
+        if uid >= sandbox_runner.UID_BASE or marker in cmd or "sandbox_runner" in cmd:
             found.append((pid, uid, cmd))
     return found
 

@@ -308,7 +308,8 @@ def test_code_exceptions_cross_as_their_builtin_type():
     src = ("class Bad(Exception):\n    pass\ndef f(x):\n    if x < 0:\n        raise ValueError('negative')\n"
            "    if x == 0:\n        raise Bad()\n    return x")
     tests = ("try:\n    f(-1)\nexcept ValueError:\n    pass\nelse:\n    raise AssertionError('no raise')\n"
-             "try:\n    f(0)\nexcept Exception as e:\n    assert type(e).__name__ == 'ModelRaised' and str(e) == 'Bad'\n"
+             "try:\n    f(0)\nexcept Exception as e:\n"
+             "    assert type(e).__name__ == 'ModelRaised' and str(e) == 'Bad'\n"
              "else:\n    raise AssertionError('no raise')\n"
              "assert f(2) == 2\nassert f(-1) == -1")
     assert R.code_reward(code(src), tests) == pytest.approx(3 / 4)
@@ -404,7 +405,7 @@ victim = sys.argv[2]
 attack = ("import ctypes\\nlibc = ctypes.CDLL(None)\\nr = libc.unlink(%r)\\nfd = libc.open(%r, 1 | 512)\\n"
           "def f():\\n    return int(r == 0 or fd >= 0)") % (victim.encode(), victim.encode())
 peek = ("import os\\nn, me = 0, os.readlink('/proc/self')\\nfor p in filter(str.isdigit, os.listdir('/proc')):\\n"
-        "    try:\\n        if p != me and b'sandbox_runner' in open(f'/proc/{p}/cmdline', 'rb').read():\\n"
+        "    try:\\n        if p != me and b'sandbox_runner._supervise' in open(f'/proc/{p}/cmdline', 'rb').read():\\n"
         "            open(f'/proc/{p}/mem', 'rb').close()\\n            n += 1\\n    except OSError:\\n        pass\\n"
         "def f():\\n    return n")
 try:
@@ -519,7 +520,7 @@ def leftovers(marker="987.654"):
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, IndexError, ValueError):
             continue
-        if uid >= sandbox_runner.UID_BASE or marker in cmd or "sandbox_runner" in cmd:
+        if uid >= sandbox_runner.UID_BASE or marker in cmd or "sandbox_runner._supervise()" in cmd:
             found.append((pid, uid, cmd))
     return found
 
@@ -613,7 +614,8 @@ def attacks(w):
         "kill_judge_ctypes": (LIBC + "import os\nkilled = 0\nfor pid in filter(str.isdigit, os.listdir('/proc')):\n"
                               "    try:\n        cmd = open(f'/proc/{pid}/cmdline', 'rb').read()\n"
                               "    except OSError:\n        continue\n"
-                              "    if b'sandbox_runner' in cmd and libc.kill(int(pid), 9) == 0:\n        killed += 1\n"
+                              "    if b'sandbox_runner._supervise' in cmd and libc.kill(int(pid), 9) == 0:\n"
+                              "        killed += 1\n"
                               "def f():\n    return int(killed > 0)", {"tests_failed"}, None),
     }
 

@@ -72,10 +72,12 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32,
 MS_REC, MS_PRIVATE = 1 << 14, 1 << 18
 OUTPUT_CAP = 16 << 20  # bytes of stdout+stderr (and of any one file the code writes)
 REPLY_CAP = 16 << 20  # bytes of one message from the model's process
-MAX_ITEMS = 1 << 22  # values in one reply, counting shared sub-containers each time they appear
+MAX_ITEMS = 1 << 22  # values in one argument list, counting shared sub-containers each time they appear
+MAX_DEPTH = 100  # nesting of containers in one reply
 UID_BASE = 1_000_000  # as root, a run's code gets uid UID_BASE + supervisor pid: unique while the run lives
 ERRORS = {"SystemExit": "exit_before_tests", "MemoryError": "memory", "SyntaxError": "syntax_error"}
 ATOMS = {type(None), bool, int, float, complex, str, bytes}
+SCALARS = {ord("N"): 0, ord("T"): 0, ord("F"): 0, ord("i"): 4, ord("g"): 8, ord("y"): 16}  # code: payload bytes
 CONTAINERS = {tuple, list, dict, set, frozenset}
 
 
@@ -295,13 +297,46 @@ def _receive(link):
         _stop(link, "bad_reply")
     data = _read_or_die(link, n)
     try:
+        _check_marshal(data)
         msg = marshal.loads(data)
-        _plain_size(msg, {})
-    except Exception:  # bad marshal data, unhashable keys, not plain data (a code object, ...), too deep
+    except Exception:  # not plain data (a code object, a reference, ...), bad lengths, unhashable keys, bad utf-8
         _stop(link, "bad_reply")
     if type(msg) is not tuple or len(msg) != 2 or type(msg[0]) is not str:
         _stop(link, "bad_reply")
     return msg
+
+
+def _check_marshal(data):
+    """Raise ValueError unless data is one marshal value of format version 2 made of plain data only. Version 2
+    has no back-references: marshal.loads crashes on hostile references (one to a tuple still being built, then
+    hashed), and they could unfold a small message into a huge value. Every length is checked against the bytes
+    present, because marshal allocates what a container claims before reading its items."""
+    end = len(data)
+
+    def value(pos, depth):
+        if pos >= end or depth > MAX_DEPTH:
+            raise ValueError("truncated or too deep")
+        code, pos = data[pos], pos + 1
+        if code in SCALARS:
+            return pos + SCALARS[code]
+        n = int.from_bytes(data[pos:pos + 4], "little", signed=True)
+        if code in b"us":  # str (utf-8), bytes
+            return pos + 4 + n if n >= 0 else end + 1
+        if code == ord("l"):  # int beyond 32 bits: |n| 15-bit digits
+            return pos + 4 + 2 * abs(n)
+        if code in b"([<>":  # tuple, list, set, frozenset: n items (each at least a byte, so n is bounded too)
+            pos += 4
+            for _ in range(n):
+                pos = value(pos, depth + 1)
+            return pos
+        if code == ord("{"):  # dict: key, value pairs until "0"
+            while pos < end and data[pos] != ord("0"):
+                pos = value(value(pos, depth + 1), depth + 1)
+            return pos + 1
+        raise ValueError(f"marshal type code {code!r} is not plain data")
+
+    if value(0, 0) != end:
+        raise ValueError("not exactly one value")
 
 
 def _read_or_die(link, n):
@@ -321,8 +356,8 @@ def _died(link):
 
 
 def _plain_size(x, memo):
-    """How many values x holds if it is plain data; ValueError if it is not (or is cyclic, or too big). Shared
-    sub-containers count each time they appear: a small message must not unfold into a huge value."""
+    """How many values x (a test's arguments) holds if it is plain data; ValueError if it is not (or is cyclic, or
+    too big: shared sub-containers count each time they appear). marshal would turn a numpy array into bytes."""
     t = type(x)
     if t in ATOMS:
         return 1
@@ -582,7 +617,7 @@ def _to_plain(x):
 
 
 def _write_message(fd, msg, write=os.write, dumps=marshal.dumps):
-    data = dumps(msg)
+    data = dumps(msg, 2)  # format version 2: no back-references (see _check_marshal)
     data = len(data).to_bytes(4, "little") + data
     while data:
         data = data[write(fd, data):]

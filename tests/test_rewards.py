@@ -2,6 +2,7 @@
 the fast math path against math-verify, the sandbox attack suite, a hypothesis fuzz test and score_batch."""
 import dataclasses
 import functools
+import marshal
 import os
 import pickle
 import shutil
@@ -349,6 +350,20 @@ def test_code_a_hung_function_fails_the_remaining_tests():
     assert R._code(code(src), "assert f() == 1\nassert g() == 1", timeout=TIMEOUT) == (0.0, "timeout")
 
 
+def test_replies_are_checked_before_marshal_loads_them():
+    """Only marshal version 2 (no back-references) of plain data gets to marshal.loads, lengths checked."""
+    values = [None, True, -5, 2 ** 70, -2 ** 40, 1.5, float("inf"), 1j, "é", b"\x00", (), (1, "a"), [[0] * 3] * 3,
+              {1: {"k": (2, 3)}}, {1, 2}, frozenset({3}), ("ok", list(range(1000)))]
+    for v in values:
+        sandbox_runner._check_marshal(marshal.dumps(v, 2))
+    bad = [MARSHAL_CRASHER, marshal.dumps(("ok", "x" * 10)), marshal.dumps(compile("1", "<x>", "eval"), 2),
+           marshal.dumps([1, 2], 2)[:-1], marshal.dumps([1, 2], 2) + b"N", b"[\xff\xff\xff\x7f",
+           b"u\xff\xff\xff\xff", b"", b".", b"{" * 200 + b"0" * 200]
+    for data in bad:
+        with pytest.raises(ValueError):
+            sandbox_runner._check_marshal(data)
+
+
 def test_code_builtin_names_mean_the_builtin():
     src = "def len(x):\n    return 3\ndef f():\n    return []"
     assert R._code(code(src), "assert len(f()) == 0") == (1.0, None)
@@ -603,6 +618,9 @@ def attacks(w):
                               None),
         "reply_dag_bomb": (RAW_REPLY + "x = 1\n    for _ in range(80):\n        x = [x, x]\n"
                            "    send(('ok', x))\n    os._exit(0)", {"bad_reply"}, None),
+        "reply_marshal_crasher": (RAW_REPLY + f"data = {MARSHAL_CRASHER!r}\n"
+                                  "    os.write(3, len(data).to_bytes(4, 'little') + data)\n    os._exit(0)",
+                                  {"bad_reply"}, None),  # the judge must live to say so
         "reply_garbage": (RAW_REPLY + "os.write(3, b'\\x05\\x00\\x00\\x00\\xff\\xfe\\xfd\\xfc\\xfb')\n    os._exit(0)",
                           {"bad_reply"}, None),
         # -- the judge holds the tests: it must be out of reach
@@ -660,6 +678,11 @@ for obj in pool:
 def f():
     return answer
 """
+
+# 100 bytes that make CPython 3.11's marshal.loads segfault (a back-reference to a tuple still being built, hashed)
+MARSHAL_CRASHER = bytes.fromhex(
+    "a902da026f6ba80a000000e901000000e70000000000000440da0161f301000000624e54f90000000000000000000000"
+    "000000f03f7b7202000000a902e902000000e903000000303c0100000072090000003e01000000d704000000")
 
 # f answers the judge's call itself, with raw bytes on the reply descriptor
 RAW_REPLY = """import marshal, os

@@ -1,6 +1,6 @@
 """Rule rewards for R1-Zero-style RL (PAPER.md section 2), and the launcher of the code sandbox.
 
-Every reward is a function of (completion text, gold) that never raises: a bad completion scores 0 and
+Every reward is a function of (completion text, gold) that never raises on a bad completion: it scores 0 and
 score_batch counts why. The paper's R1-Zero reward is accuracy + format with equal weights (004 Eq. B4); the
 language-consistency reward is added directly when enabled (003 line 214). An unparseable gold gives None (skip),
 never 1 (PITFALLS P12). Model-written code runs in sandbox_runner.py, and the tests run outside it, against
@@ -392,7 +392,7 @@ def run_sandboxed(code, units, timeout=4.0, memory_mb=1024, isolation="strict"):
         out, err = proc.communicate(_message(cfg) + _message(units), timeout=timeout + 15)
         line, _, message = out.decode().partition("\n")
         bits, reason, achieved = line.split()
-    except subprocess.TimeoutExpired:  # the supervisor itself hung: should not happen
+    except subprocess.TimeoutExpired:  # the supervisor hung: a test stuck in C code, out of its SIGALRM's reach
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         return None, "timeout", None
@@ -401,7 +401,7 @@ def run_sandboxed(code, units, timeout=4.0, memory_mb=1024, isolation="strict"):
         return None, "sandbox_error", None
     if reason == "refused":
         raise SandboxUnavailable(message.strip())
-    if reason == "sandbox_error":  # a wall did not go up: loud, like a broken supervisor
+    if reason == "sandbox_error":  # a wall did not go up (or the code faked that message: it scores 0 all the same)
         print(f"rewards: the sandbox could not be set up: {message.strip()}", file=sys.stderr)
     return (None if bits == "-" else bits), (None if reason == "-" else reason), achieved
 

@@ -1,59 +1,72 @@
-"""The code sandbox: `python -I -c "import sandbox_runner; sandbox_runner._supervise()"` (rewards.RUNNER; the
-module's bytecode is cached, a script's is not), two marshal-ed messages on stdin (the model's part of the config,
-then the tests), one verdict line ("<bits or -> <reason or -> <isolation>") on stdout. Started by
+"""The code sandbox: `python -I -c "import sandbox_runner; sandbox_runner._supervise()"` (rewards.RUNNER; a module's
+bytecode is cached, a script's is compiled at every start), two marshal-ed messages on stdin (what the model's
+process may know, then the tests), one verdict line ("<bits or -> <reason or -> <isolation>") on stdout. Started by
 rewards.run_sandboxed in a cleared environment and its own session; never imported by the trainer, and it imports
 nothing slow (it starts once per code completion).
 
 Two processes, and only one of them runs the model's code:
 
   supervisor = judge (child subreaper, not dumpable) --fork--> model process: in new pid + network namespaces (as
-     root; without root inside a new user namespace, where the supervisor also makes every mount read-only but the
-     sandbox's own directory and drops all capabilities), own session, rlimits (CPU, address space, file size, open
-     files, core), own temp dir, stdin /dev/null, stdout+stderr to a capped file, as root a fresh uid per run with
-     no_new_privs; then Python guards; exec(code); then it serves calls: (name, args, kwargs) in, result out.
-  The supervisor reads the tests only after the fork (so the model's process never holds them) and runs each test
-  in its own interpreter. A name the tests use that the model's code defined is a proxy: a function (or class)
-  becomes a stub that sends (name, args, kwargs) down a pipe and returns the reply; a plain-data global is copied
-  once. What crosses is plain data only (None, bool, int, float, complex, str, bytes, and tuple, list, dict, set,
-  frozenset of them), marshal-ed, and the supervisor checks every reply's types after loading it (marshal can carry
-  code objects; they are refused, like anything else). So the tests never compare an object of the model's class:
-  an always-equal __eq__ never reaches them, and subclasses of int/str/list lose their methods on the way (they
-  are sent as the base type; numpy values as their .tolist()). The verdict is what the supervisor computed itself
-  and is written to its own stdout, which the model's process has no descriptor for: there is no proof to forge.
+     root; without root inside a new user namespace, where it also gets a mount namespace in which every mount is
+     read-only but its own directory, and no capabilities), own session, rlimits (CPU, address space, file size,
+     open files, core), own temp dir, stdin /dev/null, stdout+stderr to a capped file, as root a fresh uid per run
+     with no_new_privs; then Python guards; exec(code); then it answers calls: (name, args, kwargs) in, result out.
+  The supervisor reads the tests only after the fork, so the model's process never holds them, and runs them one
+  unit at a time in its own interpreter. A name the tests use that the code defined is a proxy there: anything
+  callable becomes a stub that sends (name, args, kwargs) down a pipe and returns the reply; a plain-data global
+  is copied once. Only plain data crosses: None, bool, int, float, complex, str, bytes, and tuple, list, dict, set,
+  frozenset of them, as marshal format version 2 (no back-references). The judge checks each reply's bytes before
+  loading them (_check_marshal: plain-data type codes only, so no code objects; lengths within the message;
+  bounded nesting; marshal.loads itself crashes on hostile back-references), reads replies with a size cap
+  (REPLY_CAP) and within the run's wall clock. So the tests never compare an object of the model's class: an
+  always-equal __eq__ never reaches them. The model's side sends subclasses of int/str/list/... as their base type
+  (their lying methods stay behind) and numpy values as their .tolist(); it is a convenience for honest code, not a
+  wall: whatever arrives is checked. The verdict is what the supervisor computed, written to its own stdout, for
+  which the model's process has no descriptor: there is no proof to forge, so there is no nonce.
 
 When the tests are done, the model's process hangs or the wall clock runs out, the supervisor kills it. As the pid
 namespace's init, its death makes the kernel kill everything left inside; without namespaces the supervisor kills
 the child's group, every process of the run's uid (kill(-1) as that uid) and everything reparented to it
-(setsid()-ed grandchildren included), until it has no children left. Replies are read with a size cap (REPLY_CAP)
-and within the run's wall clock: a model that hangs, floods or dies fails the rest of the tests (reason timeout,
-bad_reply, died; output_limit when its stdout+stderr reach OUTPUT_CAP).
+(setsid()-ed grandchildren included), until it has no children left. If the supervisor itself dies, the child gets
+SIGKILL (PR_SET_PDEATHSIG). A model that hangs, floods or dies fails the current test and all later ones
+(reasons timeout, bad_reply, died; output_limit when its stdout+stderr reach OUTPUT_CAP): a test's own
+`except BaseException` cannot turn that into a pass. The wall clock interrupts the tests themselves only between
+Python bytecodes (SIGALRM); trusted tests stuck in C code are killed by run_sandboxed's own timeout.
 
-Semantics of the proxies (what a test sees differs from running the code in-process):
+Semantics of the proxies (what a test sees differs from running the code in one interpreter):
 - Arguments are copies: a test that relies on the function mutating its argument in place sees no mutation.
-- Only plain data crosses, both ways: a test that passes a lambda, a generator or an object of its own class fails;
-  so does a call whose result is not plain data (reason not_plain), e.g. an instance of the model's class.
+  Plain-data globals are a snapshot taken after the code ran: calls that change them later are not seen.
+- Only plain data crosses, both ways: a test that passes a lambda, a generator or an object of its own class
+  fails (reason bad_args); so does a call whose result is not plain data (reason not_plain), e.g. an instance of
+  the model's class (classes with methods, LeetCode-style `Solution().f()`, cannot be tested this way).
 - Exceptions cross as their type name: a builtin exception type is raised again in the judge (so try/except and
   pytest.raises-style tests still see ValueError, IndexError, ...); any other name (the model's own exception
-  classes, SystemExit, KeyboardInterrupt) is raised as ModelRaised, an Exception. Best effort: the message and
-  the traceback stay behind.
+  classes, SystemExit, KeyboardInterrupt) is raised as ModelRaised, an Exception. Best effort: the message and the
+  traceback stay behind.
 - Only names the tests mention are looked up; builtin names always mean the builtin (a model's `len` cannot stand
   in for the tests' `len`), and modules the code imported are not handed over: tests import what they use.
-- Each call is a round trip (about 20-50 microseconds); tests making millions of calls are slow.
+- Each call is a round trip (about 10 microseconds on an idle core), and replies are checked in Python (about a
+  tenth of a second per million values): tests making millions of calls, or comparing huge results, are slower.
+- Ints beyond 32 bits and strs cross exactly; a reply over REPLY_CAP bytes or nested deeper than MAX_DEPTH is a
+  bad_reply. All 164 HumanEval canonical solutions score 1.0 as before.
 
-Isolation ("uid+ns" as root with namespaces, "uid" as root when the kernel refuses namespaces, "userns" without
-root, "none" when neither root nor a user namespace is available). Under isolation="strict" (the default) the
-supervisor refuses to run "none" and says why; "weak" accepts it knowingly. cfg["pretend"] (from the test-only
-environment variable NANO_R1_SANDBOX_PRETEND) makes it act as if it were not root ("no_root") or as if the kernel
-also refused user namespaces ("no_isolation"): it can only take walls away, so only tests set it.
+Isolation, reported with every verdict: "uid+ns" (root, namespaces), "uid" (root, the kernel refused namespaces),
+"userns" (no root: namespaces inside a user namespace), "none" (neither root nor a user namespace). Under
+isolation="strict" (the default) the supervisor refuses "none" and says what is missing and how to accept weaker
+isolation; "weak" accepts it knowingly. Test-only: cfg["pretend"] (from the environment variable
+NANO_R1_SANDBOX_PRETEND, which tests set) makes it act as if it were not root ("no_root": as root, the "userns"
+path) or as if the kernel also refused user namespaces ("no_isolation": refused under strict).
 Limits: the fresh uid keeps CAP_DAC_READ_SEARCH (to read the interpreter wherever it is installed), so it can read
 files but not write, delete or signal anything outside its directory; with namespaces it has no network to send
 them to ("uid": the network is walled by the Python guards only, which _socket and ctypes get past). Under
-"userns" the code runs as the trainer's own uid outside the namespace: it cannot write any file outside its
-directory (read-only mounts), signal or ptrace the trainer (other pid and user namespaces), but it can read what
-the trainer can read and connect to unix sockets the trainer's uid may use (e.g. a session bus); RLIMIT_NPROC is
-not set there (it would count the trainer's processes). Under "none" it runs as the trainer's uid behind the Python
-guards only: it can overwrite the trainer's files and kill its processes. The supervisor runs the tests with its
-own privileges (root, as root): they are trusted dataset code.
+"userns" the code runs as the trainer's own uid outside the namespace: read-only mounts keep it from writing any
+file outside its directory, the pid and user namespaces from signalling or ptracing the trainer; but it can read
+what the trainer can read and connect to unix sockets the trainer's uid may use (e.g. a session bus), and
+RLIMIT_NPROC is not set (it would count the trainer's processes): a fork bomb lasts until the wall clock. Under
+"none" it runs as the trainer's uid behind the Python guards only: it can overwrite the trainer's files, kill its
+processes, and even forge a verdict by writing into the trainer's end of the supervisor's stdout pipe (through
+/proc, same uid); only the judge's own memory stays out of reach (not dumpable). The supervisor runs the tests with
+its own privileges (root, as root): they are trusted dataset code.
 """
 import builtins
 import ctypes

@@ -1,23 +1,27 @@
 """Rule rewards for R1-Zero-style RL (PAPER.md section 2), and the launcher of the code sandbox.
 
-Every reward is a function of (completion text, gold) that never raises: a bad completion scores 0 and
+Every reward is a function of (completion text, gold) that never raises on a bad completion: it scores 0 and
 score_batch counts why. The paper's R1-Zero reward is accuracy + format with equal weights (004 Eq. B4); the
 language-consistency reward is added directly when enabled (003 line 214). An unparseable gold gives None (skip),
-never 1 (PITFALLS P12). Model-written code runs in sandbox_runner.py (its docstring lists the walls and their limits).
+never 1 (PITFALLS P12). Model-written code runs in sandbox_runner.py, and the tests run outside it, against
+proxies of the code's functions (its docstring lists the walls, the proxies' semantics and their limits). Without
+root or a user namespace the code reward refuses to run (SandboxUnavailable, not a silent 0) unless the caller
+accepts weaker isolation with isolation="weak".
 
 Public: accuracy_reward, choice_reward, countdown_reward, reasoning_gym_reward, format_reward,
-language_consistency_reward, code_reward (split_tests, run_sandboxed), extract_answer, score_batch (one call per
-GRPO step: dispatch by example kind, weighted total, per-component values, counted reasons, a worker pool).
+language_consistency_reward, code_reward (split_tests, run_sandboxed, SandboxUnavailable), extract_answer,
+score_batch (one call per GRPO step: dispatch by example kind, weighted total, per-component values, counted
+reasons, a worker pool).
 """
 import ast
 import atexit
+import builtins
 import collections
 import marshal
 import multiprocessing as mp
 import operator
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -78,11 +82,16 @@ def _squash(s):
     return re.sub(r"\s+", "", str(s)).strip("$").rstrip(".")
 
 
+class SandboxUnavailable(RuntimeError):
+    """The code sandbox cannot isolate model-written code here (no root, no user namespace) and the caller did not
+    accept weaker isolation. Raised to the caller, never turned into a reward."""
+
+
 def _safe(fn, *args):
     """Run a scorer; any failure (math-verify's TimeoutException is a BaseException) becomes 0 with a reason."""
     try:
         return fn(*args)
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, SandboxUnavailable):
         raise
     except BaseException:
         return 0.0, "exception"
@@ -306,7 +315,8 @@ def language_consistency_reward(text, lang="en"):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# code: tests split on the trusted side, then the sandbox (supervisor + child, see the module docstring)
+# code: tests split on the trusted side; the code runs in a sandboxed process and the tests in its supervisor, which
+# calls the code's functions over a pipe with plain data (sandbox_runner.py)
 
 _FENCE = re.compile(r"```(?:python3?|py)?[ \t]*\n(.*?)```", re.S)
 _SETUP = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign,
@@ -332,7 +342,7 @@ def split_tests(tests, entry_point=None):
     return units
 
 
-def _code(completion, tests, timeout=4.0, binary=False, entry_point=None, memory_mb=1024):
+def _code(completion, tests, timeout=4.0, binary=False, entry_point=None, memory_mb=1024, isolation="strict"):
     try:
         units = split_tests(tests, entry_point)
     except (SyntaxError, ValueError, TypeError):
@@ -343,7 +353,7 @@ def _code(completion, tests, timeout=4.0, binary=False, entry_point=None, memory
     blocks = _FENCE.findall(completion)
     if not blocks:
         return 0.0, "no_code"
-    bits, reason = run_sandboxed(blocks[-1], [u for u, _ in units], timeout, memory_mb)
+    bits, reason, _ = run_sandboxed(blocks[-1], [u for u, _ in units], timeout, memory_mb, isolation)
     if bits is None or len(bits) != len(units):
         return 0.0, reason or "sandbox_error"
     frac = sum(b == "1" for b, c in zip(bits, counted) if c) / sum(counted)
@@ -351,37 +361,74 @@ def _code(completion, tests, timeout=4.0, binary=False, entry_point=None, memory
     return (frac, None) if frac > 0 else (0.0, reason or "tests_failed")
 
 
-def code_reward(completion, tests, timeout=4.0, binary=False, entry_point=None, memory_mb=1024):
-    """Run the completion's last ```python block, then the tests, in the sandbox: the fraction of tests passed
-    (binary: 1.0 only if all pass). A test counts only if the harness provably ran to the end. None: bad tests."""
-    return _safe(_code, completion, tests, timeout, binary, entry_point, memory_mb)[0]
+def code_reward(completion, tests, timeout=4.0, binary=False, entry_point=None, memory_mb=1024, isolation="strict"):
+    """Run the completion's last ```python block in the sandbox and the tests against it from outside: the fraction
+    of tests passed (binary: 1.0 only if all pass). None: bad tests. isolation="weak" accepts running without root
+    or a user namespace (the code is then walled by Python-level guards only); "strict" raises SandboxUnavailable."""
+    _check_isolation("code_reward: isolation", isolation)
+    return _safe(_code, completion, tests, timeout, binary, entry_point, memory_mb, isolation)[0]
 
 
 SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
                "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # all the sandbox sees: no trainer secrets
-RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_runner.py")
+# The supervisor is imported, not run as a script: a script is compiled from source at every start (5 ms), a module
+# comes from __pycache__. The repo leaves sys.path before the model's code could import the trainer's modules.
+RUNNER = ("import sys; sys.path.insert(0, %r); import sandbox_runner; del sys.path[0]; sandbox_runner._supervise()"
+          % os.path.dirname(os.path.abspath(__file__)))
+PRETEND_ENV = "NANO_R1_SANDBOX_PRETEND"  # test-only: "no_root" | "no_isolation" (see sandbox_runner's docstring)
 
 
-def run_sandboxed(code, units, timeout=4.0, memory_mb=1024):
-    """Run code, then each unit (test source), in a fresh sandbox. -> (one "1"/"0" per unit or None, reason)."""
-    cfg = {"code": code, "units": list(units), "nonce": secrets.token_hex(16), "timeout": float(timeout),
-           "memory_mb": int(memory_mb)}
+def _names(units):
+    """The names the tests mention, so the model's process reports only those; builtins always mean the builtin
+    (a model's own `len` must not stand in for the tests' `len`). A unit that does not parse fails in the judge."""
+    names = set()
+    for u in units:
+        try:
+            names.update(n.id for n in ast.walk(ast.parse(u)) if isinstance(n, ast.Name))
+        except SyntaxError:
+            pass
+    return sorted(names - set(dir(builtins)))
+
+
+def _message(obj):
+    data = marshal.dumps(obj)
+    return len(data).to_bytes(8, "little") + data
+
+
+def _check_isolation(where, isolation):
+    if isolation not in ("strict", "weak"):
+        raise ValueError(f"{where}={isolation!r}; expected 'strict' or 'weak'")
+
+
+def run_sandboxed(code, units, timeout=4.0, memory_mb=1024, isolation="strict"):
+    """Run code in a fresh sandbox and each unit (test source) against it from the supervisor.
+    -> (one "1"/"0" per unit or None, reason or None, the isolation achieved: "uid+ns" | "uid" | "userns" | "none").
+    Raises SandboxUnavailable when only "none" is possible and isolation is not "weak"."""
+    _check_isolation("run_sandboxed: isolation", isolation)
+    units = list(units)
+    cfg = {"code": code, "names": _names(units), "timeout": float(timeout), "memory_mb": int(memory_mb),
+           "isolation": isolation, "pretend": os.environ.get(PRETEND_ENV) or None}
     try:
-        proc = subprocess.Popen([sys.executable, "-I", RUNNER], env=SANDBOX_ENV, stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-I", "-c", RUNNER], env=SANDBOX_ENV, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", start_new_session=True)
     except OSError:
-        return None, "sandbox_error"
-    try:
-        out, err = proc.communicate(marshal.dumps(cfg), timeout=timeout + 15)
-        bits, reason = out.decode().split()
-        return (None if bits == "-" else bits), (None if reason == "-" else reason)
-    except subprocess.TimeoutExpired:  # the supervisor itself hung: should not happen
+        return None, "sandbox_error", None
+    try:  # two messages: the supervisor reads the tests only after the model's process has split off
+        out, err = proc.communicate(_message(cfg) + _message(units), timeout=timeout + 15)
+        line, _, message = out.decode().partition("\n")
+        bits, reason, achieved = line.split()
+    except subprocess.TimeoutExpired:  # the supervisor hung: a test stuck in C code, out of its SIGALRM's reach
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        return None, "timeout"
+        return None, "timeout", None
     except ValueError:  # a broken sandbox would silently zero every code reward: say so
         print(f"rewards: the sandbox supervisor failed:\n{err.decode(errors='replace')[-2000:]}", file=sys.stderr)
-        return None, "sandbox_error"
+        return None, "sandbox_error", None
+    if reason == "refused":
+        raise SandboxUnavailable(message.strip())
+    if reason == "sandbox_error":  # a wall did not go up (or the code faked that message: it scores 0 all the same)
+        print(f"rewards: the sandbox could not be set up: {message.strip()}", file=sys.stderr)
+    return (None if bits == "-" else bits), (None if reason == "-" else reason), achieved
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,7 +474,7 @@ def _job(kind, completion, answer, meta, opts):
         return _safe(_math, completion, answer, False, opts["answer_block"])
     if kind == "code":
         return _safe(_code, completion, meta.get("tests", ""), opts["code_timeout"], opts["code_binary"],
-                     meta.get("entry_point"))
+                     meta.get("entry_point"), 1024, opts["code_isolation"])
     return _safe(_rg, completion, meta.get("rg_name"), meta.get("rg_entry"), opts["rg_exact"], opts["answer_block"])
 
 
@@ -458,7 +505,7 @@ def _run_heavy(jobs, workers):
 
 
 def score_batch(completions, examples, weights=None, workers=2, lang="en", think_prefilled=False,
-                code_timeout=4.0, code_binary=False, rg_exact=False, answer_block=False):
+                code_timeout=4.0, code_binary=False, rg_exact=False, answer_block=False, code_isolation="strict"):
     """Score one step's completions against their examples (duck-typed: .kind, .answer, .meta).
     -> (total per completion, {"accuracy"|"format"|"language": per-completion value or None}, Counter of reasons)
     Accuracy is the correctness of any kind (math, choice, countdown, code tests, reasoning-gym); None means
@@ -466,7 +513,9 @@ def score_batch(completions, examples, weights=None, workers=2, lang="en", think
     (target: meta["lang"] else lang). Plain-number math, choice, countdown, format and language are scored here;
     math needing sympy, code and reasoning-gym run in `workers` processes (0: in this process). answer_block: the
     prompt's format asks for <answer></answer> (the R1-Zero and toy templates), so only that block is an answer;
-    without it a \\boxed{} anywhere counts too (for models that answer in a box)."""
+    without it a \\boxed{} anywhere counts too (for models that answer in a box). code_isolation="weak" accepts
+    running code without root or a user namespace; under "strict" (the default) that raises SandboxUnavailable
+    (see code_reward)."""
     weights = WEIGHTS if weights is None else weights
     for k in weights:
         if k not in ("accuracy", "format", "language"):
@@ -478,8 +527,9 @@ def score_batch(completions, examples, weights=None, workers=2, lang="en", think
     fmt = [format_reward(c, think_prefilled) for c in completions]
     lng = [language_consistency_reward(c, (ex.meta or {}).get("lang", lang)) if weights.get("language") else None
            for c, ex in zip(completions, examples)]
+    _check_isolation("score_batch: code_isolation", code_isolation)
     opts = {"code_timeout": code_timeout, "code_binary": code_binary, "rg_exact": rg_exact,
-            "answer_block": answer_block}
+            "answer_block": answer_block, "code_isolation": code_isolation}
     heavy = []
     for i, (c, ex) in enumerate(zip(completions, examples)):
         meta = ex.meta or {}

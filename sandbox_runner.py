@@ -1,86 +1,400 @@
-"""The code sandbox's supervisor: `python -I sandbox_runner.py`, a marshal-ed config on stdin, one verdict line
-("<bits or -> <reason or ->") on stdout. Started by rewards.run_sandboxed in a cleared environment and its own
-session; never imported by the trainer, and it imports nothing slow (it starts once per code completion).
+"""The code sandbox: `python -I -c "import sandbox_runner; sandbox_runner._supervise()"` (rewards.RUNNER; a module's
+bytecode is cached, a script's is compiled at every start), two marshal-ed messages on stdin (what the model's
+process may know, then the tests), one verdict line ("<bits or -> <reason or -> <isolation>") on stdout. Started by
+rewards.run_sandboxed in a cleared environment and its own session; never imported by the trainer, and it imports
+nothing slow (it starts once per code completion).
 
-  supervisor (child subreaper) --fork--> child, in new pid + network namespaces (as root; without root inside a new
-     user namespace where the kernel allows it): own session, rlimits (CPU, address space, file size, open files,
-     core), own temp dir, stdin /dev/null, stdout+stderr to a capped file, as root a fresh uid per run with
-     no_new_privs; then Python guards; exec(code); exec(each test); "<nonce> <bits> <error>" to the result pipe.
-When the child exits or the wall clock runs out, the supervisor kills it. As the pid namespace's init, its death
-makes the kernel kill everything left inside; without namespaces the supervisor kills the child's group, every
-process of the run's uid (kill(-1) as that uid) and everything reparented to it (setsid()-ed grandchildren
-included), until it has no children left. Only the nonce line proves that the tests ran to the end: sys.exit,
-os._exit and printed markers cannot forge it.
-Limits: the tests run in the model's own interpreter, so code that searches its own memory (frames, gc) for the
-nonce, or returns objects whose __eq__ is always true, is not stopped. The fresh uid keeps CAP_DAC_READ_SEARCH (to
-read the interpreter wherever it is installed), so it can read files but not write, delete or signal anything
-outside its directory; it has no network to send them to. Without root, the uid, RLIMIT_NPROC and file-ownership
-walls are missing: only the namespaces (if the kernel allows them) and the Python guards remain.
+Two processes, and only one of them runs the model's code:
+
+  supervisor = judge (child subreaper, not dumpable) --fork--> model process: in new pid + network namespaces (as
+     root; without root inside a new user namespace, where it also gets a mount namespace in which every mount is
+     read-only but its own directory, and no capabilities), own session, rlimits (CPU, address space, file size,
+     open files, core), own temp dir, stdin /dev/null, stdout+stderr to a capped file, as root a fresh uid per run
+     with no_new_privs; then Python guards; exec(code); then it answers calls: (name, args, kwargs) in, result out.
+  The supervisor reads the tests only after the fork, so the model's process never holds them, and runs them one
+  unit at a time in its own interpreter. A name the tests use that the code defined is a proxy there: anything
+  callable becomes a stub that sends (name, args, kwargs) down a pipe and returns the reply; a plain-data global
+  is copied once. Only plain data crosses: None, bool, int, float, complex, str, bytes, and tuple, list, dict, set,
+  frozenset of them, as marshal format version 2 (no back-references). The judge checks each reply's bytes before
+  loading them (_check_marshal: plain-data type codes only, so no code objects; lengths within the message;
+  bounded nesting; marshal.loads itself crashes on hostile back-references), reads replies with a size cap
+  (REPLY_CAP) and within the run's wall clock. So the tests never compare an object of the model's class: an
+  always-equal __eq__ never reaches them. The model's side sends subclasses of int/str/list/... as their base type
+  (their lying methods stay behind) and numpy values as their .tolist(); it is a convenience for honest code, not a
+  wall: whatever arrives is checked. The verdict is what the supervisor computed, written to its own stdout, for
+  which the model's process has no descriptor: there is no proof to forge, so there is no nonce.
+
+When the tests are done, the model's process hangs or the wall clock runs out, the supervisor kills it. As the pid
+namespace's init, its death makes the kernel kill everything left inside; without namespaces the supervisor kills
+the child's group, every process of the run's uid (kill(-1) as that uid) and everything reparented to it
+(setsid()-ed grandchildren included), until it has no children left. If the supervisor itself dies, the child gets
+SIGKILL (PR_SET_PDEATHSIG). A model that hangs, floods or dies fails the current test and all later ones
+(reasons timeout, bad_reply, died; output_limit when its stdout+stderr reach OUTPUT_CAP): a test's own
+`except BaseException` cannot turn that into a pass. The wall clock interrupts the tests themselves only between
+Python bytecodes (SIGALRM); trusted tests stuck in C code are killed by run_sandboxed's own timeout.
+
+Semantics of the proxies (what a test sees differs from running the code in one interpreter):
+- Arguments are copies: a test that relies on the function mutating its argument in place sees no mutation.
+  Plain-data globals are a snapshot taken after the code ran: calls that change them later are not seen.
+- Only plain data crosses, both ways: a test that passes a lambda, a generator or an object of its own class
+  fails (reason bad_args); so does a call whose result is not plain data (reason not_plain), e.g. an instance of
+  the model's class (classes with methods, LeetCode-style `Solution().f()`, cannot be tested this way).
+- Exceptions cross as their type name: a builtin exception type is raised again in the judge (so try/except and
+  pytest.raises-style tests still see ValueError, IndexError, ...); any other name (the model's own exception
+  classes, SystemExit, KeyboardInterrupt) is raised as ModelRaised, an Exception. Best effort: the message and the
+  traceback stay behind.
+- Only names the tests mention are looked up; builtin names always mean the builtin (a model's `len` cannot stand
+  in for the tests' `len`), and modules the code imported are not handed over: tests import what they use.
+- Each call is a round trip (about 10 microseconds on an idle core), and replies are checked in Python (about a
+  tenth of a second per million values): tests making millions of calls, or comparing huge results, are slower.
+- Ints beyond 32 bits and strs cross exactly; a reply over REPLY_CAP bytes or nested deeper than MAX_DEPTH is a
+  bad_reply. All 164 HumanEval canonical solutions score 1.0 as before.
+
+Isolation, reported with every verdict: "uid+ns" (root, namespaces), "uid" (root, the kernel refused namespaces),
+"userns" (no root: namespaces inside a user namespace), "none" (neither root nor a user namespace). Under
+isolation="strict" (the default) the supervisor refuses "none" and says what is missing and how to accept weaker
+isolation; "weak" accepts it knowingly. Test-only: cfg["pretend"] (from the environment variable
+NANO_R1_SANDBOX_PRETEND, which tests set) makes it act as if it were not root ("no_root": as root, the "userns"
+path) or as if the kernel also refused user namespaces ("no_isolation": refused under strict).
+Limits: the fresh uid keeps CAP_DAC_READ_SEARCH (to read the interpreter wherever it is installed), so it can read
+files but not write, delete or signal anything outside its directory; with namespaces it has no network to send
+them to ("uid": the network is walled by the Python guards only, which _socket and ctypes get past). Under
+"userns" the code runs as the trainer's own uid outside the namespace: read-only mounts keep it from writing any
+file outside its directory, the pid and user namespaces from signalling or ptracing the trainer; but it can read
+what the trainer can read and connect to unix sockets the trainer's uid may use (e.g. a session bus), and
+RLIMIT_NPROC is not set (it would count the trainer's processes): a fork bomb lasts until the wall clock. Under
+"none" it runs as the trainer's uid behind the Python guards only: it can overwrite the trainer's files, kill its
+processes, and even forge a verdict by writing into the trainer's end of the supervisor's stdout pipe (through
+/proc, same uid); only the judge's own memory stays out of reach (not dumpable). The supervisor runs the tests with
+its own privileges (root, as root): they are trusted dataset code.
 """
+import builtins
 import ctypes
+import fcntl
 import marshal
 import os
 import resource
 import select
 import signal
-import sys
 import time
 
-PR_SET_KEEPCAPS, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, CAP_DAC_READ_SEARCH = 8, 36, 38, 2
-CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_KEEPCAPS, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 8, 36, 38
+CAP_DAC_READ_SEARCH = 2
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
+MS_REC, MS_PRIVATE = 1 << 14, 1 << 18
 OUTPUT_CAP = 16 << 20  # bytes of stdout+stderr (and of any one file the code writes)
+REPLY_CAP = 16 << 20  # bytes of one message from the model's process
+MAX_ITEMS = 1 << 22  # values in one argument list, counting shared sub-containers each time they appear
+MAX_DEPTH = 100  # nesting of containers in one reply
 UID_BASE = 1_000_000  # as root, a run's code gets uid UID_BASE + supervisor pid: unique while the run lives
-ERRORS = {"-": "-", "SystemExit": "exit_before_tests", "MemoryError": "memory", "SyntaxError": "syntax_error"}
+ERRORS = {"SystemExit": "exit_before_tests", "MemoryError": "memory", "SyntaxError": "syntax_error"}
+ATOMS = {type(None), bool, int, float, complex, str, bytes}
+SCALARS = {ord("N"): 0, ord("T"): 0, ord("F"): 0, ord("i"): 4, ord("g"): 8, ord("y"): 16}  # code: payload bytes
+CONTAINERS = {tuple, list, dict, set, frozenset}
+
+
+class ModelRaised(Exception):
+    """The model's function raised an exception that is not a builtin type; its type name is the message."""
+
+
+class _Stop(BaseException):
+    """The model's process is gone, hung or speaking nonsense: the current test and all later ones fail. A
+    BaseException, so that a test's `except Exception` cannot swallow it."""
 
 
 def _supervise():
-    cfg = marshal.loads(sys.stdin.buffer.read())
+    verdict = os.dup(1)  # the verdict's descriptor; fd 1 becomes /dev/null, so a printing test cannot garble it
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    cfg = _read_message(0)  # what the model's process may know; the tests come later
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of the subtree, setsid()-ed or not, come back to us
-    uid = UID_BASE + os.getpid() if os.geteuid() == 0 else None
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no process of our uid (the model's, without root) may ptrace us
+    isolation, why = _isolate(libc, cfg.get("pretend"))
+    if isolation == "none" and cfg["isolation"] != "weak":
+        os.write(verdict, f"- refused none\n{_refusal(why, cfg.get('pretend'))}\n".encode())
+        os._exit(0)
+    uid = UID_BASE + os.getpid() if isolation.startswith("uid") else None
     tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"nano_r1_sandbox_{os.getpid()}_{os.urandom(6).hex()}")
     os.mkdir(tmp, 0o700)
     if uid is not None:
         os.chown(tmp, uid, uid)
-    # The child will be the new pid namespace's init: kill(-1) from inside reaches only the namespace, and when it
-    # dies the kernel kills everything left in it. The new network namespace has no interfaces but loopback (down).
-    own_ns = libc.unshare(CLONE_NEWPID | CLONE_NEWNET | (CLONE_NEWUSER if uid is None else 0)) == 0
-    r, w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    call_r, call_w = os.pipe()
+    deadline = time.monotonic() + cfg["timeout"]
     pid = os.fork()
     if pid == 0:
-        os.close(r)
-        _child(cfg, tmp, uid, w, libc, own_ns)  # never returns
-    os.close(w)
-    status = _wait(pid, cfg["timeout"])
-    _kill_all(pid, None if own_ns else uid)  # (no forks into a dead pid namespace: it is empty anyway)
-    os.set_blocking(r, False)  # every writer is dead now; never block on the pipe anyway
-    data = b""
+        os.close(reply_r)
+        os.close(call_w)
+        _child(cfg, tmp, uid, isolation, reply_w, call_r, libc)  # never returns
+    os.close(reply_w)
+    os.close(call_r)
+    units = _read_message(0)  # the tests: read only now, so that the model's process never held them
+    link = {"pid": pid, "in": reply_r, "out": call_w, "deadline": deadline, "ready": False, "stop": None,
+            "taint": None, "reason": None, "status": None}
     try:
-        while len(data) < 1 << 20 and (chunk := os.read(r, 1 << 16)):
-            data += chunk
-    except BlockingIOError:
-        pass
+        bits, reason = _judge(units, set(cfg["names"]), link)
+    except _Stop:  # the alarm went off just as the judge was leaving: it is the deadline all the same
+        bits, reason = "0" * len(units), "timeout"
+    message = link.get("message", "")
     try:
         capped = os.path.getsize(os.path.join(tmp, "output.txt")) >= OUTPUT_CAP
     except OSError:
         capped = False
+    if link["status"] is None:  # still running (serving calls): kill it and sleep until it is gone, then sweep
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        _wait(pid, 5)
+    _kill_all(pid, uid if isolation == "uid" else None)  # (no forks into a dead pid namespace: it is empty anyway)
     _rmtree(tmp)
-    bits = err = None
-    for line in data.decode(errors="replace").splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0] == cfg["nonce"]:
-            bits, err = parts[1], parts[2]
-    sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
-    if capped:
-        reason = "output_limit"
-    elif bits is not None:
-        reason = ERRORS.get(err, "exception")
-    elif status is None or sig in (signal.SIGXCPU, signal.SIGKILL):
-        reason = "timeout"  # wall clock, or RLIMIT_CPU
-    else:
-        reason = "no_proof"  # exited (os._exit, a crash) before the harness wrote the nonce line
-    print(bits or "-", reason, flush=True)
+    reason = "output_limit" if capped else reason
+    os.write(verdict, f"{bits or '-'} {reason or '-'} {isolation}\n{message}\n".encode())
     os._exit(0)  # skip interpreter teardown: it is on every code reward's critical path
+
+
+def _read_message(fd):
+    """One length-prefixed marshal message from a trusted writer (rewards.run_sandboxed)."""
+    n = int.from_bytes(_read_exact(fd, 8), "little")
+    return marshal.loads(_read_exact(fd, n))
+
+
+def _read_exact(fd, n):
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def _isolate(libc, pretend):
+    """Enter new pid + network namespaces (our children are in the pid one). -> (isolation, why the weaker)."""
+    if os.geteuid() == 0 and not pretend:
+        # The child will be the new pid namespace's init: kill(-1) from inside reaches only the namespace, and when
+        # it dies the kernel kills everything left in it. The new network namespace has no interfaces but loopback.
+        if libc.unshare(CLONE_NEWPID | CLONE_NEWNET) == 0:
+            return "uid+ns", None
+        return "uid", os.strerror(ctypes.get_errno())
+    if pretend == "no_isolation":
+        return "none", "pretended (test-only NANO_R1_SANDBOX_PRETEND=no_isolation)"
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET) == 0:
+        return "userns", None
+    return "none", os.strerror(ctypes.get_errno())
+
+
+def _refusal(why, pretend):
+    knobs = []
+    for name in ("kernel/unprivileged_userns_clone", "kernel/apparmor_restrict_unprivileged_userns",
+                 "user/max_user_namespaces"):
+        try:
+            with open(f"/proc/sys/{name}") as f:
+                knobs.append(f"{name.replace('/', '.')} = {f.read().strip()}")
+        except OSError:
+            pass
+    who = "pretending not to be root" if pretend else f"not running as root (euid {os.geteuid()})"
+    return (f"the code sandbox refuses to run model-written code without isolation: {who}, and the kernel refused "
+            f"a user namespace (unshare: {why}; {', '.join(knobs) or 'no user-namespace sysctls found'}). "
+            "Fix: run as root (a fresh uid per run), or allow unprivileged user namespaces "
+            "(kernel.unprivileged_userns_clone=1, kernel.apparmor_restrict_unprivileged_userns=0 or an AppArmor "
+            "profile allowing userns, user.max_user_namespaces > 0). To accept weaker isolation knowingly, pass "
+            "isolation='weak' (code_isolation='weak' to score_batch): the code then runs as your own uid behind "
+            "Python-level guards only, and can overwrite your files and kill your processes.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the judge: the tests run here, the model's names are proxies
+
+
+def _judge(units, wanted, link):
+    """Run each test unit against proxies of the model's names. -> (one "1"/"0" per unit, reason or None)."""
+    def on_alarm(signum, frame):
+        link["stop"] = link["stop"] or "timeout"
+        raise _Stop
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(link["deadline"] - time.monotonic(), 0.001))
+    g, bits, err = {"__name__": "__main__", "__builtins__": builtins}, "", None
+    try:
+        kind, payload = _receive(link)
+        if kind == "error":
+            err = ERRORS.get(payload, "exception")
+        elif kind == "setup_error":  # a wall did not go up; the code never ran (or, if it forged this, scores 0)
+            err, link["message"] = "sandbox_error", str(payload)[:500]
+        elif kind == "ready" and type(payload) is dict:
+            link["ready"] = True
+            for name, spec in payload.items():
+                if name in wanted and type(spec) is tuple and spec[:1] == ("call",):
+                    g[name] = _proxy(name, link)
+                elif name in wanted and type(spec) is tuple and len(spec) == 2 and spec[0] == "value":
+                    g[name] = spec[1]
+        else:
+            _stop(link, "bad_reply")
+        for src in units:
+            if err or link["stop"]:
+                break
+            link["taint"], ok = None, True
+            try:
+                exec(compile(src, "<test>", "exec"), g)
+            except BaseException:  # an assert, anything the test raises, _Stop
+                ok = False
+            # a test that caught the proxy's complaint (a bare except) still fails
+            bits += "1" if ok and not link["taint"] and not link["stop"] else "0"
+            link["reason"] = link["reason"] or link["taint"]
+    except _Stop:
+        pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    return bits.ljust(len(units), "0"), err or link["stop"] or link["reason"]
+
+
+def _proxy(name, link):
+    def call(*args, **kwargs):
+        return _call(link, name, args, kwargs)
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+def _call(link, name, args, kwargs):
+    if link["stop"]:
+        raise _Stop
+    try:
+        _plain_size((args, kwargs), {})
+    except Exception:  # ValueError, RecursionError
+        link["taint"] = link["taint"] or "bad_args"
+        raise TypeError(f"{name}: the test passes an argument that is not plain data; it cannot reach the sandbox")
+    _send(link, (name, args, kwargs))
+    kind, value = _receive(link)
+    if kind == "ok":
+        return value
+    if kind == "raise" and type(value) is str:
+        raise _raised(value)
+    if kind == "bad":
+        link["taint"] = link["taint"] or "not_plain"
+        raise TypeError(f"{name} returned a {value!r}, which is not plain data")
+    _stop(link, "bad_reply")
+
+
+def _raised(name):
+    """The judge's stand-in for an exception the model's function raised (see the module docstring)."""
+    cls = getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(f"{name} raised in the sandbox")
+        except Exception:  # UnicodeDecodeError and friends want more arguments
+            pass
+    return ModelRaised(name)
+
+
+def _stop(link, reason):
+    link["stop"] = link["stop"] or reason
+    raise _Stop
+
+
+def _send(link, msg):
+    try:
+        _write_message(link["out"], msg)  # a model that stops reading blocks us here until the alarm
+    except OSError:  # EPIPE: nobody reads any more
+        _died(link)
+
+
+def _receive(link):
+    """The next message from the model's process, checked: a (kind, value) tuple of plain data."""
+    head = _read_or_die(link, 4)
+    n = int.from_bytes(head, "little")
+    if n > REPLY_CAP:
+        _stop(link, "bad_reply")
+    data = _read_or_die(link, n)
+    try:
+        _check_marshal(data)
+        msg = marshal.loads(data)
+    except Exception:  # not plain data (a code object, a reference, ...), bad lengths, unhashable keys, bad utf-8
+        _stop(link, "bad_reply")
+    if type(msg) is not tuple or len(msg) != 2 or type(msg[0]) is not str:
+        _stop(link, "bad_reply")
+    return msg
+
+
+def _check_marshal(data):
+    """Raise ValueError unless data is one marshal value of format version 2 made of plain data only. Version 2
+    has no back-references: marshal.loads crashes on hostile references (one to a tuple still being built, then
+    hashed), and they could unfold a small message into a huge value. Every length is checked against the bytes
+    present, because marshal allocates what a container claims before reading its items."""
+    end = len(data)
+
+    def value(pos, depth):
+        if pos >= end or depth > MAX_DEPTH:
+            raise ValueError("truncated or too deep")
+        code, pos = data[pos], pos + 1
+        if code in SCALARS:
+            return pos + SCALARS[code]
+        n = int.from_bytes(data[pos:pos + 4], "little", signed=True)
+        if code in b"us":  # str (utf-8), bytes
+            return pos + 4 + n if n >= 0 else end + 1
+        if code == ord("l"):  # int beyond 32 bits: |n| 15-bit digits
+            return pos + 4 + 2 * abs(n)
+        if code in b"([<>":  # tuple, list, set, frozenset: n items (each at least a byte, so n is bounded too)
+            pos += 4
+            for _ in range(n):
+                pos = value(pos, depth + 1)
+            return pos
+        if code == ord("{"):  # dict: key, value pairs until "0"
+            while pos < end and data[pos] != ord("0"):
+                pos = value(value(pos, depth + 1), depth + 1)
+            return pos + 1
+        raise ValueError(f"marshal type code {code!r} is not plain data")
+
+    if value(0, 0) != end:
+        raise ValueError("not exactly one value")
+
+
+def _read_or_die(link, n):
+    try:
+        return _read_exact(link["in"], n)
+    except (EOFError, OSError):
+        _died(link)
+
+
+def _died(link):
+    """The model's process closed its end (it died, most likely): say why, from its exit status."""
+    status = link["status"] = _wait(link["pid"], min(1.0, max(link["deadline"] - time.monotonic(), 0.0)))
+    sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
+    if status is None or sig in (signal.SIGXCPU, signal.SIGKILL):
+        _stop(link, "timeout")  # the wall clock, or RLIMIT_CPU
+    _stop(link, "died" if link["ready"] else "exit_before_tests")
+
+
+def _plain_size(x, memo):
+    """How many values x (a test's arguments) holds if it is plain data; ValueError if it is not (or is cyclic, or
+    too big: shared sub-containers count each time they appear). marshal would turn a numpy array into bytes."""
+    t = type(x)
+    if t in ATOMS:
+        return 1
+    if t not in CONTAINERS:
+        raise ValueError(f"not plain data: {t.__name__}")
+    key = id(x)
+    if key in memo:
+        if memo[key] is None:
+            raise ValueError("cyclic")
+        return memo[key]
+    memo[key] = None
+    items = [v for kv in x.items() for v in kv] if t is dict else x
+    if set(map(type, items)) <= ATOMS:
+        n = 1 + len(items)  # the common case, at C speed
+    else:
+        n = 1 + sum(_plain_size(v, memo) for v in items)
+    if n > MAX_ITEMS:
+        raise ValueError("too big")
+    memo[key] = n
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the supervisor's housekeeping
 
 
 def _wait(pid, timeout):
@@ -163,23 +477,34 @@ def _rmtree(path):
         pass
 
 
-def _child(cfg, tmp, uid, w, libc, own_ns):
-    """The sandboxed process: limits, identity, guards, then the code and the tests. Never returns."""
+# ----------------------------------------------------------------------------------------------------------------
+# the model's process
+
+
+def _child(cfg, tmp, uid, isolation, reply_w, call_r, libc):
+    """The sandboxed process: limits, identity, guards, then the code, then it serves calls. Never returns. If a
+    wall cannot be put up, it says so to the judge (sandbox_error) instead of running the code."""
+    reply = reply_w
     try:
         os.setsid()
+        reply, calls = fcntl.fcntl(reply_w, fcntl.F_DUPFD, 10), fcntl.fcntl(call_r, fcntl.F_DUPFD, 10)
+        if isolation == "userns":
+            _read_only_world(libc, os.path.realpath(tmp))
         os.chdir(tmp)
         out = os.open("output.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         os.dup2(out, 1)
         os.dup2(out, 2)
-        os.dup2(w, 3)  # the result pipe; every other descriptor (the supervisor's pipes too) is closed
-        os.closerange(4, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        os.dup2(reply, 3)  # replies to the judge
+        os.dup2(calls, 4)  # calls from the judge; every other descriptor (the supervisor's stdio too) is closed
+        os.closerange(5, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         limits = [(resource.RLIMIT_CPU, int(cfg["timeout"]) + 1), (resource.RLIMIT_AS, cfg["memory_mb"] << 20),
                   (resource.RLIMIT_FSIZE, OUTPUT_CAP), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
         if uid is not None:  # RLIMIT_NPROC does not bind root; it binds the fresh uid
             limits.append((resource.RLIMIT_NPROC, 64))
         for res, lim in limits:
             resource.setrlimit(res, (lim, lim))
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
         if uid is not None:
             libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0)
             os.setgroups([])
@@ -188,16 +513,59 @@ def _child(cfg, tmp, uid, w, libc, own_ns):
             # Keep one capability, CAP_DAC_READ_SEARCH, so the fresh uid can read the interpreter and its libraries
             # wherever they live (/root/.pyenv is 0700). Writes, deletes and signals are still checked against its
             # own uid, and other processes' /proc/<pid>/environ|mem need ptrace rights it does not have.
-            header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
             data = (ctypes.c_uint32 * 6)(1 << CAP_DAC_READ_SEARCH, 1 << CAP_DAC_READ_SEARCH, 0, 0, 0, 0)
             if libc.capset(header, data) != 0:
                 raise OSError(ctypes.get_errno(), "capset")
+        elif isolation == "userns":  # no capability in the user namespace either: mounts stay as they are
+            if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:
+                raise OSError(ctypes.get_errno(), "capset")
         libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # setuid binaries cannot hand root back
+        # if the supervisor itself dies (killed by run_sandboxed), so do we (set after setresuid, which clears it)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         os.environ.update(HOME=tmp, TMPDIR=tmp)
-        _guard(os.path.realpath(tmp), sockets=not own_ns)
-        _run_tests(cfg)
+        _guard(os.path.realpath(tmp), sockets=isolation in ("uid", "none"))
+    except BaseException as e:
+        _write_message(reply, ("setup_error", f"{type(e).__name__}: {e}"[:500]))
+        os._exit(0)
+    try:
+        _serve(cfg)
     finally:
         os._exit(0)
+
+
+def _read_only_world(libc, keep):
+    """Without root (user namespace): a mount namespace of our own where every mount is read-only except the
+    sandbox directory, so code running as the trainer's uid cannot write the trainer's files. Refuses (raises) if
+    any reachable mount stays writable."""
+    def mount(src, target, flags):
+        if libc.mount(src, target, None, flags, None) != 0:
+            raise OSError(ctypes.get_errno(), f"mount {target!r}")
+
+    if libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    mount(None, b"/", MS_REC | MS_PRIVATE)  # nothing we do here reaches the trainer's mounts
+    keep = os.fsencode(keep)
+    mount(keep, keep, MS_BIND)  # the sandbox directory becomes a mount of its own, left writable
+    with open("/proc/self/mountinfo", "rb") as f:
+        mounts = [line.split()[4:6] for line in f]
+    points = set()
+    for point, opts in mounts:
+        for esc, char in ((b"\\040", b" "), (b"\\011", b"\t"), (b"\\012", b"\n"), (b"\\134", b"\\")):
+            point = point.replace(esc, char)
+        if point != keep:
+            points.add(point)
+            # flags the kernel locked on this mount must be repeated, or the remount is refused
+            opts = opts.split(b",")
+            flags = sum(v for k, v in ((b"nosuid", MS_NOSUID), (b"nodev", MS_NODEV), (b"noexec", MS_NOEXEC))
+                        if k in opts)
+            libc.mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None)  # checked below
+    for point in points:  # what a path reaches is the top mount: that is the one that must be read-only
+        try:
+            writable = not os.statvfs(point).f_flag & os.ST_RDONLY
+        except OSError:
+            continue  # unreachable for us, hence for the code too
+        if writable:
+            raise OSError(f"{point!r} is still writable")
 
 
 _REFUSED = ("kill killpg fork forkpty system popen execv execve execl execle execlp execlpe execvp execvpe spawnv "
@@ -210,7 +578,6 @@ def _guard(tmp, sockets):
     level: a first wall that ctypes gets past (the OS-level walls do not care). shutil and subprocess go through
     the refused calls. Writes are allowed inside the sandbox directory only."""
     import _posixsubprocess
-    import builtins
     import io
     import posix
     socket = __import__("socket") if sockets else None  # importing it costs a few ms per run
@@ -242,26 +609,77 @@ def _guard(tmp, sockets):
     os.open = posix.open = safe_os_open
 
 
-def _run_tests(cfg):
-    import builtins
-    run, build, write, nonce = exec, compile, os.write, cfg.pop("nonce")  # bound before the model can patch them
-    pristine = dict(builtins.__dict__)  # the tests get builtins that the model's code could not have changed
-    g = {"__name__": "__main__", "__builtins__": dict(pristine)}
-    err = "-"
+def _to_plain(x):
+    """x as plain data, for the judge: subclasses become their base type (a lying __eq__ stays behind), numpy
+    values their .tolist(); anything else raises. Runs in the model's process, so it is a convenience for honest
+    code, not a wall: the judge checks whatever arrives."""
+    t = type(x)
+    if t in ATOMS:
+        return x
+    for base in (bool, int, float, complex, str, bytes):
+        if isinstance(x, base):
+            return base(x)
+    if isinstance(x, dict):
+        return {_to_plain(k): _to_plain(v) for k, v in x.items()}
+    for base in (tuple, list, set, frozenset):
+        if isinstance(x, base):
+            return base(_to_plain(v) for v in x)
+    if callable(getattr(x, "tolist", None)):
+        return _to_plain(x.tolist())
+    raise ValueError(t.__name__)
+
+
+def _write_message(fd, msg, write=os.write, dumps=marshal.dumps):
+    data = dumps(msg, 2)  # format version 2: no back-references (see _check_marshal)
+    data = len(data).to_bytes(4, "little") + data
+    while data:
+        data = data[write(fd, data):]
+
+
+def _serve(cfg):
+    """Run the model's code, report the names the tests want, then answer calls until killed."""
+    run, build, read, send_to, loads = exec, compile, os.read, _write_message, marshal.loads
+
+    def send(msg):
+        send_to(3, msg)
+
+    def receive(n):
+        data = b""
+        while len(data) < n:
+            chunk = read(4, n - len(data))
+            if not chunk:
+                raise SystemExit  # the judge is done
+            data += chunk
+        return data
+
+    g = {"__name__": "__main__"}
     try:
         run(build(cfg["code"], "<completion>", "exec"), g)
     except BaseException as e:  # SystemExit too: sys.exit(0) before the tests is a failure, not a pass
-        err = type(e).__name__
-    tg, bits = dict(g, __builtins__=pristine), ""
-    for src in cfg["units"]:
-        ok = err == "-"
-        if ok:
-            try:
-                run(build(src, "<test>", "exec"), tg)
-            except BaseException:
-                ok = False
-        bits += "1" if ok else "0"
-    write(3, f"{nonce} {bits} {err}\n".encode())  # the proof: only here, after the last test
+        send(("error", type(e).__name__))
+        return
+    names = {}
+    for name in cfg["names"]:
+        if name in g:
+            if callable(g[name]):
+                names[name] = ("call",)
+            else:
+                try:
+                    names[name] = ("value", _to_plain(g[name]))
+                except Exception:
+                    pass  # a module, an object: the tests do not get it
+    send(("ready", names))
+    while True:
+        name, args, kwargs = loads(receive(int.from_bytes(receive(4), "little")))
+        try:
+            result = g[name](*args, **kwargs)
+        except BaseException as e:
+            send(("raise", type(e).__name__))
+            continue
+        try:
+            send(("ok", _to_plain(result)))
+        except Exception:
+            send(("bad", type(result).__name__))
 
 
 if __name__ == "__main__":

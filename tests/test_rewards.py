@@ -2,7 +2,9 @@
 the fast math path against math-verify, the sandbox attack suite, a hypothesis fuzz test and score_batch."""
 import dataclasses
 import functools
+import marshal
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -298,6 +300,171 @@ def test_code_runs_as_a_fresh_uid():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# code: the tests run in the supervisor and call the model's functions through proxies (plain data both ways)
+
+
+def test_code_exceptions_cross_as_their_builtin_type():
+    """A builtin exception is raised again in the judge (try/except and raises-style tests work); the model's own
+    exception classes arrive as ModelRaised, an Exception named after them."""
+    src = ("class Bad(Exception):\n    pass\ndef f(x):\n    if x < 0:\n        raise ValueError('negative')\n"
+           "    if x == 0:\n        raise Bad()\n    return x")
+    tests = ("try:\n    f(-1)\nexcept ValueError:\n    pass\nelse:\n    raise AssertionError('no raise')\n"
+             "try:\n    f(0)\nexcept Exception as e:\n"
+             "    assert type(e).__name__ == 'ModelRaised' and str(e) == 'Bad'\n"
+             "else:\n    raise AssertionError('no raise')\n"
+             "assert f(2) == 2\nassert f(-1) == -1")
+    assert R.code_reward(code(src), tests) == pytest.approx(3 / 4)
+
+
+def test_code_values_cross_as_plain_data():
+    src = ("import numpy as np\nLIMIT = {'a': [1, 2.5]}\n"
+           "def f():\n    return (1, 2.5, 'a', b'b', None, True, 1j, {1: [2]}, {3}, frozenset({4}), float('nan'))\n"
+           "def g():\n    return np.int64(3), np.float64(0.5), np.array([1, 2])\n"
+           "def h(xs, key=None):\n    xs.append(key)\n    return xs\n")
+    tests = ["r = f()",
+             "assert r[:10] == (1, 2.5, 'a', b'b', None, True, 1j, {1: [2]}, {3}, frozenset({4}))",
+             "assert [type(v) for v in r[:6]] == [int, float, str, bytes, type(None), bool] and r[10] != r[10]",
+             "assert g() == (3, 0.5, [1, 2])",  # numpy values arrive as their .tolist()
+             "assert LIMIT == {'a': [1, 2.5]}",  # a plain-data global is copied once
+             "assert h([], key=7) == [7]",
+             "xs = []\nh(xs)\nassert xs == []"]  # arguments are copies: the caller never sees the mutation
+    assert R._code(code(src), "\n".join(tests), timeout=5.0) == (1.0, None)
+
+
+def test_code_what_cannot_cross_fails_the_test():
+    """An object of the model's class, an argument that is not plain data: that test fails, with a reason, even
+    if the test catches the complaint."""
+    src = "class Stack:\n    pass\ndef apply(fn, x):\n    return fn(x)\ndef inc(x):\n    return x + 1"
+    assert R._code(code(src), "s = Stack()\nassert s is not None") == (0.0, "not_plain")
+    assert R._code(code(src), "try:\n    Stack()\nexcept BaseException:\n    pass") == (0.0, "not_plain")
+    assert R._code(code(src), "assert apply(lambda x: x + 1, 1) == 2") == (0.0, "bad_args")
+    assert R._code(code(src), "assert apply(lambda x: x + 1, 1) == 2\nassert inc(1) == 2") == (0.5, None)
+
+
+def test_code_a_hung_function_fails_the_remaining_tests():
+    src = "def g():\n    return 1\ndef f():\n    while True:\n        pass"
+    for middle in ("assert f() == 1", "try:\n    f()\nexcept BaseException:\n    pass"):  # swallowing does not help
+        t0 = time.monotonic()
+        value, reason = R._code(code(src), f"assert g() == 1\n{middle}\nassert g() == 1", timeout=TIMEOUT)
+        assert value == pytest.approx(1 / 3) and time.monotonic() - t0 < TIMEOUT + 5
+    assert R._code(code(src), "assert f() == 1\nassert g() == 1", timeout=TIMEOUT) == (0.0, "timeout")
+
+
+def test_replies_are_checked_before_marshal_loads_them():
+    """Only marshal version 2 (no back-references) of plain data gets to marshal.loads, lengths checked."""
+    values = [None, True, -5, 2 ** 70, -2 ** 40, 1.5, float("inf"), 1j, "é", b"\x00", (), (1, "a"), [[0] * 3] * 3,
+              {1: {"k": (2, 3)}}, {1, 2}, frozenset({3}), ("ok", list(range(1000)))]
+    for v in values:
+        sandbox_runner._check_marshal(marshal.dumps(v, 2))
+    bad = [MARSHAL_CRASHER, marshal.dumps(("ok", "x" * 10)), marshal.dumps(compile("1", "<x>", "eval"), 2),
+           marshal.dumps([1, 2], 2)[:-1], marshal.dumps([1, 2], 2) + b"N", b"[\xff\xff\xff\x7f",
+           b"u\xff\xff\xff\xff", b"", b".", b"{" * 200 + b"0" * 200]
+    for data in bad:
+        with pytest.raises(ValueError):
+            sandbox_runner._check_marshal(data)
+
+
+def test_code_builtin_names_mean_the_builtin():
+    src = "def len(x):\n    return 3\ndef f():\n    return []"
+    assert R._code(code(src), "assert len(f()) == 0") == (1.0, None)
+
+
+def test_code_tests_may_print():
+    """The tests run in the supervisor, whose stdout carries the verdict: their output must not garble it."""
+    tests = "print('1 - uid+ns')\nprint('x' * 100000)\nassert f() == 1"
+    assert R.code_reward(code("def f():\n    return 1"), tests) == 1.0
+    assert R.code_reward(code("def f():\n    return 2"), tests) == pytest.approx(2 / 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# code: isolation, and the refusal to run without it
+
+
+def test_sandbox_reports_its_isolation():
+    bits, reason, isolation = R.run_sandboxed("def f():\n    return 1", ["assert f() == 1"])
+    assert (bits, reason) == ("1", None)
+    if ROOT:
+        assert isolation == ("uid+ns" if own_namespaces() else "uid")
+    else:
+        assert isolation == "userns"  # else it refused: see test_code_refuses_without_isolation
+
+
+def test_code_refuses_without_isolation(monkeypatch):
+    """Neither root nor a user namespace (forced): the code reward raises, once, naming what is missing and how
+    to accept weak isolation knowingly; it is never a silent 0. With isolation="weak" it runs."""
+    monkeypatch.setenv(R.PRETEND_ENV, "no_isolation")
+    good = code("def f():\n    return 1")
+    with pytest.raises(R.SandboxUnavailable, match="refused a user namespace") as e:
+        R.code_reward(good, "assert f() == 1")
+    assert "not to be root" in str(e.value) and "isolation='weak'" in str(e.value)
+    assert isinstance(e.value, RuntimeError) and pickle.loads(pickle.dumps(e.value)).args == e.value.args  # pools
+    with pytest.raises(R.SandboxUnavailable):
+        R.run_sandboxed("def f():\n    return 1", ["assert f() == 1"])
+    examples = [Ex("q", "", "code", {"tests": "assert f() == 1"})] * 3
+    with pytest.raises(R.SandboxUnavailable):
+        R.score_batch([good] * 3, examples, workers=0)
+    assert R.run_sandboxed("def f():\n    return 1", ["assert f() == 1"], isolation="weak") == ("1", None, "none")
+    assert R.code_reward(good, "assert f() == 1", isolation="weak") == 1.0
+    assert R.score_batch([good] * 3, examples, workers=0, code_isolation="weak")[1]["accuracy"] == [1.0] * 3
+    with pytest.raises(ValueError, match="isolation='none'"):
+        R.code_reward(good, "assert f() == 1", isolation="none")
+    with pytest.raises(ValueError, match="code_isolation"):
+        R.score_batch([good], examples[:1], workers=0, code_isolation="off")
+
+
+NOBODY = 65534
+AS_NOBODY = """import os, sys
+sys.path.insert(0, sys.argv[1])
+import rewards as R
+victim = sys.argv[2]
+attack = ("import ctypes\\nlibc = ctypes.CDLL(None)\\nr = libc.unlink(%r)\\nfd = libc.open(%r, 1 | 512)\\n"
+          "def f():\\n    return int(r == 0 or fd >= 0)") % (victim.encode(), victim.encode())
+peek = ("import os\\nn, me = 0, os.readlink('/proc/self')\\nfor p in filter(str.isdigit, os.listdir('/proc')):\\n"
+        "    try:\\n        if p != me and b'sandbox_runner._supervise' in open(f'/proc/{p}/cmdline', 'rb').read():\\n"
+        "            open(f'/proc/{p}/mem', 'rb').close()\\n            n += 1\\n    except OSError:\\n        pass\\n"
+        "def f():\\n    return n")
+try:
+    print(R.run_sandboxed("def f():\\n    return 1", ["assert f() == 1"]), R.run_sandboxed(attack, ["assert f() == 1"]))
+except R.SandboxUnavailable:
+    print("refused")
+os.environ[R.PRETEND_ENV] = "no_isolation"  # weak: same uid as the judge, which must still be out of reach
+print(R.run_sandboxed(peek, ["assert f() == 0"], isolation="weak"))
+"""
+
+
+@pytest.mark.skipif(not ROOT or not shutil.which("setpriv") or not os.access("/usr/bin/python3", os.X_OK),
+                    reason="needs root (to become an unprivileged uid), setpriv and a system python")
+def test_sandbox_as_an_unprivileged_uid():
+    """For real, not pretended: as an unprivileged uid the code runs in a user namespace (or the reward refuses),
+    and cannot delete or truncate a file of that uid outside its directory, even through ctypes."""
+    repo = os.path.dirname(os.path.abspath(R.__file__))
+    home = tempfile.mkdtemp(prefix="nano_r1_nobody_")
+    victim = os.path.join(home, "keep.txt")
+    with open(victim, "w") as f:
+        f.write("precious")
+    for path in (home, victim):
+        os.chown(path, NOBODY, NOBODY)
+    cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "/usr/bin/python3"]
+    try:
+        if subprocess.run(cmd + ["-c", f"import os; open({repo + '/rewards.py'!r}).close()"], env={},
+                          capture_output=True).returncode != 0:
+            pytest.skip("the unprivileged uid cannot run the system python or read the repository")
+        script = os.path.join(home, "as_nobody.py")  # a file: the peek must not find our own command line
+        with open(script, "w") as f:
+            f.write(AS_NOBODY)
+        out = subprocess.run(cmd + [script, repo, victim], env={"HOME": home}, capture_output=True, text=True,
+                             timeout=120, cwd=home)
+        lines = out.stdout.splitlines()
+        assert out.returncode == 0 and len(lines) == 2, out.stderr[-3000:]
+        assert lines[0] in ("refused", "('1', None, 'userns') ('0', None, 'userns')"), lines[0]
+        assert lines[1] == "('1', None, 'none')", lines[1]
+        with open(victim) as f:
+            assert f.read() == "precious"
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # code: the attack suite. Each case must score 0 within timeout + a few seconds; afterwards the trainer (this
 # process and a stand-in child of it) is alive, no process the sandbox started is left, the outside file is intact.
 
@@ -335,6 +502,21 @@ def own_namespaces():
     return R.code_reward(code("import os\ndef f():\n    return os.getpid()"), "assert f() == 1") == 1.0
 
 
+@functools.lru_cache(maxsize=None)
+def isolation_in(mode):
+    """The isolation the supervisor achieves in a test mode: "default", or "no_root" (as root, pretend not to be:
+    the user-namespace path, with the trainer's uid outside)."""
+    old = os.environ.pop(R.PRETEND_ENV, None)
+    try:
+        if mode == "no_root":
+            os.environ[R.PRETEND_ENV] = "no_root"
+        return R.run_sandboxed("def f():\n    return 1", ["assert f() == 1"])[2]
+    finally:
+        os.environ.pop(R.PRETEND_ENV, None)
+        if old is not None:
+            os.environ[R.PRETEND_ENV] = old
+
+
 def test_sandbox_uses_namespaces_when_the_kernel_allows():
     flags = sandbox_runner.CLONE_NEWPID | sandbox_runner.CLONE_NEWNET | (0 if ROOT else sandbox_runner.CLONE_NEWUSER)
     probe = f"import ctypes, sys; sys.exit(ctypes.CDLL(None).unshare({flags}) != 0)"
@@ -353,7 +535,7 @@ def leftovers(marker="987.654"):
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, IndexError, ValueError):
             continue
-        if uid >= sandbox_runner.UID_BASE or marker in cmd or "sandbox_runner.py" in cmd:
+        if uid >= sandbox_runner.UID_BASE or marker in cmd or "sandbox_runner._supervise()" in cmd:
             found.append((pid, uid, cmd))
     return found
 
@@ -364,21 +546,22 @@ def attacks(w):
               "        if libc.fork() == 0:\n            argv = (ctypes.c_char_p * 3)(b'sleep', b'987.654', None)\n"
               "            libc.execv(b'/bin/sleep', argv)\n        libc._exit(0)\ntime.sleep(100)\n"
               "def f():\n    return 1\n")
-    return {  # name: (code, acceptable reasons, needs: None | "root" | "ns" (own pid+net namespaces))
+    return {  # name: (code, acceptable reasons, needs: None | "uid" (a fresh uid) | "ns" (own pid+net namespaces)
+        # [, test source]: "assert f() == 1" unless given
         "infinite_loop": ("while True:\n    pass", {"timeout"}, None),
         "sleep_forever": ("import time\ntime.sleep(1000)", {"timeout"}, None),
         "detached_grandchildren": (detach, {"timeout"}, None),
         "python_fork": ("import os\nos.fork()\ndef f():\n    return 1", {"exception"}, None),
-        "fork_bomb": (LIBC + "while True:\n    libc.fork()", {"timeout"}, "root"),
+        "fork_bomb": (LIBC + "while True:\n    libc.fork()", {"timeout"}, "uid"),  # RLIMIT_NPROC binds a fresh uid
         "multi_gb_allocation": ("x = bytearray(8 << 30)\ndef f():\n    return 1", {"memory"}, None),
         "growing_allocation": ("x = []\nwhile True:\n    x.append(bytearray(64 << 20))", {"memory", "timeout"},
                                None),  # page-faulting the memory in may take longer than TIMEOUT on a busy box
         "sys_exit_before_tests": ("import sys\nsys.exit(0)\ndef f():\n    return 1", {"exit_before_tests"}, None),
-        "os_exit_before_tests": ("import os\nos._exit(0)\ndef f():\n    return 1", {"no_proof"}, None),
+        "os_exit_before_tests": ("import os\nos._exit(0)\ndef f():\n    return 1", {"exit_before_tests"}, None),
         "fake_marker": ("import os\nfor fd in range(0, 64):\n    try:\n"
                         "        os.write(fd, b'0123456789abcdef0123456789abcdef 1 -\\nALL TESTS PASSED\\n')\n"
                         "    except OSError:\n        pass\nprint('ALL TESTS PASSED')\ndef f():\n    return 1\n"
-                        "os._exit(0)", {"no_proof"}, None),
+                        "os._exit(0)", {"bad_reply", "exit_before_tests"}, None),
         "huge_print": ("print('x' * (64 << 20))\ndef f():\n    return 1", {"output_limit"}, None),
         "print_flood": ("while True:\n    print('y' * 10000)", {"output_limit"}, None),
         "delete_outside": (f"import os\nos.remove({p!r})\ndef f():\n    return 1", {"exception"}, None),
@@ -386,7 +569,7 @@ def attacks(w):
         "rmtree_outside": (f"import shutil\nshutil.rmtree({d!r})\ndef f():\n    return 1", {"exception"}, None),
         "delete_outside_ctypes": (LIBC + f"r = libc.unlink({p!r}.encode())\nt = libc.truncate({p!r}.encode(), 0)\n"
                                   "fd = libc.open(%r.encode(), 1 | 512)\ndef f():\n    return int(r == 0 or t == 0 or "
-                                  "fd >= 0)" % p, {"tests_failed"}, "root"),
+                                  "fd >= 0)" % p, {"tests_failed"}, None),  # fresh uid, or read-only mounts
         "read_trainer_env": ("import os\nleak = os.environ.get('NANO_R1_TEST_SECRET', '')\n"
                              "for pid in os.listdir('/proc'):\n    try:\n"
                              f"        leak = leak or ({SECRET!r} in open(f'/proc/{{pid}}/environ', errors='ignore').read())\n"
@@ -404,16 +587,133 @@ def attacks(w):
                    "def f():\n    return 1", {"exception"}, None),
         "socket_raw": (f"import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\ns.settimeout(1)\n"
                        f"s.connect(('127.0.0.1', {port}))\ndef f():\n    return 1", {"exception"}, "ns"),
+        # -- gaming the verdict: each of these scored 1.0 when the tests ran in the model's own interpreter
+        "always_equal": ("class A:\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return A()",
+                         {"not_plain"}, None, "assert add(1, 2) == 3"),
+        "lying_int": ("class I(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+                      "def f():\n    return I(0)", {"tests_failed"}, None),
+        "lying_str": ("class S(str):\n    def __eq__(self, other):\n        return True\n    __hash__ = str.__hash__\n"
+                      "def f():\n    return S('no')", {"tests_failed"}, None),
+        "lying_list": ("class L(list):\n    def __eq__(self, other):\n        return True\ndef f():\n    return L()",
+                       {"tests_failed"}, None),
+        "forge_verdict": (FORGE, {"bad_reply", "exit_before_tests"}, None),
+        # the verdict travels in a pipe the trainer (this process) reads: its end is in /proc/<pid>/fd
+        "forge_via_trainer_pipe": ("import os, _io\nhits = 0\ntry:\n"
+                                   f"    for fd in os.listdir('/proc/{os.getpid()}/fd'):\n"
+                                   f"        path = '/proc/{os.getpid()}/fd/' + fd\n        try:\n"
+                                   "            if os.readlink(path).startswith('pipe:'):\n"
+                                   "                _io.FileIO(path, 'w').write(b'1 - uid+ns\\n')\n"
+                                   "                hits += 1\n        except OSError:\n            pass\n"
+                                   "except OSError:\n    pass\ndef f():\n    return 0", {"tests_failed"}, None),
+        "read_tests_from_memory": (PEEK, {"tests_failed"}, None),
+        "patch_builtins": ("import builtins\nclass Never(BaseException):\n    pass\nbuiltins.AssertionError = Never\n"
+                           "builtins.len = lambda x: 3\nbuiltins.isinstance = lambda *a: True\n"
+                           "builtins.exec = builtins.compile = lambda *a, **k: None\n"
+                           "AssertionError = Never\ndef len(x):\n    return 3\ndef isinstance(*a):\n    return True\n"
+                           "def f():\n    return []", {"tests_failed", "bad_reply"}, None,  # its own replies break
+                           "assert len(f()) == 3 and isinstance(f(), dict)"),
+        # -- the model's function misbehaves while the judge waits for it
+        "hang_in_call": ("def f():\n    while True:\n        pass", {"timeout"}, None),
+        "sleep_in_call": ("import time\ndef f():\n    time.sleep(100)", {"timeout"}, None),
+        "flood_in_call": ("def f():\n    print('x' * (64 << 20))\n    return 1", {"output_limit"}, None),
+        "huge_reply": ("def f():\n    return 'x' * (32 << 20)", {"bad_reply"}, None),
+        "exit_in_call": ("import os\ndef f():\n    os._exit(0)", {"died"}, None),
+        "raises": ("def f():\n    raise ValueError('no')", {"tests_failed"}, None),
+        "raises_system_exit": ("def f():\n    raise SystemExit(0)", {"tests_failed"}, None),
+        "returns_a_function": ("def f():\n    return f", {"not_plain"}, None),
+        # -- speaking the pipe protocol by hand: whatever arrives is checked
+        "reply_code_object": (RAW_REPLY + "send(('ok', compile('1', '<x>', 'eval')))\n    os._exit(0)", {"bad_reply"},
+                              None),
+        "reply_dag_bomb": (RAW_REPLY + "x = 1\n    for _ in range(80):\n        x = [x, x]\n"
+                           "    send(('ok', x))\n    os._exit(0)", {"bad_reply"}, None),
+        "reply_marshal_crasher": (RAW_REPLY + f"data = {MARSHAL_CRASHER!r}\n"
+                                  "    os.write(3, len(data).to_bytes(4, 'little') + data)\n    os._exit(0)",
+                                  {"bad_reply"}, None),  # the judge must live to say so
+        "reply_garbage": (RAW_REPLY + "os.write(3, b'\\x05\\x00\\x00\\x00\\xff\\xfe\\xfd\\xfc\\xfb')\n    os._exit(0)",
+                          {"bad_reply"}, None),
+        # -- the judge holds the tests: it must be out of reach
+        "read_judge_memory": ("import os\nme, opened = os.readlink('/proc/self'), 0\nfor pid in os.listdir('/proc'):\n"
+                              "    if pid.isdigit() and pid != me:\n        try:\n"
+                              "            open(f'/proc/{pid}/mem', 'rb').close()\n            opened += 1\n"
+                              "        except OSError:\n            pass\ndef f():\n    return int(opened > 0)",
+                              {"tests_failed"}, None),
+        "kill_judge_ctypes": (LIBC + "import os\nkilled = 0\nfor pid in filter(str.isdigit, os.listdir('/proc')):\n"
+                              "    try:\n        cmd = open(f'/proc/{pid}/cmdline', 'rb').read()\n"
+                              "    except OSError:\n        continue\n"
+                              "    if b'sandbox_runner._supervise' in cmd and libc.kill(int(pid), 9) == 0:\n"
+                              "        killed += 1\n"
+                              "def f():\n    return int(killed > 0)", {"tests_failed"}, None),
     }
+
+
+# Finds the old harness's nonce in the frames above it or anywhere the garbage collector sees, writes a fake
+# verdict (old and new format) to every descriptor, and exits before any test could fail.
+FORGE = r"""import gc, os, re, sys
+found = set()
+frame = sys._getframe()
+while frame:
+    found.update(v for v in frame.f_locals.values() if isinstance(v, str))
+    frame = frame.f_back
+for obj in gc.get_objects():
+    items = list(obj.values()) if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    found.update(v for v in items if isinstance(v, str))
+nonces = [v for v in found if re.fullmatch('[0-9a-f]{32}', v)] + ['0' * 32]
+for fd in range(64):
+    for n in nonces:
+        try:
+            os.write(fd, f'{n} 1 -\n1 - uid+ns\n'.encode())
+        except OSError:
+            pass
+os._exit(0)
+"""
+
+# Looks for the tests' own source in its memory and returns the value they expect.
+PEEK = r"""import gc, re, sys
+pool = []
+frame = sys._getframe()
+while frame:
+    pool.append(frame.f_locals)
+    frame = frame.f_back
+pool += gc.get_objects()
+answer = 0
+for obj in pool:
+    items = list(obj.values()) if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for v in items:
+        for s in (v if isinstance(v, (list, tuple)) else [v]):
+            m = isinstance(s, str) and re.search('assert f[(][)] == ([0-9]+)', s)
+            if m:
+                answer = int(m.group(1))
+def f():
+    return answer
+"""
+
+# 100 bytes that make CPython 3.11's marshal.loads segfault (a back-reference to a tuple still being built, hashed)
+MARSHAL_CRASHER = bytes.fromhex(
+    "a902da026f6ba80a000000e901000000e70000000000000440da0161f301000000624e54f90000000000000000000000"
+    "000000f03f7b7202000000a902e902000000e903000000303c0100000072090000003e01000000d704000000")
+
+# f answers the judge's call itself, with raw bytes on the reply descriptor
+RAW_REPLY = """import marshal, os
+def send(msg):
+    data = marshal.dumps(msg)
+    os.write(3, len(data).to_bytes(4, 'little') + data)
+def f():
+    """
 
 
 ATTACK_NAMES = list(attacks({"path": "", "dir": "", "port": 0}))
 
 
 @pytest.mark.parametrize("name", ATTACK_NAMES)
-def test_sandbox_attack(world, name):
-    src, reasons, needs = attacks(world)[name]
-    if needs == "root" and not ROOT or needs == "ns" and not own_namespaces():
+@pytest.mark.parametrize("mode", ["default", "no_root"])
+def test_sandbox_attack(world, name, mode, monkeypatch):
+    src, reasons, needs, *tests = attacks(world)[name]
+    if mode == "no_root":
+        if not ROOT:
+            pytest.skip("the default mode is the no-root mode here")
+        monkeypatch.setenv(R.PRETEND_ENV, "no_root")
+    isolation = isolation_in(mode)
+    if needs == "uid" and not isolation.startswith("uid") or needs == "ns" and isolation not in ("uid+ns", "userns"):
         pytest.skip(f"bypasses the Python guards; without {needs} no wall would stop it and it would do harm")
     seen = []  # processes with the marker seen while the attack ran (proves the detach attack really detached)
     done = threading.Event()
@@ -427,7 +727,7 @@ def test_sandbox_attack(world, name):
     watcher.start()
     t0 = time.monotonic()
     try:
-        value, reason = R._code(code(src), "assert f() == 1", timeout=TIMEOUT, memory_mb=512)
+        value, reason = R._code(code(src), tests[0] if tests else "assert f() == 1", timeout=TIMEOUT, memory_mb=512)
     finally:
         done.set()
         watcher.join()

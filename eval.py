@@ -77,7 +77,8 @@ def majority_vote(answers, same=rewards.same_answer):
 
 @torch.no_grad()
 def evaluate(model, tok, examples, k=16, template="", temperature=0.6, top_p=0.95, max_new_tokens=32768, seed=0,
-             workers=2, stop_strings=("</answer>",), batch_prompts=64, lang="en", rg_exact=True):
+             workers=2, stop_strings=("</answer>",), batch_prompts=64, lang="en", rg_exact=True,
+             code_isolation="strict"):
     """Sample k completions per example and score them. Returns the summary dict; summary["instances"] holds the
     per-problem records. Prompts are split over ranks under torchrun; the summary covers all of them."""
     if not examples:
@@ -87,7 +88,7 @@ def evaluate(model, tok, examples, k=16, template="", temperature=0.6, top_p=0.9
     mine = list(range(common.rank(), len(examples), common.world_size()))
     with common.gathered(model):  # under FSDP: weights all-gathered once, not at every decode step
         instances = _sample_and_score(model, tok, examples, mine, k, template, temperature, top_p, max_new_tokens,
-                                      seed, workers, stop_strings, batch_prompts, lang, rg_exact)
+                                      seed, workers, stop_strings, batch_prompts, lang, rg_exact, code_isolation)
     instances = sorted(common.all_gather(instances), key=lambda x: x["index"])
     model.train(was_training)
     return summarize(instances, k)
@@ -100,7 +101,7 @@ def row_seed(seed, problem, sample):
 
 
 def _sample_and_score(model, tok, examples, mine, k, template, temperature, top_p, max_new_tokens, seed, workers,
-                      stop_strings, batch_prompts, lang, rg_exact):
+                      stop_strings, batch_prompts, lang, rg_exact, code_isolation):
     stop_ids = rollout.stop_ids_for(model, tok)
     instances = []
     for s in range(0, len(mine), batch_prompts):
@@ -116,6 +117,7 @@ def _sample_and_score(model, tok, examples, mine, k, template, temperature, top_
         block = bool(template)  # both templates ask for <answer></answer> (the toy's through its corpus): only that
         #                         block is an answer; with no template a \boxed{} anywhere counts
         total, parts, _ = rewards.score_batch(comps, exs, workers=workers, lang=lang, rg_exact=rg_exact,
+                                              code_isolation=code_isolation,
                                               answer_block=block)
         for j, i in enumerate(idx):
             ex = examples[i]
@@ -164,7 +166,8 @@ def summarize(instances, k):
     se = (np.std(per, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
     cons_se = (np.std(cons, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
     summary = {"problems": n, "k": k, "skipped": skipped, "pass@1": mean, "pass@1_se": float(se),
-               f"cons@{k}": sum(cons) / n, f"cons@{k}_se": float(cons_se), "format_rate": sum(fmt) / len(fmt), "mean_length": sum(lens) / len(lens),
+               f"cons@{k}": sum(cons) / n, f"cons@{k}_se": float(cons_se), "format_rate": sum(fmt) / len(fmt),
+               "mean_length": sum(lens) / len(lens),
                "truncated": sum(trunc) / len(trunc), "reflective_per_token": refl / max(1, ntok),
                "pass@k": {j: sum(i["pass@k"][j] for i in instances if "pass@k" in i) / n for j in map(str, ks(k))},
                "by_difficulty": {str(d): {"problems": len(v), "pass@1": sum(v) / len(v)}
@@ -371,6 +374,7 @@ class EvalConfig:
     batch_prompts: int = 64
     lang: str = "en"
     rg_exact: bool = True        # reasoning-gym: exact answers only (its default gives partial credit, P12)
+    code_isolation: Literal["strict", "weak"] = "strict"  # as grpo.py's flag
     compare: list = dataclasses.field(default_factory=list)  # two eval out_dirs: A,B -> paired bootstrap of B - A
     report: list = dataclasses.field(default_factory=list)  # eval out_dirs to tabulate side by side
     sweep: list = dataclasses.field(default_factory=list)  # train.sh output dirs (a seed sweep): one table
@@ -415,7 +419,7 @@ def sweep(dirs):
         path = os.path.join(d, name)
         return json.load(open(path)) if os.path.isfile(path) else None
 
-    lines = ["| run | base loss | probe step_ok (3 / 4) | base pass@1 | after GRPO ± se | gain | after, 3 / 4 operands "
+    lines = ["| run | base loss | probe step_ok (3 / 4) | base pass@1 | after GRPO ± se | gain | after, 3 / 4 ops "
              "| data / pretrain / grpo / evals (s) |", "|---|---|---|---|---|---|---|---|"]
     finals, stopped = [], []
     for d in dirs:
@@ -443,7 +447,8 @@ def sweep(dirs):
                      f"{fmt(rl and rl['pass@1'])} ± {fmt(rl and rl['pass@1_se'])} | "
                      f"{fmt(rl['pass@1'] - base['pass@1'], '{:+.3f}') if rl and base else '-'} | "
                      f"{fmt(by(rl, '3'))} / {fmt(by(rl, '4'))} | "
-                     f"{times['data']} / {times['pretrain']} / {times['grpo']} / {times['eval_base'] + times['eval_rl']} |")
+                     f"{times['data']} / {times['pretrain']} / {times['grpo']} / "
+                     f"{times['eval_base'] + times['eval_rl']} |")
     print("\n".join(lines))
     if stopped:
         print(f"worst: {', '.join(stopped)} stopped before RL (the base failed the pre-RL probe)")
@@ -494,7 +499,7 @@ def main(argv=None):
         return probe_main(c, model, tok, examples, template, device, dtype)
     with common.autocast(device, dtype):
         summary = evaluate(model, tok, examples, c.k, template, c.temperature, c.top_p, c.max_new_tokens, c.seed,
-                           c.workers, c.stop_strings, c.batch_prompts, c.lang, c.rg_exact)
+                           c.workers, c.stop_strings, c.batch_prompts, c.lang, c.rg_exact, c.code_isolation)
     instances = summary.pop("instances")
     summary["config"] = dataclasses.asdict(c)
     if common.rank() == 0:

@@ -101,6 +101,8 @@ class GRPOConfig:
     language_weight: float = 0.0     # the language-consistency reward (R1 stage 2); 0 = off
     lang: str = "en"
     rg_exact: bool = True            # reasoning-gym: demand an exact answer (its default gives partial credit, P12)
+    code_isolation: Literal["strict", "weak"] = "strict"  # code rewards without root or user namespaces: refuse,
+    #                                  or (weak) run behind weaker walls, knowingly (sandbox_runner.py says which)
     reward_workers: int = 2
     # bookkeeping
     max_steps: int = 10400
@@ -244,6 +246,7 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
         weights = {"accuracy": c.accuracy_weight, "format": c.format_weight, "language": c.language_weight}
         total, comps, reasons = rewards.score_batch(texts, [exs[i // G] for i in range(len(texts))], weights,
                                                     workers=c.reward_workers, lang=c.lang, rg_exact=c.rg_exact,
+                                                    code_isolation=c.code_isolation,
                                                     answer_block=bool(template))  # as eval.py
         stats["reasons"].update(reasons)
         shaped = torch.tensor([t + overlong_penalty(len(ids), c.max_new_tokens, c.overlong_buffer)
@@ -458,7 +461,8 @@ def main(argv=None):
            f"{c.rollout_prompts} prompts x {c.group_size} per rollout, {c.num_minibatches} mini-batches, mu={c.mu}")
     heldout_eval = lambda: evaluation.evaluate(  # noqa: E731 pass@1 (k=1) at the paper's T=0.6, top-p 0.95
         policy, tok, held_ex, k=1, template=template, temperature=0.6, top_p=0.95, max_new_tokens=c.max_new_tokens,
-        seed=c.seed, workers=c.reward_workers, stop_strings=c.stop_strings, rg_exact=c.rg_exact)
+        seed=c.seed, workers=c.reward_workers, stop_strings=c.stop_strings, rg_exact=c.rg_exact,
+        code_isolation=c.code_isolation)
     with common.autocast(device, dtype):
         run_loop(policy, ref, opt, tok, sampler, c, step, bad, template, stop_ids, vocab, log, heldout_eval)
     final = common.export_final(policy, tok, c.out_dir)

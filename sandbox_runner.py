@@ -203,8 +203,9 @@ def _refusal(why, pretend):
             "Fix: run as root (a fresh uid per run), or allow unprivileged user namespaces "
             "(kernel.unprivileged_userns_clone=1, kernel.apparmor_restrict_unprivileged_userns=0 or an AppArmor "
             "profile allowing userns, user.max_user_namespaces > 0). To accept weaker isolation knowingly, pass "
-            "isolation='weak' (code_isolation='weak' to score_batch): the code then runs as your own uid behind "
-            "Python-level guards only, and can overwrite your files and kill your processes.")
+            "isolation='weak' (code_isolation='weak' to score_batch, --code-isolation=weak to grpo.py and eval.py): "
+            "the code then runs as your own uid behind Python-level guards only, and can overwrite your files and kill "
+            "your processes.")
 
 
 # ----------------------------------------------------------------------------------------------------------------

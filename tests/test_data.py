@@ -178,6 +178,11 @@ def test_llama3_tokenizer_model():
         ids = ours.encode(s)
         assert ids == ref.encode(s, bos=False, eos=False, allowed_special="all")
         assert ours.decode(ids) == s
+    # a prompt gets <|begin_of_text|> first, as Llama 3 encodes one (bos=True); the toy tokenizer adds nothing
+    assert ours.bos_id == ref.bos_id == 128000
+    for s in VARIED:
+        assert data.prompt_ids(ours, s) == ref.encode(s, bos=True, eos=False, allowed_special="all")
+    assert data.toy_tokenizer(n_docs=200).encode_text("12+34") == data.toy_tokenizer(n_docs=200).encode("12+34")
 
 
 def _hf_tokenizer(tmp_path, kind):
@@ -245,17 +250,6 @@ def test_prompts_are_encoded_as_the_models_own_tokenizer_does(tmp_path, post):
     hf.save(path)
     with pytest.raises(DataError, match=r"tokenizer.json: field 'post_processor'"):
         Tokenizer.from_file(path)
-
-
-def test_llama3_prompts_get_begin_of_text():
-    llama_models = pytest.importorskip("llama_models")
-    from llama_models.llama3.tokenizer import Tokenizer as LlamaTokenizer
-    path = os.path.join(os.path.dirname(llama_models.__file__), "llama3", "tokenizer.model")
-    ours, ref = Tokenizer.from_file(path), LlamaTokenizer.get_instance()
-    assert ours.bos_id == ref.bos_id == 128000
-    for s in VARIED:
-        assert data.prompt_ids(ours, s) == ref.encode(s, bos=True, eos=False, allowed_special="all")
-    assert data.toy_tokenizer(n_docs=200).encode_text("12+34") == data.toy_tokenizer(n_docs=200).encode("12+34")
 
 
 def test_hf_tokenizer_json_unsupported_is_a_clear_error(tmp_path):

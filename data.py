@@ -47,8 +47,9 @@ import numpy as np
 import regex
 import tiktoken
 
-import common
-from common import UserError
+import config
+import dist
+from config import UserError
 
 
 class DataError(UserError):
@@ -657,7 +658,7 @@ class PromptSampler:
         self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
 
     def take(self, n_local):
-        n, r = n_local * common.world_size(), common.rank()
+        n, r = n_local * dist.world_size(), dist.rank()
         out = []
         while len(out) < n:
             if self.pos >= len(self.order):
@@ -706,4 +707,4 @@ def write_toy_data(c):
 
 
 if __name__ == "__main__":
-    common.cli(lambda: write_toy_data(common.parse_config(ToyDataConfig)), "data.py")
+    config.cli(lambda: write_toy_data(config.parse_config(ToyDataConfig)), "data.py")

@@ -25,11 +25,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-import common
+import checkpoint
+import config
 import data
+import dist
 import rewards
 import rollout
-from common import ConfigError, print0
+from config import ConfigError
+from dist import print0
 
 # The paper's reflective words (004 line 2565-2567), counted as token frequency (004 line 3560).
 REFLECTIVE_WORDS = ("wait", "mistake", "however", "but", "retry", "error", "verify", "wrong", "evaluate", "check")
@@ -84,11 +87,11 @@ def evaluate(model, tok, examples, k=16, template="", temperature=0.6, top_p=0.9
         raise ValueError("evaluate: no examples")
     was_training = model.training
     model.eval()
-    mine = list(range(common.rank(), len(examples), common.world_size()))
-    with common.gathered(model):  # under FSDP: weights all-gathered once, not at every decode step
+    mine = list(range(dist.rank(), len(examples), dist.world_size()))
+    with dist.gathered(model):  # under FSDP: weights all-gathered once, not at every decode step
         instances = _sample_and_score(model, tok, examples, mine, k, template, temperature, top_p, max_new_tokens,
                                       seed, workers, stop_strings, batch_prompts, lang, rg_exact)
-    instances = sorted(common.all_gather(instances), key=lambda x: x["index"])
+    instances = sorted(dist.all_gather(instances), key=lambda x: x["index"])
     model.train(was_training)
     return summarize(instances, k)
 
@@ -159,7 +162,7 @@ def summarize(instances, k):
             by_diff[inst["difficulty"]].append(p)
     n = len(per)
     if n == 0:
-        raise common.UserError("evaluate: every problem was skipped (unparseable golds)")
+        raise config.UserError("evaluate: every problem was skipped (unparseable golds)")
     mean = sum(per) / n
     se = (np.std(per, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
     cons_se = (np.std(cons, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
@@ -389,13 +392,13 @@ class EvalConfig:
 def probe_main(c, model, tok, examples, template, device, dtype):
     if c.task != "toy":
         raise ConfigError(f"--probe: only for --task=toy (got {c.task!r})")
-    with common.autocast(device, dtype):
+    with dist.autocast(device, dtype):
         out = toy_probe(model, tok, examples, template, c.temperature)
     worst = min(v for key, v in out.items() if key.startswith("step_ok_"))
     out.update(probe_min=c.probe_min, passed=worst >= c.probe_min, model=c.model, split=c.split)
-    if common.rank() == 0:
+    if dist.rank() == 0:
         os.makedirs(c.out_dir, exist_ok=True)
-        common.atomic_write_json(os.path.join(c.out_dir, "probe.json"), out)
+        checkpoint.atomic_write_json(os.path.join(c.out_dir, "probe.json"), out)
     by_k = "  ".join(f"{key[8:]} operands {v:.3f}" for key, v in out.items() if key.startswith("step_ok_"))
     copies = " ".join(f"{key} {out[key]:.3f}" for key in sorted(out) if key.startswith("op"))
     print0(f"probe of {c.model} on {out['problems']} {c.split} problems: a stepwise sample at T={c.temperature} is "
@@ -467,7 +470,7 @@ def compare(dirs, seed=0):
 
 
 def main(argv=None):
-    c = common.parse_config(EvalConfig, argv)
+    c = config.parse_config(EvalConfig, argv)
     if c.compare:
         return compare(c.compare, c.seed)
     if c.report:
@@ -478,26 +481,26 @@ def main(argv=None):
         raise ConfigError("--model: required (a checkpoint, run dir or Hugging Face dir)")
     if c.k < 1:
         raise ConfigError("--k: must be >= 1")
-    common.init_distributed()
-    common.set_threads(c.threads)
-    device = common.get_device(c.device)
-    dtype = common.get_dtype(c.dtype, device)
-    model = common.build_model(c.model, None, device, dtype, flag="--model")  # under torchrun: sharded
-    tok = data.Tokenizer.from_file(common.find_tokenizer(c.tokenizer, c.model))
+    dist.init_distributed()
+    dist.set_threads(c.threads)
+    device = dist.get_device(c.device)
+    dtype = dist.get_dtype(c.dtype, device)
+    model = checkpoint.build_model(c.model, None, device, dtype, flag="--model")  # under torchrun: sharded
+    tok = data.Tokenizer.from_file(checkpoint.find_tokenizer(c.tokenizer, c.model))
     examples = data.load_task(c.task, n=c.problems, seed=c.problem_seed, split=c.split, heldout_frac=c.heldout_frac)
     template = data.TEMPLATES[c.template]
     if c.probe:
         return probe_main(c, model, tok, examples, template, device, dtype)
-    with common.autocast(device, dtype):
+    with dist.autocast(device, dtype):
         summary = evaluate(model, tok, examples, c.k, template, c.temperature, c.top_p, c.max_new_tokens, c.seed,
                            c.workers, c.stop_strings, c.batch_prompts, c.lang, c.rg_exact)
     instances = summary.pop("instances")
     summary["config"] = dataclasses.asdict(c)
-    if common.rank() == 0:
+    if dist.rank() == 0:
         os.makedirs(c.out_dir, exist_ok=True)
         with open(os.path.join(c.out_dir, "instances.jsonl"), "w") as f:
             f.writelines(json.dumps(i) + "\n" for i in instances)
-        common.atomic_write_json(os.path.join(c.out_dir, "summary.json"), summary)
+        checkpoint.atomic_write_json(os.path.join(c.out_dir, "summary.json"), summary)
         if c.rejection_sampling:
             rows = rejection_sample(instances, c.max_per_prompt, c.dedup)
             with open(os.path.join(c.out_dir, "sft.jsonl"), "w") as f:
@@ -512,4 +515,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main, "eval.py")
+    config.cli(main, "eval.py")

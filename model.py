@@ -1,6 +1,6 @@
 """The nano-r1 transformer: DeepSeek-V3-style MoE with MLA, plus the GQA/dense variants of Qwen and Llama.
 
-One class, `Transformer(ModelConfig)`, covers four Hugging Face families with logits equal to `transformers`':
+One class, `Transformer(ModelConfig)`, covers five Hugging Face architectures with logits equal to `transformers`':
   DeepseekV3ForCausalLM  MLA attention, sigmoid router with the selection-only correction bias, group-limited
                          top-k, shared + routed experts, the first `first_k_dense_replace` layers dense
   Qwen3MoeForCausalLM    GQA with per-head q/k RMSNorm, softmax router, routed experts only
@@ -8,20 +8,20 @@ One class, `Transformer(ModelConfig)`, covers four Hugging Face families with lo
   Qwen2ForCausalLM, LlamaForCausalLM
 Module and parameter names follow Hugging Face's so a checkpoint maps onto `state_dict()` by dropping the
 "model." prefix; the one difference is that routed experts are stored stacked, (E, out, in), so they can run as
-one grouped matmul, while files hold them per expert. hf.py does that mapping (from_pretrained/save_pretrained).
+one grouped matmul, while files hold them per expert. hf.py does that mapping (hf.load, hf.save); checkpoint.py
+builds a model from a path. This file is the model and nothing else: it imports torch and kernels only.
 
-Reading order: config -> norms and RoPE -> attention (MLA, GQA) -> MLP and MoE -> KV cache -> Transformer ->
-Hugging Face load/save.
+Reading order: config -> norms and RoPE -> attention (MLA, GQA) -> MLP and MoE -> KV cache -> Transformer.
 """
 import math
-import os
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import kernels
 
 ARCHITECTURES = ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM",
                  "LlamaForCausalLM")
@@ -30,7 +30,7 @@ ARCHITECTURES = ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3ForCausal
 @dataclass
 class ModelConfig:
     """Model shape. Field names are Hugging Face's, so a config.json maps onto it (see `config_from_hf`)."""
-    architecture: str = "DeepseekV3ForCausalLM"  # what save_pretrained writes; one of ARCHITECTURES
+    architecture: str = "DeepseekV3ForCausalLM"  # what hf.save writes; one of ARCHITECTURES
     vocab_size: int = 4096
     hidden_size: int = 128
     intermediate_size: int = 384           # dense MLP width (dense layers, dense models)
@@ -593,7 +593,6 @@ class Transformer(nn.Module):
         over tokens (B, T), with the LM head fused into kernels.token_logprobs (no (N, V) logits kept). vocab:
         score over the first `vocab` ids only (the tokenizer's; a padded LM head's extra rows get no mass). A
         method of the model, not a caller's use of lm_head.weight, so FSDP unshards the head for it."""
-        import kernels
         h = self.forward(tokens, return_hidden=True, valid=valid)  # (B, T, D)
         w = self.lm_head.weight if vocab is None else self.lm_head.weight[:vocab]
         with torch.autocast(h.device.type, enabled=False):  # the kernel accumulates logits in fp32 itself (M8)
@@ -632,74 +631,3 @@ class Transformer(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Hugging Face checkpoints (the format mapping lives in hf.py)
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """Load a Hugging Face directory (config.json + model.safetensors or a sharded index)."""
-        import hf
-        return hf.load(path, dtype, device)
-
-    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
-        """Write config.json + safetensors that transformers and vLLM load (experts per expert)."""
-        import hf
-        hf.save(self, path, max_shard_bytes)
-
-
-def load_model(path, dtype=torch.float32, device="cpu"):
-    """A Hugging Face directory (config.json + safetensors), a run directory (its final/ export, else its newest
-    checkpoint) or a nano-r1 checkpoint file (ckpt_*.pt) -> Transformer."""
-    import common
-    if find_hf_dir(path):
-        return Transformer.from_pretrained(find_hf_dir(path), dtype=dtype, device=device)
-    if not os.path.exists(path) or (os.path.isdir(path) and not common.list_checkpoints(path)):
-        raise FileNotFoundError(f"{path}: neither a Hugging Face model directory (config.json) nor a run directory "
-                                "with final/ or ckpt_* checkpoints, nor a checkpoint file")
-    state = common.load_checkpoint(path)
-    if "dcp" in state:
-        raise ValueError(f"{state['dcp']}: a sharded (torchrun) checkpoint; load the run's final/ export, or "
-                         "continue the run with torchrun and --resume")
-    if "model" not in state or "model_config" not in state:
-        raise ValueError(f"{path}: not a nano-r1 checkpoint (needs 'model' and 'model_config')")
-    return model_from_state(state).to(device=device, dtype=dtype)
-
-
-def find_hf_dir(path):
-    """path, or its final/ export, when it is a Hugging Face directory (config.json + safetensors; a run directory
-    has a config.json too, its settings, but no safetensors); else None."""
-    for d in (path, os.path.join(path, "final")):
-        if os.path.isfile(os.path.join(d, "config.json")) and any(
-                os.path.isfile(os.path.join(d, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
-            return d
-    return None
-
-
-def model_from_state(state):
-    """The model of a nano-r1 checkpoint dict (keys model_config and model)."""
-    model = Transformer(ModelConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model
-
-
-if __name__ == "__main__":
-    # self-check on a tiny random MoE: cached decode matches the full forward, HF save/load round-trips
-    import tempfile
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=300, n_group=2, topk_group=1, n_routed_experts=8)
-    model = Transformer(cfg).eval()
-    print(f"tiny DeepSeek-V3-style MoE: {model.num_params() / 1e6:.2f}M parameters, "
-          f"{cfg.n_routed_experts} routed + {cfg.n_shared_experts} shared experts, MLA latent {cfg.kv_lora_rank}")
-    tokens = torch.randint(0, cfg.vocab_size, (2, 12))
-    with torch.no_grad():
-        full = model(tokens)
-        cache = KVCache(cfg, 2, 12)
-        steps = [model(tokens[:, :6], cache)] + [model(tokens[:, t:t + 1], cache) for t in range(6, 12)]
-        cached = torch.cat(steps, dim=1)
-        err = (full - cached).abs().max().item()
-        with tempfile.TemporaryDirectory() as d:
-            model.save_pretrained(d)
-            err2 = (Transformer.from_pretrained(d)(tokens) - full).abs().max().item()
-    print(f"max |full - cached decode| = {err:.2e}; max |logits after save/load - before| = {err2:.2e}")
-    assert err < 1e-4 and err2 == 0.0

@@ -100,7 +100,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     depends only on its prompt and its seed, not on which other prompts share the batch (eval.py uses this so
     results do not change with --batch-prompts or the number of ranks). Exactly so where the kernels do not depend
     on the batch shape (CPU fp32, tested); GPU and bf16 kernels can differ in the last bits with batch size.
-    Under FSDP call it inside `common.gathered(model)`: the weights stay unsharded for the whole call.
+    Under FSDP call it inside `dist.gathered(model)`: the weights stay unsharded for the whole call.
     """
     t0 = time.perf_counter()
     cfg = model.config

@@ -1,0 +1,44 @@
+"""The optimizer step sft.py and grpo.py share: AdamW with decay on matrices only, the learning-rate schedule, and
+a guarded step that skips a non-finite update on every rank at once.
+"""
+import math
+
+import numpy as np
+import torch
+
+from config import ConfigError
+from dist import all_reduce_max
+
+
+def lr_at(step, lr, warmup_steps, max_steps, schedule="cosine", min_lr_frac=0.1):
+    """Linear warm-up over `warmup_steps`, then constant or cosine decay to min_lr_frac * lr at max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ConfigError(f"--lr-schedule={schedule!r}: one of constant, cosine")
+    t = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + np.cos(np.pi * t)))
+
+
+def adamw(model, lr, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8):
+    """AdamW with weight decay on matrices (and stacked experts) only, not on norms, biases or 1-D tensors."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)
+
+
+def optimizer_step(model, opt, loss_sum, grad_clip):
+    """Clip, then step unless the loss sum or the gradient norm is non-finite (a skipped step leaves the weights and
+    the optimizer state untouched); gradients are cleared either way. -> (grad norm before clipping, stepped)."""
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # a DTensor under FSDP
+    ok = math.isfinite(loss_sum) and bool(torch.isfinite(gnorm))
+    ok = all_reduce_max(0.0 if ok else 1.0) == 0.0  # every rank skips or none does (a local non-finite loss counts)
+    if ok:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return gnorm.item(), ok

@@ -503,8 +503,8 @@ def run_loop(policy, ref, opt, tok, sampler, c, step, bad, template, stop_ids, v
                 t0 = time.perf_counter()
                 m = train_step(policy, ref, opt, mb, c, vocab, on_policy)
                 train_s = time.perf_counter() - t0
-                loads = policy.pop_expert_loads()
-                policy.update_router_bias(loads, c.bias_update_rate)
+                loads = optim.pop_expert_loads(policy)
+                optim.update_router_bias(policy, loads, c.bias_update_rate)
                 step += 1
                 bad = 0 if m["ok"] else bad + 1
                 if ref is not None and c.ref_refresh_every and step % c.ref_refresh_every == 0:

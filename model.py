@@ -8,10 +8,9 @@ One class, `Transformer(ModelConfig)`, covers five Hugging Face architectures wi
   Qwen2ForCausalLM, LlamaForCausalLM
 Module and parameter names follow Hugging Face's so a checkpoint maps onto `state_dict()` by dropping the
 "model." prefix; the one difference is that routed experts are stored stacked, (E, out, in), so they can run as
-one grouped matmul, while files hold them per expert. hf.py does that mapping (hf.load, hf.save); checkpoint.py
-builds a model from a path. This file is the model and nothing else: it imports torch and kernels only.
-
-Reading order: config -> norms and RoPE -> attention (MLA, GQA) -> MLP and MoE -> KV cache -> Transformer.
+one grouped matmul, while files hold them per expert. hf.py does that mapping (hf.load, hf.save), checkpoint.py
+builds a model from a path and rollout.py holds the KV cache it decodes with: this file is the model alone.
+Reading order: config -> norms and RoPE -> attention (MLA, GQA) -> MLP and MoE -> Transformer.
 """
 import math
 from dataclasses import dataclass, field
@@ -23,13 +22,12 @@ import torch.nn.functional as F
 
 import kernels
 
-ARCHITECTURES = ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM",
-                 "LlamaForCausalLM")
+ARCHITECTURES = ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 
 
 @dataclass
 class ModelConfig:
-    """Model shape. Field names are Hugging Face's, so a config.json maps onto it (see `config_from_hf`)."""
+    """Model shape. Field names are Hugging Face's, so a config.json maps onto it (hf.config_from_hf)."""
     architecture: str = "DeepseekV3ForCausalLM"  # what hf.save writes; one of ARCHITECTURES
     vocab_size: int = 4096
     hidden_size: int = 128
@@ -340,10 +338,15 @@ class Router(nn.Module):
             keep.scatter_(1, stable_topk(group_scores, cfg.topk_group), True)
             choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(N, E)
         idx = stable_topk(choice, k)  # (N, K)
-        w = scores.gather(1, idx)  # (N, K) unbiased
-        if cfg.norm_topk_prob:
+        return idx, self.gate_weights(scores, idx), scores
+
+    def gate_weights(self, scores, idx):
+        """The gate weights of the experts idx (N, K): their unbiased scores (N, E), renormalised to sum to 1 when
+        norm_topk_prob, times routed_scaling_factor. Routing replay recomputes them for the replayed experts."""
+        w = scores.gather(1, idx)  # (N, K)
+        if self.cfg.norm_topk_prob:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return idx, w * cfg.routed_scaling_factor, scores
+        return w * self.cfg.routed_scaling_factor
 
 
 def stable_topk(x, k):
@@ -402,7 +405,8 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Shared experts (always on) + routed experts. Tracks per-expert load while training for balancing."""
+    """Shared experts (always on) + routed experts. Counts tokens per expert in training forwards (`load`, read and
+    reset by optim.pop_expert_loads for balancing)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -424,10 +428,7 @@ class MoE(nn.Module):
         idx, w, scores = self.gate(xf)
         if self.replay is not None:  # routing replay: same experts as the rollout, gate weights recomputed
             idx = self.replay
-            w = scores.gather(1, idx)
-            if self.cfg.norm_topk_prob:
-                w = w / (w.sum(-1, keepdim=True) + 1e-20)
-            w = w * self.cfg.routed_scaling_factor
+            w = self.gate.gate_weights(scores, idx)
         if self.record is not None:
             self.record.append(idx.detach())
         y = self.experts(xf, idx, w).view(B, T, D)
@@ -455,63 +456,6 @@ class MoE(nn.Module):
         hits = F.one_hot(idx, E).sum(1).view(B, T, E).float()  # (B, T, E)
         f = (hits * v).sum(1) / n * E / K  # (B, E)
         return self.cfg.aux_loss_alpha * (f * p).sum(-1).mean()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# KV cache
-
-
-class KVCache:
-    """Preallocated per-layer cache for `rows` sequences of up to `max_len` tokens.
-
-    Row b holds its tokens in slots 0..lengths[b]-1 and its next token goes to slot lengths[b], so a token's slot is
-    its position: no left padding, nothing to mask but the future. A forward over T new tokens per row writes slots
-    lengths[b]..lengths[b]+T-1; rows that had fewer real tokens (a ragged prefill) advance by `n_new[b]` only and
-    their padded slots are overwritten later. MLA caches the normalised latent and the shared rotary key
-    (kv_lora_rank + qk_rope_head_dim numbers per token and layer); GQA caches k and v per kv head.
-    """
-
-    def __init__(self, cfg, rows, max_len, device=None, dtype=torch.float32):
-        self.max_len = max_len
-        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
-        if cfg.use_mla:  # latent and rope key side by side: attention reads them as one (B, L, r+dr) key
-            shapes = [(rows, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim)]
-        else:
-            kvh = cfg.num_key_value_heads or cfg.num_attention_heads
-            shapes = [(rows, max_len, kvh, cfg.gqa_head_dim)] * 2
-        self.layers = [[torch.zeros(s, device=device, dtype=dtype) for s in shapes]
-                       for _ in range(cfg.num_hidden_layers)]
-        self.has_past = False
-        self.positions = self.mask = None
-        self.span = 0
-
-    def begin(self, T):
-        """Set up one forward over T new tokens per row: positions (B, T), the attention mask over the filled span."""
-        self.has_past = bool(self.lengths.max() > 0)
-        self.positions = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
-        self.span = int(self.positions.max()) + 1
-        if self.span > self.max_len:
-            raise ValueError(f"KVCache: position {self.span - 1} does not fit max_len={self.max_len}")
-        slots = torch.arange(self.span, device=self.lengths.device)
-        self.mask = (slots[None, None, :] <= self.positions[:, :, None]).unsqueeze(1)  # (B, 1, T, span)
-        return self.positions
-
-    def write(self, layer, *new):
-        """Store each (B, T, ...) tensor at the rows' slots; return the (B, span, ...) views to attend over."""
-        rows = torch.arange(self.positions.shape[0], device=self.positions.device)[:, None]
-        out = []
-        for buf, val in zip(self.layers[layer], new):
-            buf[rows, self.positions] = val.to(buf.dtype)
-            out.append(buf[:, :self.span])
-        return out
-
-    def advance(self, n_new):
-        self.lengths += n_new
-
-    def select(self, index):
-        """Keep/replicate rows: index (R,) of old rows. Used to copy one prefill to G samples and to compact."""
-        self.lengths = self.lengths[index]
-        self.layers = [[buf[index] for buf in bufs] for bufs in self.layers]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -564,18 +508,15 @@ class Transformer(nn.Module):
             if isinstance(m, Router):
                 m.e_score_correction_bias.zero_()
 
-    def forward(self, tokens, cache=None, n_new=None, positions=None, return_hidden=False, valid=None):
+    def forward(self, tokens, cache=None, n_new=None, return_hidden=False, valid=None):
         """tokens (B, T) -> logits (B, T, V), or the final-normed hidden states (B, T, D) with return_hidden.
 
         Without a cache: a causal forward over whole sequences at positions 0..T-1 (training, scoring). Right
         padding is harmless to attention: padded positions come after every real token; valid (B, T) marks the real
-        ones for the MoE statistics. With a cache: the T tokens of each row continue that row (see KVCache); n_new
-        (B,) says how many of them are real (default all T)."""
+        ones for the MoE statistics. With a cache (rollout.KVCache): the T tokens of each row continue that row;
+        n_new (B,) says how many of them are real (default all T)."""
         B, T = tokens.shape
-        if cache is not None:
-            positions = cache.begin(T)
-        elif positions is None:
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        positions = cache.begin(T) if cache is not None else torch.arange(T, device=tokens.device).expand(B, T)
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)  # (B, T, d/2)
         cos = (freqs.cos() * self.rope_scale).unsqueeze(1)  # (B, 1, T, d/2)
         sin = (freqs.sin() * self.rope_scale).unsqueeze(1)
@@ -605,29 +546,6 @@ class Transformer(nn.Module):
         """Sum of the balance losses of the last training forward (0 when alpha = 0)."""
         losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         return sum(losses) if losses else torch.zeros((), device=self.lm_head.weight.device)
-
-    @torch.no_grad()
-    def pop_expert_loads(self):
-        """(n_moe_layers, E) tokens routed to each expert since the last call, summed over ranks; resets them."""
-        layers = self.moe_layers()
-        if not layers:
-            return None
-        loads = torch.stack([m.load.clone() for m in layers])
-        for m in layers:
-            m.load.zero_()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(loads)
-        return loads
-
-    @torch.no_grad()
-    def update_router_bias(self, loads, gamma):
-        """Aux-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean load - load_i) per MoE layer. Every rank
-        passes the same all-reduced loads, so every rank holds the same bias."""
-        if gamma == 0 or loads is None:
-            return
-        for m, load in zip(self.moe_layers(), loads):
-            bias = m.gate.e_score_correction_bias
-            bias += gamma * torch.sign(load.mean() - load).to(bias)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -1,5 +1,6 @@
-"""The optimizer step sft.py and grpo.py share: AdamW with decay on matrices only, the learning-rate schedule, and
-a guarded step that skips a non-finite update on every rank at once.
+"""The optimizer step sft.py and grpo.py share: AdamW with decay on matrices only, the learning-rate schedule, a
+guarded step that skips a non-finite update on every rank at once, and DeepSeek-V3's aux-loss-free expert balancing
+(the router bias nudged between steps, outside the loss).
 """
 import math
 
@@ -7,7 +8,7 @@ import numpy as np
 import torch
 
 from config import ConfigError
-from dist import all_reduce_max
+from dist import all_reduce_max, distributed
 
 
 def lr_at(step, lr, warmup_steps, max_steps, schedule="cosine", min_lr_frac=0.1):
@@ -42,3 +43,33 @@ def optimizer_step(model, opt, loss_sum, grad_clip):
         opt.step()
     opt.zero_grad(set_to_none=True)
     return gnorm.item(), ok
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# aux-loss-free balancing (DeepSeek-V3): after each optimizer step, not through the loss
+
+
+@torch.no_grad()
+def pop_expert_loads(model):
+    """(n_moe_layers, E) tokens routed to each expert since the last call (MoE.forward counts them in training
+    forwards), summed over ranks; resets the counts. None for a dense model."""
+    layers = model.moe_layers()
+    if not layers:
+        return None
+    loads = torch.stack([m.load.clone() for m in layers])
+    for m in layers:
+        m.load.zero_()
+    if distributed():
+        torch.distributed.all_reduce(loads)
+    return loads
+
+
+@torch.no_grad()
+def update_router_bias(model, loads, gamma):
+    """b_i += gamma * sign(mean load - load_i) per MoE layer: the correction bias only changes which experts win
+    (model.Router). Every rank passes the same all-reduced loads, so every rank holds the same bias."""
+    if gamma == 0 or loads is None:
+        return
+    for m, load in zip(model.moe_layers(), loads):
+        bias = m.gate.e_score_correction_bias
+        bias += gamma * torch.sign(load.mean() - load).to(bias)

@@ -260,7 +260,7 @@ def main(argv=None):
                 s, k = token_loss_sum(model, x, y, m, v, vocab)
             tot, n = tot + s.item(), n + k
         model.train()
-        model.pop_expert_loads()  # eval forwards do not count toward balancing
+        optim.pop_expert_loads(model)  # eval forwards do not count toward balancing
         return dist.all_reduce_sum(tot) / max(dist.all_reduce_sum(n), 1)
 
     t0, tokens_seen, bad = time.perf_counter(), 0, 0
@@ -288,8 +288,8 @@ def main(argv=None):
             print0(f"step {step + 1}: non-finite loss or grad norm, update skipped ({bad} in a row)")
             if bad >= c.max_bad_steps:
                 raise RuntimeError(f"{bad} non-finite steps in a row: lower --lr or check the data")
-        loads = model.pop_expert_loads()
-        model.update_router_bias(loads, c.bias_update_rate)
+        loads = optim.pop_expert_loads(model)
+        optim.update_router_bias(model, loads, c.bias_update_rate)
         tokens_seen += n_tok
         done = step + 1
         met = {"loss": total / max(n_tok, 1), "lr": lr, "grad_norm": gnorm, "skipped": int(not ok),

@@ -31,6 +31,7 @@ import data
 import dist
 import rewards
 import rollout
+import tasks
 from config import ConfigError
 from dist import print0
 
@@ -487,7 +488,7 @@ def main(argv=None):
     dtype = dist.get_dtype(c.dtype, device)
     model = checkpoint.build_model(c.model, None, device, dtype, flag="--model")  # under torchrun: sharded
     tok = data.Tokenizer.from_file(checkpoint.find_tokenizer(c.tokenizer, c.model))
-    examples = data.load_task(c.task, n=c.problems, seed=c.problem_seed, split=c.split, heldout_frac=c.heldout_frac)
+    examples = tasks.load_task(c.task, n=c.problems, seed=c.problem_seed, split=c.split, heldout_frac=c.heldout_frac)
     template = data.TEMPLATES[c.template]
     if c.probe:
         return probe_main(c, model, tok, examples, template, device, dtype)

@@ -49,6 +49,7 @@ import metrics
 import optim
 import rewards
 import rollout
+import tasks
 from config import ConfigError
 from dist import print0
 
@@ -61,7 +62,7 @@ class GRPOConfig:
     init_from: str = ""              # the base policy: a checkpoint, run dir or Hugging Face dir (required)
     resume: bool = False             # continue from the newest checkpoint in out_dir
     tokenizer: str = ""              # default: <init_from>/tokenizer.bpe or <init_from>/final/tokenizer.bpe
-    task: str = "toy"                # data.load_task name: toy, countdown, rg:<name>, humaneval, a .jsonl/.parquet
+    task: str = "toy"                # tasks.load_task name: toy, countdown, rg:<name>, humaneval, a .jsonl/.parquet
     task_size: int = 20000           # examples drawn for generated tasks (0 = whole file)
     template: Literal["r1_zero", "toy", "none"] = "r1_zero"  # Table 1 | a short one (CPU toy only) | none
     heldout_frac: float = 0.1        # this share of the task (by prompt hash) is never trained on
@@ -205,6 +206,30 @@ def token_weights(rows, c):
 
 # ----------------------------------------------------------------------------------------------------------------
 # the rollout
+
+
+class PromptSampler:
+    """Prompts in a fresh seeded permutation each epoch; (epoch, pos) is the resumable cursor. Every rank walks the
+    same order and takes its own slice of each draw."""
+
+    def __init__(self, examples, seed, epoch=0, pos=0):
+        self.examples, self.seed, self.epoch, self.pos = examples, seed, epoch, pos
+        self._perm()
+
+    def _perm(self):
+        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+
+    def take(self, n_local):
+        n, r = n_local * dist.world_size(), dist.rank()
+        out = []
+        while len(out) < n:
+            if self.pos >= len(self.order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm()
+            k = min(n - len(out), len(self.order) - self.pos)
+            out += self.order[self.pos:self.pos + k].tolist()
+            self.pos += k
+        return [self.examples[i] for i in out[r * n_local:(r + 1) * n_local]]
 
 
 def collect_rollout(policy, tok, sampler, c, step, template, stop_ids):
@@ -437,15 +462,15 @@ def main(argv=None):
         raise ConfigError(f"--tokenizer: {vocab} tokens do not fit the model's vocab_size {policy.config.vocab_size}")
     stop_ids = rollout.stop_ids_for(policy, tok)
     template = data.TEMPLATES[c.template]
-    train_ex = data.load_task(c.task, n=c.task_size, seed=c.problem_seed, split="train", heldout_frac=c.heldout_frac)
-    held_ex = data.load_task(c.task, n=c.eval_prompts, seed=c.problem_seed, split="heldout",
+    train_ex = tasks.load_task(c.task, n=c.task_size, seed=c.problem_seed, split="train", heldout_frac=c.heldout_frac)
+    held_ex = tasks.load_task(c.task, n=c.eval_prompts, seed=c.problem_seed, split="heldout",
                              heldout_frac=c.heldout_frac) \
         if c.eval_every else []
     ref = None
     if c.beta > 0:  # a frozen copy (loaded again, sharded like the policy); with beta = 0 never built (PITFALLS P11)
         ref = checkpoint.build_model(c.init_from, state, device, dtype).eval().requires_grad_(False)
     opt = optim.adamw(policy, c.lr, c.weight_decay, (c.beta1, c.beta2))
-    step, sampler, bad = 0, data.PromptSampler(train_ex, c.seed), 0
+    step, sampler, bad = 0, PromptSampler(train_ex, c.seed), 0
     if state is not None:
         if state.get("has_ref") != (ref is not None):
             raise ConfigError(f"--beta: the checkpoint was written with{'out' if ref is not None else ''} a "
@@ -453,7 +478,7 @@ def main(argv=None):
         checkpoint.restore_checkpoint(state, {"model": policy, "ref": ref}, opt)
         dist.set_rng_state(state["rng"])
         step, bad = state["step"], state["bad_steps"]
-        sampler = data.PromptSampler(train_ex, c.seed, *state["sampler"])
+        sampler = PromptSampler(train_ex, c.seed, *state["sampler"])
     if dist.rank() == 0:
         os.makedirs(c.out_dir, exist_ok=True)
         checkpoint.atomic_write_json(os.path.join(c.out_dir, "config.json"), dataclasses.asdict(c))

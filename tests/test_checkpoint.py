@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import checkpoint
-import data
 import hf
+import toy
 from model import ModelConfig, Transformer
 from test_model import T, V, perturb
 
@@ -58,7 +58,7 @@ def test_a_bad_model_path_is_one_line_naming_the_flag(tmp_path, argv, bad):
     (tmp_path / "garbage.pt").write_text("not a checkpoint\n")
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "emptydir").mkdir()
-    tok = data.toy_tokenizer(n_docs=50)
+    tok = toy.toy_tokenizer(n_docs=50)
     tok.save(str(tmp_path / "tok.bpe"))
     (tmp_path / "c.txt").write_text("12+34=46<|endoftext|>" * 50)
     args = [a.format(bad=tmp_path / bad, tmp=tmp_path, data=tmp_path / "c.txt", tok=tmp_path / "tok.bpe")

@@ -12,6 +12,7 @@ import checkpoint
 import config
 import data
 import hf
+import toy
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,9 +55,9 @@ TINY = ["--hidden-size=32", "--num-hidden-layers=2", "--num-attention-heads=2", 
 
 def test_sft_two_ranks_equal_one_rank_and_dcp_resume_is_exact(tmp_path):
     import sft
-    docs = list(data.toy_corpus(2000, seed=0))
+    docs = list(toy.toy_corpus(2000, seed=0))
     (tmp_path / "c.txt").write_text("<|endoftext|>".join(docs) + "<|endoftext|>")
-    data.toy_tokenizer(n_docs=500).save(str(tmp_path / "tok.bpe"))
+    toy.toy_tokenizer(n_docs=500).save(str(tmp_path / "tok.bpe"))
     args = [f"--data={tmp_path / 'c.txt'}", f"--tokenizer={tmp_path / 'tok.bpe'}", *TINY]
     # one process, batch 8 per step
     one = sft.main(args + [f"--out-dir={tmp_path / 'one'}", "--batch-size=8", "--max-steps=4"])
@@ -95,7 +96,7 @@ def test_grpo_and_eval_entry_points_under_torchrun(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import dist_worker
     import eval as ev
-    tok = data.toy_tokenizer(n_docs=500)
+    tok = toy.toy_tokenizer(n_docs=500)
     base = tmp_path / "base"
     hf.save(dist_worker.tiny(vocab=64 * (tok.vocab_size // 64 + 1)), str(base))
     tok.save(str(base / "tokenizer.bpe"))
@@ -120,9 +121,9 @@ def test_grpo_and_eval_entry_points_under_torchrun(tmp_path):
 
 def test_sft_bf16_mixed_precision_on_two_ranks(tmp_path):
     """--dtype=bf16 under FSDP: bf16 compute over fp32 master weights, fp32 gradient reduction; close to fp32."""
-    docs = list(data.toy_corpus(1000, seed=0))
+    docs = list(toy.toy_corpus(1000, seed=0))
     (tmp_path / "c.txt").write_text("<|endoftext|>".join(docs) + "<|endoftext|>")
-    data.toy_tokenizer(n_docs=500).save(str(tmp_path / "tok.bpe"))
+    toy.toy_tokenizer(n_docs=500).save(str(tmp_path / "tok.bpe"))
     args = [f"--data={tmp_path / 'c.txt'}", f"--tokenizer={tmp_path / 'tok.bpe'}", *TINY, "--batch-size=4",
             "--max-steps=3", "--eval-every=3"]
     torchrun("sft.py", *args, f"--out-dir={tmp_path / 'fp32'}")

@@ -13,6 +13,7 @@ import config
 import data
 import grpo
 import hf
+import toy
 from grpo import group_advantages
 from model import ModelConfig, Transformer
 
@@ -60,7 +61,7 @@ def test_overlong_penalty_boundaries():
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.toy_tokenizer(n_docs=2000)
+    return toy.toy_tokenizer(n_docs=2000)
 
 
 def tiny(vocab, seed=0):
@@ -453,7 +454,7 @@ def test_duplicate_prompts_in_one_rollout_stay_separate_groups(monkeypatch):
     """PITFALLS P7: groups are the G rows each prompt was sampled into (row i -> prompt i // G), never keyed by the
     prompt text, so the same prompt twice in a rollout makes two groups with their own mean and std."""
     import rollout
-    tok = data.toy_tokenizer(n_docs=200)
+    tok = toy.toy_tokenizer(n_docs=200)
     ex = data.Example(prompt="1+2", answer="3", kind="math")
     G = 4
 
@@ -481,7 +482,7 @@ def test_score_round_adds_the_overlong_penalty_and_masks_truncated_rows(monkeypa
     --mask-truncated marks exactly the truncated rows (max_new_tokens 6, buffer 2: lengths 2, 5, 6, 6 get
     0, -0.5, -1, -1)."""
     import rollout
-    tok = data.toy_tokenizer(n_docs=200)
+    tok = toy.toy_tokenizer(n_docs=200)
     lens, trunc = [2, 5, 6, 6], [False, False, False, True]
     monkeypatch.setattr(grpo.rollout, "generate", lambda policy, prompts, *a, **kw: rollout.Rollout(
         tokens=[[5] * L for L in lens], logprobs=[[0.0] * L for L in lens], truncated=trunc, num_samples=4))
@@ -504,7 +505,7 @@ def test_a_group_whose_gold_cannot_be_judged_does_not_train(monkeypatch):
     """An unparseable gold gives accuracy None; its group used to train on the format reward alone. Real rewards:
     the completions differ in format only, so without the fix the group would get non-zero advantages."""
     import rollout
-    tok = data.toy_tokenizer(n_docs=200)
+    tok = toy.toy_tokenizer(n_docs=200)
     texts = ["<think>a</think><answer>1</answer>", "no tags", "<think>b</think><answer>2</answer>", "x"]
     monkeypatch.setattr(grpo.rollout, "generate", lambda policy, prompts, *a, num_samples, **kw: rollout.Rollout(
         tokens=[tok.encode(t) for t in texts] * len(prompts), logprobs=[[0.0] * len(tok.encode(t)) for t in texts] *
@@ -575,9 +576,9 @@ def test_every_entry_point_encodes_prompts_with_the_tokenizers_bos(monkeypatch, 
     import eval as ev
     import rollout
     import sft
-    base = data.toy_tokenizer(n_docs=300)
+    base = toy.toy_tokenizer(n_docs=300)
     tok = data.Tokenizer(base.enc, bos="<think>")  # any special token will do as the BOS here
-    exs = data.toy_problems(3, "dev", seed=0)
+    exs = toy.toy_problems(3, "dev", seed=0)
     want = [tok.special["<think>"]] + base.encode(data.apply_template(data.TOY_TEMPLATE, exs[0].prompt))
 
     class Seen(Exception):
@@ -598,3 +599,12 @@ def test_every_entry_point_encodes_prompts_with_the_tokenizers_bos(monkeypatch, 
     p.write_text(json.dumps({"prompt": "User: 1\nAssistant:", "completion": "<answer>1</answer>"}) + "\n")
     rows = sft.load_pairs(str(p), tok, sft.SFTConfig())
     assert rows[0][0] == [tok.special["<think>"]] + base.encode("User: 1\nAssistant:")
+
+
+def test_prompt_sampler_epochs_and_resumable_cursor():
+    exs = list(range(10))
+    s = grpo.PromptSampler(exs, seed=3)
+    first = s.take(4) + s.take(4) + s.take(4)  # crosses into epoch 1
+    assert sorted(first[:10]) == exs and s.epoch == 1 and s.pos == 2
+    again = grpo.PromptSampler(exs, seed=3, epoch=s.epoch, pos=s.pos)
+    assert again.take(5) == s.take(5)  # a resumed cursor continues the same order

@@ -8,6 +8,7 @@ import checkpoint
 import config
 import data
 import sft
+import toy
 
 TINY = ["--hidden-size=32", "--num-hidden-layers=2", "--num-attention-heads=2", "--kv-lora-rank=16",
         "--qk-nope-head-dim=8", "--qk-rope-head-dim=8", "--v-head-dim=8", "--intermediate-size=64",
@@ -17,12 +18,12 @@ TINY = ["--hidden-size=32", "--num-hidden-layers=2", "--num-attention-heads=2", 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("sft")
-    docs = list(data.toy_corpus(3000, seed=0))
+    docs = list(toy.toy_corpus(3000, seed=0))
     (d / "corpus.txt").write_text("<|endoftext|>".join(docs) + "<|endoftext|>")
-    tok = data.toy_tokenizer(n_docs=2000)
+    tok = toy.toy_tokenizer(n_docs=2000)
     tok.save(str(d / "tok.bpe"))
     with open(d / "pairs.jsonl", "w") as f:
-        for p in data.toy_problems(200):
+        for p in toy.toy_problems(200):
             f.write(json.dumps({"prompt": data.apply_template(data.TOY_TEMPLATE, p.prompt),
                                 "completion": f"<think></think><answer>{p.answer}</answer>"}) + "\n")
     return d, tok

@@ -135,6 +135,20 @@ def set_threads(n=0):
     return n
 
 
+def start(c):
+    """What grpo.py, sft.py and eval.py do first, in this order: join the process group under torchrun, set the
+    torch threads, pick the device and the dtype, seed python, numpy and torch with c.seed (a resumed run then
+    restores the RNG state of its checkpoint). dtype bf16 means bf16 compute over fp32 master weights (autocast in
+    one process, FSDP's MixedPrecisionPolicy under torchrun): bf16 weights would round small AdamW updates away.
+    -> (device, dtype)"""
+    init_distributed()
+    set_threads(c.threads)
+    device = get_device(c.device)
+    dtype = get_dtype(c.dtype, device)
+    seed_everything(c.seed)
+    return device, dtype
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # mixed precision and FSDP2
 

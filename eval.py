@@ -482,10 +482,7 @@ def main(argv=None):
         raise ConfigError("--model: required (a checkpoint, run dir or Hugging Face dir)")
     if c.k < 1:
         raise ConfigError("--k: must be >= 1")
-    dist.init_distributed()
-    dist.set_threads(c.threads)
-    device = dist.get_device(c.device)
-    dtype = dist.get_dtype(c.dtype, device)
+    device, dtype = dist.start(c)
     model = checkpoint.build_model(c.model, None, device, dtype, flag="--model")  # under torchrun: sharded
     tok = data.Tokenizer.from_file(checkpoint.find_tokenizer(c.tokenizer, c.model))
     examples = tasks.load_task(c.task, n=c.problems, seed=c.problem_seed, split=c.split, heldout_frac=c.heldout_frac)

@@ -446,15 +446,8 @@ def log_step(log, step, mb, m, stats, loads, lr, train_s, elapsed, c, heldout_ev
 def main(argv=None):
     c = config.parse_config(GRPOConfig, argv, PRESETS)
     check_config(c)
-    device = dist.get_device(c.device)
-    dtype = dist.get_dtype(c.dtype, device)
-    dist.set_threads(c.threads)
-    dist.init_distributed()
-    state = checkpoint.resume_state(c)
-    dist.seed_everything(c.seed)
-    # bf16 means bf16 compute over fp32 master weights (bf16 weights would round lr-3e-6 AdamW updates away):
-    # FSDP's MixedPrecisionPolicy under torchrun, autocast in one process. On resume the weights come with
-    # restore_checkpoint below.
+    device, dtype = dist.start(c)
+    state = checkpoint.resume_state(c)  # on resume the weights come with restore_checkpoint below
     policy = checkpoint.build_model(c.init_from, state, device, dtype).train()
     tok = data.Tokenizer.from_file(checkpoint.find_tokenizer(c.tokenizer, c.init_from or c.out_dir))
     vocab = tok.vocab_size

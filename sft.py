@@ -186,18 +186,11 @@ def token_loss_sum(model, x, y, mask, valid, vocab):
 def main(argv=None):
     c = config.parse_config(SFTConfig, argv)
     check_config(c)
-    dist.init_distributed()
-    device = dist.get_device(c.device)
-    dtype = dist.get_dtype(c.dtype, device)
-    dist.set_threads(c.threads)
+    device, dtype = dist.start(c)
     tok = Tokenizer.from_file(c.tokenizer)
     vocab = tok.vocab_size
     R, W = dist.rank(), dist.world_size()
-
-    dist.seed_everything(c.seed)
     state = checkpoint.resume_state(c)
-    # bf16 means bf16 compute over fp32 master weights (bf16 weights would round small AdamW updates away):
-    # FSDP's MixedPrecisionPolicy under torchrun, autocast in one process
     if state or c.init_from:  # on resume the weights come with restore_checkpoint below
         model = checkpoint.build_model(c.init_from, state, device, dtype)
     else:

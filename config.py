@@ -79,7 +79,7 @@ def _convert(flag, tp, text):
 
 
 def _check_value(flag, tp, value):
-    """Check a Python value (from a preset or config.json) against a field type by round-tripping through text."""
+    """Check a Python value (from a preset) against a field type by round-tripping through text."""
     if isinstance(value, (list, tuple)):
         text = ",".join(str(v) for v in value)
     elif value is None:
@@ -161,16 +161,6 @@ def config_help(cls, presets=None):
         lines.append("")
         lines.append("--preset=NAME applies one of: " + ", ".join(presets))
     return "\n".join(lines)
-
-
-def config_from_dict(cls, d, where="config"):
-    """Rebuild a dataclass from a dict (config.json / a checkpoint), checking names and types."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}")
-    return cls(**{k: _check_value(k, hints[k], v) for k, v in d.items()})
 
 
 def cli(main, name):

@@ -248,9 +248,6 @@ R1_ZERO_TEMPLATE = (
 # DEVIATION from the paper, for the CPU toy only: Table 1 is ~100 tokens, too long for a 128-token context. The toy
 # corpus's tagged documents start with exactly this, so the base model knows what follows "Assistant:".
 TOY_TEMPLATE = "User: {prompt}\nAssistant:"
-# Cold-start / SFT target: the reasoning between special tokens, then a summary (paper 2.3.1; released R1 models
-# write "<think>\n...</think>" and then the answer). Fill with .format(reasoning=..., summary=...).
-COLD_START_FORMAT = "<think>\n{reasoning}\n</think>\n\n{summary}"
 # The --template flag of grpo.py and eval.py picks one of these by name ("none": the bare prompt).
 TEMPLATES = {"r1_zero": R1_ZERO_TEMPLATE, "toy": TOY_TEMPLATE, "none": ""}
 
@@ -304,12 +301,6 @@ def read_rows(path):
 def is_heldout(text, frac):
     """True for a `frac` share of texts; sha256, not Python's salted hash, so it is the same in every run."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") < frac * 2 ** 64
-
-
-def split_examples(examples, heldout_frac=0.1):
-    """(train, held_out) by a hash of each prompt: the same prompt always lands on the same side."""
-    held = [is_heldout(e.prompt, heldout_frac) for e in examples]
-    return [e for e, h in zip(examples, held) if not h], [e for e, h in zip(examples, held) if h]
 
 
 def contamination(train, evals, n=10):

@@ -253,7 +253,6 @@ def main(argv=None):
                 s, k = token_loss_sum(model, x, y, m, v, vocab)
             tot, n = tot + s.item(), n + k
         model.train()
-        optim.pop_expert_loads(model)  # eval forwards do not count toward balancing
         return dist.all_reduce_sum(tot) / max(dist.all_reduce_sum(n), 1)
 
     t0, tokens_seen, bad = time.perf_counter(), 0, 0

@@ -65,8 +65,3 @@ def test_help_lists_fields(capsys):
     assert "--max-steps=10" in out and "--init-from=None" in out and "cpu" in out
 
 
-def test_config_from_dict_roundtrip_and_errors():
-    c = parse_config(Cfg, ["--preset=cpu"], PRESETS)
-    assert config.config_from_dict(Cfg, dataclasses.asdict(c)) == c
-    with pytest.raises(ConfigError, match="ckpt.json: unknown setting.*bogus"):
-        config.config_from_dict(Cfg, {"bogus": 1}, where="ckpt.json")

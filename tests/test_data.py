@@ -276,7 +276,6 @@ def test_r1_zero_template_is_table_1_verbatim():
     assert data.apply_template(data.R1_ZERO_TEMPLATE, q).endswith(f"User: {q}. Assistant:")
     with pytest.raises(DataError, match="no {prompt} slot"):
         data.apply_template("no slot here", "q")
-    assert data.COLD_START_FORMAT.format(reasoning="r", summary="s") == "<think>\nr\n</think>\n\ns"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Contamination

@@ -20,32 +20,25 @@ from model import ModelConfig, Transformer
 # atomic files
 
 
-def atomic_write_bytes(path, data):
-    """Write to a temporary name in the same directory, fsync, then rename: readers see the old or the new file,
-    never a partial one, even if the process dies mid-write."""
+def atomic_write(path, write):
+    """write(f) into a temporary file in path's directory, fsync, then rename it to path: readers see the old or the
+    new file, never a partial one, even if the process dies mid-write."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
-        f.write(data)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def atomic_write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
 
 
 def atomic_torch_save(obj, path):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ step; atomic, the newest keep_last kept) and, at the end, final/ (a Hugging Face
 (seed, step), so a resumed run sees exactly the batches the uninterrupted run would have seen.
 """
 import dataclasses
-import json
 import math
 import os
 import time
@@ -124,22 +123,15 @@ def load_text(path, tok):
 
 def load_pairs(path, tok, c):
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            for fld in (c.prompt_field, c.completion_field):
-                if not isinstance(obj, dict) or not isinstance(obj.get(fld), str):
-                    raise DataError(f"{path}:{i}: field {fld!r} missing or not a string")
-            # the prompt as grpo.py and eval.py encode it (BOS included where the tokenizer adds one)
-            p, comp = data.prompt_ids(tok, obj[c.prompt_field]), tok.encode(obj[c.completion_field]) + [tok.eot_id]
-            if not p:  # the first completion token needs a position before it to be predicted from
-                raise DataError(f"{path}:{i}: field {c.prompt_field!r} is empty")
-            rows.append((p, comp))
+    for loc, obj in data.read_rows(path):
+        for fld in (c.prompt_field, c.completion_field):
+            if not isinstance(obj.get(fld), str):
+                raise DataError(f"{loc}: field {fld!r} missing or not a string")
+        # the prompt as grpo.py and eval.py encode it (BOS included where the tokenizer adds one)
+        p, comp = data.prompt_ids(tok, obj[c.prompt_field]), tok.encode(obj[c.completion_field]) + [tok.eot_id]
+        if not p:  # the first completion token needs a position before it to be predicted from
+            raise DataError(f"{loc}: field {c.prompt_field!r} is empty")
+        rows.append((p, comp))
     if not rows:
         raise DataError(f"{path}: no examples")
     return rows

@@ -3,7 +3,6 @@ from typing import Literal, Optional
 
 import pytest
 
-import config
 from config import ConfigError, parse_config
 
 

@@ -10,7 +10,6 @@ import torch
 
 import checkpoint
 import config
-import data
 import hf
 import toy
 from model import ModelConfig, Transformer

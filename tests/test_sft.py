@@ -92,7 +92,7 @@ def test_bad_input_names_file_and_line(files, tmp_path):
     with pytest.raises(data.DataError, match=r"bad.jsonl:2: field 'completion'"):
         sft.main([f"--data={bad}", f"--tokenizer={d / 'tok.bpe'}", f"--out-dir={tmp_path / 'o'}", *TINY])
     bad.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
-    with pytest.raises(data.DataError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(data.DataError, match=r"bad.jsonl:2: malformed JSON"):
         sft.main([f"--data={bad}", f"--tokenizer={d / 'tok.bpe'}", f"--out-dir={tmp_path / 'o'}", *TINY])
     with pytest.raises(config.ConfigError, match="--data: .*no such file"):
         sft.main([f"--data={tmp_path / 'missing.txt'}", f"--tokenizer={d / 'tok.bpe'}"])

@@ -421,7 +421,7 @@ def log_step(log, step, mb, m, stats, loads, lr, train_s, elapsed, c, heldout_ev
     if lang:
         met["language"] = sum(lang) / len(lang)
     if loads is not None:
-        met["expert_imbalance"] = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).tolist()
+        met["expert_imbalance"] = metrics.expert_imbalance(loads)
     if c.eval_every and step % c.eval_every == 0:
         ev = heldout_eval()
         met.update(heldout_pass1=ev["pass@1"], heldout_format=ev["format_rate"])
@@ -515,24 +515,18 @@ def run_loop(policy, ref, opt, tok, sampler, c, step, bad, template, stop_ids, v
                 if step >= c.max_steps:
                     break
                 mb = [rows[i] for i in perm[k * per_mb:(k + 1) * per_mb]]
-                lr = optim.lr_at(step, c.lr, c.warmup_steps, c.max_steps, c.lr_schedule, c.min_lr_frac)
-                for g in opt.param_groups:
-                    g["lr"] = lr
+                lr = optim.set_lr(opt, step, c)
                 t0 = time.perf_counter()
                 m = train_step(policy, ref, opt, mb, c, vocab, on_policy)
                 train_s = time.perf_counter() - t0
                 loads = optim.pop_expert_loads(policy)
                 optim.update_router_bias(policy, loads, c.bias_update_rate)
                 step += 1
-                bad = 0 if m["ok"] else bad + 1
                 if ref is not None and c.ref_refresh_every and step % c.ref_refresh_every == 0:
                     ref.load_state_dict(policy.state_dict())
                 log_step(log, step, mb, m, stats, loads, lr, train_s, time.perf_counter() - t_start, c,
                          heldout_eval)
-                if not m["ok"]:
-                    print0(f"step {step}: non-finite loss or grad norm, update skipped ({bad} in a row)")
-                    if bad >= c.max_bad_steps:
-                        raise RuntimeError(f"{bad} non-finite steps in a row; lower --lr or check rewards")
+                bad = optim.count_bad_steps(m["ok"], bad, step, c.max_bad_steps, "the rewards")
         if step - last_ckpt >= c.ckpt_every or step >= c.max_steps:  # at a rollout boundary: nothing in flight
             last_ckpt = step
             checkpoint.save_checkpoint(c.out_dir, step, {"model": policy, "ref": ref}, opt, {

@@ -40,6 +40,11 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def expert_imbalance(loads):
+    """(n_moe_layers, E) tokens per expert -> per layer, the busiest expert's load over the mean (1 = balanced)."""
+    return (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).tolist()
+
+
 def _jsonable(v):
     if isinstance(v, torch.Tensor):
         return v.item() if v.numel() == 1 else v.tolist()

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from config import ConfigError
-from dist import all_reduce_max, distributed
+from dist import all_reduce_max, distributed, print0
 
 
 def lr_at(step, lr, warmup_steps, max_steps, schedule="cosine", min_lr_frac=0.1):
@@ -21,6 +21,15 @@ def lr_at(step, lr, warmup_steps, max_steps, schedule="cosine", min_lr_frac=0.1)
         raise ConfigError(f"--lr-schedule={schedule!r}: one of constant, cosine")
     t = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + np.cos(np.pi * t)))
+
+
+def set_lr(opt, step, c):
+    """The schedule's learning rate at `step` (c: the lr, warmup_steps, max_steps, lr_schedule and min_lr_frac
+    settings sft.py and grpo.py share), set on every parameter group -> lr."""
+    lr = lr_at(step, c.lr, c.warmup_steps, c.max_steps, c.lr_schedule, c.min_lr_frac)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
 
 
 def adamw(model, lr, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8):
@@ -43,6 +52,18 @@ def optimizer_step(model, opt, loss_sum, grad_clip):
         opt.step()
     opt.zero_grad(set_to_none=True)
     return gnorm.item(), ok
+
+
+def count_bad_steps(ok, bad, step, max_bad, check):
+    """bad: non-finite steps in a row before `step`. A skipped update is said; max_bad of them in a row stop the run
+    (check: what to look at besides --lr). -> the new count"""
+    if ok:
+        return 0
+    bad += 1
+    print0(f"step {step}: non-finite loss or grad norm, update skipped ({bad} in a row)")
+    if bad >= max_bad:
+        raise RuntimeError(f"{bad} non-finite steps in a row: lower --lr or check {check}")
+    return bad
 
 
 # ----------------------------------------------------------------------------------------------------------------

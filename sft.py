@@ -249,9 +249,7 @@ def main(argv=None):
 
     t0, tokens_seen, bad = time.perf_counter(), 0, 0
     for step in range(start_step, c.max_steps):
-        lr = optim.lr_at(step, c.lr, c.warmup_steps, c.max_steps, c.lr_schedule, c.min_lr_frac)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = optim.set_lr(opt, step, c)
         rng = np.random.default_rng([c.seed, step])  # batches depend only on (seed, step): exact resume
         micro = [my_share(batch(rng, c.batch_size * W)) for _ in range(c.grad_accum)]
         n_tok = dist.all_reduce_sum(sum(int(m.sum()) for _, _, m, _ in micro))  # the whole step's normaliser
@@ -267,19 +265,15 @@ def main(argv=None):
             total += s.item()
         total = dist.all_reduce_sum(total)
         gnorm, ok = optim.optimizer_step(model, opt, total, c.grad_clip)
-        bad = 0 if ok else bad + 1
-        if not ok:  # skipped: counted, logged, and fatal only when it keeps happening
-            print0(f"step {step + 1}: non-finite loss or grad norm, update skipped ({bad} in a row)")
-            if bad >= c.max_bad_steps:
-                raise RuntimeError(f"{bad} non-finite steps in a row: lower --lr or check the data")
+        bad = optim.count_bad_steps(ok, bad, step + 1, c.max_bad_steps, "the data")  # skipped: counted and logged
         loads = optim.pop_expert_loads(model)
         optim.update_router_bias(model, loads, c.bias_update_rate)
         tokens_seen += n_tok
         done = step + 1
         met = {"loss": total / max(n_tok, 1), "lr": lr, "grad_norm": gnorm, "skipped": int(not ok),
-                   "tokens_per_s": tokens_seen / (time.perf_counter() - t0)}
+               "tokens_per_s": tokens_seen / (time.perf_counter() - t0)}
         if loads is not None:
-            met["expert_imbalance"] = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).tolist()
+            met["expert_imbalance"] = metrics.expert_imbalance(loads)
         if done % c.eval_every == 0 or done == c.max_steps:
             met["val_loss"] = evaluate()
         log.log(met, done)

@@ -253,6 +253,9 @@ TEMPLATES = {"r1_zero": R1_ZERO_TEMPLATE, "toy": TOY_TEMPLATE, "none": ""}
 
 
 def apply_template(template, prompt):
+    """The prompt in its template; the empty template (--template=none) leaves the prompt bare."""
+    if not template:
+        return prompt
     if "{prompt}" not in template:
         raise DataError("template has no {prompt} slot")
     return template.replace("{prompt}", prompt)  # not str.format: prompts (LaTeX, code) are full of braces
@@ -261,7 +264,7 @@ def apply_template(template, prompt):
 def prompt_ids(tok, prompt, template=""):
     """A prompt as the policy sees it, in grpo.py, eval.py and sft.py alike: the template applied (none: the bare
     prompt), then encoded as the model's own tokenizer encodes a text (the BOS first where it adds one)."""
-    return tok.encode_text(apply_template(template, prompt) if template else prompt)
+    return tok.encode_text(apply_template(template, prompt))
 
 
 # ----------------------------------------------------------------------------------------------------------------

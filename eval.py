@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +32,7 @@ import dist
 import rewards
 import rollout
 import tasks
+import toy
 from config import ConfigError
 from dist import print0
 
@@ -109,13 +110,13 @@ def _sample_and_score(model, tok, examples, mine, k, template, temperature, top_
     instances = []
     for s in range(0, len(mine), batch_prompts):
         idx = mine[s:s + batch_prompts]
-        texts = [data.apply_template(template, examples[i].prompt) if template else examples[i].prompt for i in idx]
+        texts = [data.apply_template(template, examples[i].prompt) for i in idx]
         out = rollout.generate(model, [data.prompt_ids(tok, examples[i].prompt, template) for i in idx],
                                max_new_tokens, temperature, top_p,
                                num_samples=k, stop_ids=stop_ids, stop_strings=list(stop_strings),
                                decode=tok.decode, vocab_size=tok.vocab_size,
                                row_seeds=[row_seed(seed, i, g) for i in idx for g in range(k)])
-        comps = [tok.decode([t for t in ids if t not in stop_ids]) for ids in out.tokens]
+        comps = rollout.completion_texts(tok, out, stop_ids)
         exs = [examples[i] for i in idx for _ in range(k)]
         block = bool(template)  # both templates ask for <answer></answer> (the toy's through its corpus): only that
         #                         block is an answer; with no template a \\boxed{} anywhere counts
@@ -221,7 +222,7 @@ def toy_solution_roles(prompt, width=2):
     'answer', 'choice' (':' where a direct answer would write '='), None (fixed text)."""
     parts = re.split(r"([+-])", prompt)
     nums, ops = [int(p[::-1]) for p in parts[0::2]], parts[1::2]
-    num = lambda n: str(n).zfill(width)[::-1]  # noqa: E731  (data.toy_num)
+    num = lambda n: toy.toy_num(n, width)  # noqa: E731
     segs = [("<think>", None)]
     for j, n in enumerate(nums):
         segs += ([(ops[j - 1], None)] if j else []) + [(num(n), f"op{j}")]

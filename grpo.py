@@ -270,7 +270,7 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
                                record_experts=c.routing_replay, prompt_batch=c.batch_prompts)
         stats["sample_s"] += out.seconds
         stats["new_tokens"] += out.new_tokens
-        texts = [tok.decode([t for t in ids if t not in stop_ids]) for ids in out.tokens]
+        texts = rollout.completion_texts(tok, out, stop_ids)
         weights = {"accuracy": c.accuracy_weight, "format": c.format_weight, "language": c.language_weight}
         total, comps, reasons = rewards.score_batch(texts, [exs[i // G] for i in range(len(texts))], weights,
                                                     workers=c.reward_workers, lang=c.lang, rg_exact=c.rg_exact,

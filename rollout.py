@@ -129,6 +129,12 @@ def stop_ids_for(model, tok):
                                   if i is not None and i < tok.vocab_size})
 
 
+def completion_texts(tok, out, stop_ids):
+    """The completions of a Rollout as the rewards read them, in grpo.py and eval.py alike: decoded without the stop
+    id that ended them (out.tokens keeps it: the trainer learns to emit it)."""
+    return [tok.decode([t for t in ids if t not in stop_ids]) for ids in out.tokens]
+
+
 def head_logits(h, w_head, V):
     """Final hidden states h (B, D) -> fp32 logits (B, V) over the first V ids, the matmul in w_head's dtype (fp32
     or fp64) with autocast off."""

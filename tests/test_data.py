@@ -276,6 +276,7 @@ def test_r1_zero_template_is_table_1_verbatim():
     assert data.apply_template(data.R1_ZERO_TEMPLATE, q).endswith(f"User: {q}. Assistant:")
     with pytest.raises(DataError, match="no {prompt} slot"):
         data.apply_template("no slot here", "q")
+    assert data.apply_template(data.TEMPLATES["none"], q) == q  # --template=none: the bare prompt
 
 # ---------------------------------------------------------------------------------------------------------------
 # Contamination

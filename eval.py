@@ -5,11 +5,12 @@
     python eval.py --model=out/rl --task=toy --split=train --problems=2000 --k=8 --rejection-sampling --out-dir=out/rs
     torchrun --standalone --nproc_per_node=8 eval.py --model=/path/to/hf --task=aime.jsonl --k=64 ...
 
-Protocol (PAPER.md section 5): k samples per problem at temperature 0.6, top-p 0.95 (greedy decoding is avoided);
+Protocol (the R1 paper's): k samples per problem at temperature 0.6, top-p 0.95 (greedy decoding is avoided);
 pass@1 = the share of all samples that are correct (fully: a code sample passes every test); its standard error
 treats problems as the unit (the std of the per-problem means / sqrt(problems)). cons@k: majority vote over the
 normalised extracted answers of the k samples; TIE RULE: a tie for the most frequent answer is no majority, and the
-problem counts as wrong (this keeps cons@k independent of sample order). pass@k: the unbiased estimator 1 - C(n-c, k)/C(n, k) per problem, averaged.
+problem counts as wrong (this keeps cons@k independent of sample order). pass@k: the unbiased estimator
+1 - C(n-c, k)/C(n, k) per problem, averaged.
 Outputs in out_dir: instances.jsonl (one problem per line: prompt, gold, every sample with its extracted answer
 and rewards) and summary.json; with --rejection-sampling, sft.jsonl of correct, well-formed samples.
 """
@@ -36,7 +37,7 @@ import toy
 from config import ConfigError
 from dist import print0
 
-# The paper's reflective words (004 line 2565-2567), counted as token frequency (004 line 3560).
+# The reflective words the R1 paper counts, reported as it does: occurrences per token.
 REFLECTIVE_WORDS = ("wait", "mistake", "however", "but", "retry", "error", "verify", "wrong", "evaluate", "check")
 _REFLECT = re.compile(r"\b(" + "|".join(REFLECTIVE_WORDS) + r")\b", re.I)
 

@@ -18,7 +18,7 @@ the paper makes one):
   token_mean (DAPO) or dr_grpo (a constant normaliser, max_new_tokens per output).
 - --adv-scale: group (Eq. 3, default), batch (std over the whole batch) or none (Dr. GRPO, no std). The std is the
   unbiased one (ddof=1, as TRL/verl/OpenRLHF); a group whose rewards span <= 1e-6 gets advantage exactly 0.
-- Separate low/high clip (--eps-low/--eps-high, DAPO); the paper's single epsilon is both (10, PAPER.md).
+- Separate low/high clip (--eps-low/--eps-high, DAPO); the paper's single epsilon (10) is both.
 - Optional, off by default: --mask-truncated, --overlong-buffer (DAPO soft penalty), --dynamic-sampling (drop
   zero-variance groups and refill), --routing-replay (train with the experts the sampler used, PITFALLS M6).
 - The reference model is refreshed to the current policy every --ref-refresh-every steps (paper: 400); with
@@ -129,7 +129,7 @@ class GRPOConfig:
 PRESETS = {
     "paper": {},  # the dataclass defaults
     # The toy R1-Zero reproduction on a 2-core CPU (train.sh). Small groups and batches, a short template, short
-    # outputs, lr 1e-4 (DESIGN.md: 1e-4 worked, 3e-4 broke the arithmetic), no KL (beta=0 saves the reference
+    # outputs, lr 1e-4 (2e-4 collapsed accuracy: README, "What happened"), no KL (beta=0 saves the reference
     # forward), the policy updated once per rollout (num_minibatches=1: exactly on-policy).
     "cpu": dict(template="toy", task="toy", task_size=4000, rollout_prompts=16, group_size=8, num_minibatches=1,
                 micro_batch_size=128, max_new_tokens=48, lr=1e-4, beta=0.0, eps_low=0.2, eps_high=0.2,

@@ -44,7 +44,7 @@ class ToyConfig:
     p_fact: float = 0.25           # single-equation documents (2-operand direct answers add ~10% more)
     p_tagged: float = 0.2          # other documents in TOY_TEMPLATE + <think>/<answer> format
     p_stepwise: float = 0.5        # untagged problems solved step by step (else answered directly)
-    p_tagged_stepwise: float = 0.3   # tagged ones solved step by step: the base samples ~25-30% stepwise
+    p_tagged_stepwise: float = 0.3   # tagged ones solved step by step (the rest answer directly)
     p_direct_wrong: float = 0.7    # direct answers to 3+ operand problems that are wrong (a near miss)
     p_slip: float = 0.1            # stepwise solutions that err, say "wait, recheck:" and fix it
     heldout_frac: float = 0.05     # share of 3+ operand problem texts reserved for evaluation (by hash)
@@ -147,7 +147,7 @@ TOY_VOCAB_SIZE = 512  # an upper bound: the toy text runs out of pairs to merge 
 
 
 def toy_tokenizer(seed=0, cfg=None, n_docs=20000):
-    """The CPU default's tokenizer, trained on a sample of the toy corpus (~0.2 s)."""
+    """The CPU default's tokenizer, trained on a sample of the toy corpus."""
     return Tokenizer.train(toy_corpus(n_docs, seed, cfg), TOY_VOCAB_SIZE)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # nano-r1: the R1-Zero pipeline as a readable script.
 #
-# Default (no GPU needed): a complete toy R1-Zero reproduction on CPU in about ten minutes.
+# Default (no GPU needed): a complete toy R1-Zero reproduction on CPU (wall times: README.md).
 #   1. toy corpus + tokenizer       (toy.py)      reversed-digit addition, direct and stepwise solutions, some tagged
 #   2. pretrain the toy MoE base    (sft.py)      a DeepSeek-V3-style MoE (MLA, 8 routed + 1 shared experts)
 #   3. check the base (eval.py --probe) on dev problems: can it write the steps RL will select? stops if not
@@ -38,10 +38,9 @@ start=$(date +%s)
 # 1. corpus and tokenizer
 [ -f "$OUT/data/tokenizer.bpe" ] || stage data python toy.py --out-dir="$OUT/data" --docs="$DOCS" --seed=1
 
-# 2. pretraining (the "base model"): ~7 minutes on 2 cores. RL can only select what the base can do, and here that
-#    is copying each operand into the steps. With 4 attention heads that skill came late (after 2,000 steps or never,
-#    depending on the seed and the CPU); with 8 it is learned by step ~750 on every seed tried (README: "What
-#    happened"), so the base has more heads and fewer steps.
+# 2. pretraining (the "base model"). RL can only select what the base can do, and here that is copying each
+#    operand into the steps, which 8 attention heads learn far sooner than 4 (README: "What happened"), so the
+#    base has 8 heads.
 [ -f "$OUT/base/final/config.json" ] || stage pretrain python sft.py --data="$OUT/data/corpus.txt" \
     --tokenizer="$OUT/data/tokenizer.bpe" --out-dir="$OUT/base" --num-attention-heads=8 --max-steps="$BASE_STEPS" \
     --batch-size=32 --seq-len=128 --lr=2e-3 --warmup-steps=100 --log-every=100 --eval-every=250 --ckpt-every=250 \

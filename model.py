@@ -6,11 +6,10 @@ One class, `Transformer(ModelConfig)`, covers five Hugging Face architectures wi
   Qwen3MoeForCausalLM    GQA with per-head q/k RMSNorm, softmax router, routed experts only
   Qwen3ForCausalLM,      dense GQA (Qwen3: q/k norm; Qwen2: q/k/v bias; Llama: Llama 3 RoPE scaling)
   Qwen2ForCausalLM, LlamaForCausalLM
-Module and parameter names follow Hugging Face's so a checkpoint maps onto `state_dict()` by dropping the
-"model." prefix; the one difference is that routed experts are stored stacked, (E, out, in), so they can run as
-one grouped matmul, while files hold them per expert. hf.py does that mapping (hf.load, hf.save), checkpoint.py
-builds a model from a path and rollout.py holds the KV cache it decodes with: this file is the model alone.
-Reading order: config -> norms and RoPE -> attention (MLA, GQA) -> MLP and MoE -> Transformer.
+Module and parameter names follow Hugging Face's, so a checkpoint maps onto `state_dict()` by dropping "model.";
+only routed experts differ: stacked (E, out, in) here, to run as one grouped matmul, per expert in files. hf.py does
+that mapping (hf.load, hf.save), checkpoint.py builds a model from a path, rollout.py holds the KV cache: this file
+is the model alone. Reading order: config -> norms and RoPE -> attention (MLA, GQA) -> MLP and MoE -> Transformer.
 """
 import math
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ import torch.nn.functional as F
 
 import kernels
 
-ARCHITECTURES = ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+ARCHITECTURES = ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM",
+                 "LlamaForCausalLM")
 
 
 @dataclass
@@ -405,8 +405,7 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Shared experts (always on) + routed experts. Counts tokens per expert in training forwards (`load`, read and
-    reset by optim.pop_expert_loads for balancing)."""
+    """Shared experts (always on) + routed experts; counts tokens per expert in training (optim.pop_expert_loads)."""
 
     def __init__(self, cfg):
         super().__init__()

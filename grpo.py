@@ -399,7 +399,7 @@ def log_step(log, step, mb, m, stats, loads, lr, train_s, elapsed, c, heldout_ev
     """One optimizer step's metrics over every rank (rows gathered, sums all-reduced) -> metrics.jsonl (+ wandb),
     samples.jsonl, the console line and the warnings."""
     rows = dist.all_gather([(r["reward"], r["acc"], r["fmt"], r["lang"], len(r["completion"]), r["truncated"],
-                               evaluation.reflective_count(r["text"])) for r in mb])
+                             evaluation.reflective_count(r["text"])) for r in mb])
     reward, acc, fmt, lang, lens, trunc, refl = zip(*rows)
     s = {k: dist.all_reduce_sum(v) for k, v in m.items() if k not in ("grad_norm", "ok")}
     n, ntok = len(rows), max(1, s["tokens"])
@@ -457,8 +457,7 @@ def main(argv=None):
     template = data.TEMPLATES[c.template]
     train_ex = tasks.load_task(c.task, n=c.task_size, seed=c.problem_seed, split="train", heldout_frac=c.heldout_frac)
     held_ex = tasks.load_task(c.task, n=c.eval_prompts, seed=c.problem_seed, split="heldout",
-                             heldout_frac=c.heldout_frac) \
-        if c.eval_every else []
+                              heldout_frac=c.heldout_frac) if c.eval_every else []
     ref = None
     if c.beta > 0:  # a frozen copy (loaded again, sharded like the policy); with beta = 0 never built (PITFALLS P11)
         ref = checkpoint.build_model(c.init_from, state, device, dtype).eval().requires_grad_(False)

@@ -5,11 +5,12 @@
     python eval.py --model=out/rl --task=toy --split=train --problems=2000 --k=8 --rejection-sampling --out-dir=out/rs
     torchrun --standalone --nproc_per_node=8 eval.py --model=/path/to/hf --task=aime.jsonl --k=64 ...
 
-Protocol (PAPER.md section 5): k samples per problem at temperature 0.6, top-p 0.95 (greedy decoding is avoided);
+Protocol (the R1 paper's): k samples per problem at temperature 0.6, top-p 0.95 (greedy decoding is avoided);
 pass@1 = the share of all samples that are correct (fully: a code sample passes every test); its standard error
 treats problems as the unit (the std of the per-problem means / sqrt(problems)). cons@k: majority vote over the
 normalised extracted answers of the k samples; TIE RULE: a tie for the most frequent answer is no majority, and the
-problem counts as wrong (this keeps cons@k independent of sample order). pass@k: the unbiased estimator 1 - C(n-c, k)/C(n, k) per problem, averaged.
+problem counts as wrong (this keeps cons@k independent of sample order). pass@k: the unbiased estimator
+1 - C(n-c, k)/C(n, k) per problem, averaged.
 Outputs in out_dir: instances.jsonl (one problem per line: prompt, gold, every sample with its extracted answer
 and rewards) and summary.json; with --rejection-sampling, sft.jsonl of correct, well-formed samples.
 """
@@ -25,13 +26,18 @@ from typing import Literal
 import numpy as np
 import torch
 
-import common
+import checkpoint
+import config
 import data
+import dist
 import rewards
 import rollout
-from common import ConfigError, print0
+import tasks
+import toy
+from config import ConfigError
+from dist import print0
 
-# The paper's reflective words (004 line 2565-2567), counted as token frequency (004 line 3560).
+# The reflective words the R1 paper counts, reported as it does: occurrences per token.
 REFLECTIVE_WORDS = ("wait", "mistake", "however", "but", "retry", "error", "verify", "wrong", "evaluate", "check")
 _REFLECT = re.compile(r"\b(" + "|".join(REFLECTIVE_WORDS) + r")\b", re.I)
 
@@ -85,11 +91,11 @@ def evaluate(model, tok, examples, k=16, template="", temperature=0.6, top_p=0.9
         raise ValueError("evaluate: no examples")
     was_training = model.training
     model.eval()
-    mine = list(range(common.rank(), len(examples), common.world_size()))
-    with common.gathered(model):  # under FSDP: weights all-gathered once, not at every decode step
+    mine = list(range(dist.rank(), len(examples), dist.world_size()))
+    with dist.gathered(model):  # under FSDP: weights all-gathered once, not at every decode step
         instances = _sample_and_score(model, tok, examples, mine, k, template, temperature, top_p, max_new_tokens,
                                       seed, workers, stop_strings, batch_prompts, lang, rg_exact, code_isolation)
-    instances = sorted(common.all_gather(instances), key=lambda x: x["index"])
+    instances = sorted(dist.all_gather(instances), key=lambda x: x["index"])
     model.train(was_training)
     return summarize(instances, k)
 
@@ -106,13 +112,13 @@ def _sample_and_score(model, tok, examples, mine, k, template, temperature, top_
     instances = []
     for s in range(0, len(mine), batch_prompts):
         idx = mine[s:s + batch_prompts]
-        texts = [data.apply_template(template, examples[i].prompt) if template else examples[i].prompt for i in idx]
+        texts = [data.apply_template(template, examples[i].prompt) for i in idx]
         out = rollout.generate(model, [data.prompt_ids(tok, examples[i].prompt, template) for i in idx],
                                max_new_tokens, temperature, top_p,
                                num_samples=k, stop_ids=stop_ids, stop_strings=list(stop_strings),
                                decode=tok.decode, vocab_size=tok.vocab_size,
                                row_seeds=[row_seed(seed, i, g) for i in idx for g in range(k)])
-        comps = [tok.decode([t for t in ids if t not in stop_ids]) for ids in out.tokens]
+        comps = rollout.completion_texts(tok, out, stop_ids)
         exs = [examples[i] for i in idx for _ in range(k)]
         block = bool(template)  # both templates ask for <answer></answer> (the toy's through its corpus): only that
         #                         block is an answer; with no template a \boxed{} anywhere counts
@@ -161,7 +167,7 @@ def summarize(instances, k):
             by_diff[inst["difficulty"]].append(p)
     n = len(per)
     if n == 0:
-        raise common.UserError("evaluate: every problem was skipped (unparseable golds)")
+        raise config.UserError("evaluate: every problem was skipped (unparseable golds)")
     mean = sum(per) / n
     se = (np.std(per, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
     cons_se = (np.std(cons, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
@@ -220,7 +226,7 @@ def toy_solution_roles(prompt, width=2):
     'answer', 'choice' (':' where a direct answer would write '='), None (fixed text)."""
     parts = re.split(r"([+-])", prompt)
     nums, ops = [int(p[::-1]) for p in parts[0::2]], parts[1::2]
-    num = lambda n: str(n).zfill(width)[::-1]  # noqa: E731  (data.toy_num)
+    num = lambda n: toy.toy_num(n, width)  # noqa: E731
     segs = [("<think>", None)]
     for j, n in enumerate(nums):
         segs += ([(ops[j - 1], None)] if j else []) + [(num(n), f"op{j}")]
@@ -393,13 +399,13 @@ class EvalConfig:
 def probe_main(c, model, tok, examples, template, device, dtype):
     if c.task != "toy":
         raise ConfigError(f"--probe: only for --task=toy (got {c.task!r})")
-    with common.autocast(device, dtype):
+    with dist.autocast(device, dtype):
         out = toy_probe(model, tok, examples, template, c.temperature)
     worst = min(v for key, v in out.items() if key.startswith("step_ok_"))
     out.update(probe_min=c.probe_min, passed=worst >= c.probe_min, model=c.model, split=c.split)
-    if common.rank() == 0:
+    if dist.rank() == 0:
         os.makedirs(c.out_dir, exist_ok=True)
-        common.atomic_write_json(os.path.join(c.out_dir, "probe.json"), out)
+        checkpoint.atomic_write_json(os.path.join(c.out_dir, "probe.json"), out)
     by_k = "  ".join(f"{key[8:]} operands {v:.3f}" for key, v in out.items() if key.startswith("step_ok_"))
     copies = " ".join(f"{key} {out[key]:.3f}" for key in sorted(out) if key.startswith("op"))
     print0(f"probe of {c.model} on {out['problems']} {c.split} problems: a stepwise sample at T={c.temperature} is "
@@ -476,7 +482,7 @@ def compare(dirs, seed=0):
 
 
 def main(argv=None):
-    c = common.parse_config(EvalConfig, argv)
+    c = config.parse_config(EvalConfig, argv)
     if c.compare:
         return compare(c.compare, c.seed)
     if c.report:
@@ -487,26 +493,23 @@ def main(argv=None):
         raise ConfigError("--model: required (a checkpoint, run dir or Hugging Face dir)")
     if c.k < 1:
         raise ConfigError("--k: must be >= 1")
-    common.init_distributed()
-    common.set_threads(c.threads)
-    device = common.get_device(c.device)
-    dtype = common.get_dtype(c.dtype, device)
-    model = common.build_model(c.model, None, device, dtype, flag="--model")  # under torchrun: sharded
-    tok = data.Tokenizer.from_file(common.find_tokenizer(c.tokenizer, c.model))
-    examples = data.load_task(c.task, n=c.problems, seed=c.problem_seed, split=c.split, heldout_frac=c.heldout_frac)
+    device, dtype = dist.start(c)
+    model = checkpoint.build_model(c.model, None, device, dtype, flag="--model")  # under torchrun: sharded
+    tok = data.Tokenizer.from_file(checkpoint.find_tokenizer(c.tokenizer, c.model))
+    examples = tasks.load_task(c.task, n=c.problems, seed=c.problem_seed, split=c.split, heldout_frac=c.heldout_frac)
     template = data.TEMPLATES[c.template]
     if c.probe:
         return probe_main(c, model, tok, examples, template, device, dtype)
-    with common.autocast(device, dtype):
+    with dist.autocast(device, dtype):
         summary = evaluate(model, tok, examples, c.k, template, c.temperature, c.top_p, c.max_new_tokens, c.seed,
                            c.workers, c.stop_strings, c.batch_prompts, c.lang, c.rg_exact, c.code_isolation)
     instances = summary.pop("instances")
     summary["config"] = dataclasses.asdict(c)
-    if common.rank() == 0:
+    if dist.rank() == 0:
         os.makedirs(c.out_dir, exist_ok=True)
         with open(os.path.join(c.out_dir, "instances.jsonl"), "w") as f:
             f.writelines(json.dumps(i) + "\n" for i in instances)
-        common.atomic_write_json(os.path.join(c.out_dir, "summary.json"), summary)
+        checkpoint.atomic_write_json(os.path.join(c.out_dir, "summary.json"), summary)
         if c.rejection_sampling:
             rows = rejection_sample(instances, c.max_per_prompt, c.dedup)
             with open(os.path.join(c.out_dir, "sft.jsonl"), "w") as f:
@@ -521,4 +524,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main, "eval.py")
+    config.cli(main, "eval.py")

@@ -18,7 +18,7 @@ the paper makes one):
   token_mean (DAPO) or dr_grpo (a constant normaliser, max_new_tokens per output).
 - --adv-scale: group (Eq. 3, default), batch (std over the whole batch) or none (Dr. GRPO, no std). The std is the
   unbiased one (ddof=1, as TRL/verl/OpenRLHF); a group whose rewards span <= 1e-6 gets advantage exactly 0.
-- Separate low/high clip (--eps-low/--eps-high, DAPO); the paper's single epsilon is both (10, PAPER.md).
+- Separate low/high clip (--eps-low/--eps-high, DAPO); the paper's single epsilon (10) is both.
 - Optional, off by default: --mask-truncated, --overlong-buffer (DAPO soft penalty), --dynamic-sampling (drop
   zero-variance groups and refill), --routing-replay (train with the experts the sampler used, PITFALLS M6).
 - The reference model is refreshed to the current policy every --ref-refresh-every steps (paper: 400); with
@@ -39,13 +39,19 @@ from typing import Literal
 import numpy as np
 import torch
 
-import common
+import checkpoint
+import config
 import data
+import dist
 import eval as evaluation
 import kernels
+import metrics
+import optim
 import rewards
 import rollout
-from common import ConfigError, print0
+import tasks
+from config import ConfigError
+from dist import print0
 
 
 @dataclass
@@ -56,7 +62,7 @@ class GRPOConfig:
     init_from: str = ""              # the base policy: a checkpoint, run dir or Hugging Face dir (required)
     resume: bool = False             # continue from the newest checkpoint in out_dir
     tokenizer: str = ""              # default: <init_from>/tokenizer.bpe or <init_from>/final/tokenizer.bpe
-    task: str = "toy"                # data.load_task name: toy, countdown, rg:<name>, humaneval, a .jsonl/.parquet
+    task: str = "toy"                # tasks.load_task name: toy, countdown, rg:<name>, humaneval, a .jsonl/.parquet
     task_size: int = 20000           # examples drawn for generated tasks (0 = whole file)
     template: Literal["r1_zero", "toy", "none"] = "r1_zero"  # Table 1 | a short one (CPU toy only) | none
     heldout_frac: float = 0.1        # this share of the task (by prompt hash) is never trained on
@@ -125,7 +131,7 @@ class GRPOConfig:
 PRESETS = {
     "paper": {},  # the dataclass defaults
     # The toy R1-Zero reproduction on a 2-core CPU (train.sh). Small groups and batches, a short template, short
-    # outputs, lr 1e-4 (DESIGN.md: 1e-4 worked, 3e-4 broke the arithmetic), no KL (beta=0 saves the reference
+    # outputs, lr 1e-4 (2e-4 collapsed accuracy: README, "What happened"), no KL (beta=0 saves the reference
     # forward), the policy updated once per rollout (num_minibatches=1: exactly on-policy).
     "cpu": dict(template="toy", task="toy", task_size=4000, rollout_prompts=16, group_size=8, num_minibatches=1,
                 micro_batch_size=128, max_new_tokens=48, lr=1e-4, beta=0.0, eps_low=0.2, eps_high=0.2,
@@ -135,7 +141,7 @@ PRESETS = {
 
 
 def check_config(c):
-    need, W = common.need, common.world_size()
+    need, W = config.need, dist.world_size()
     need(c.init_from or c.resume, "init-from", "a base policy is required (a checkpoint, run dir or HF dir)")
     need(c.group_size >= 2, "group-size", "GRPO needs at least 2 outputs per prompt")
     for f in ("rollout_prompts", "mu", "micro_batch_size", "max_new_tokens", "max_steps", "log_every", "ckpt_every"):
@@ -193,8 +199,8 @@ def token_weights(rows, c):
     """The loss weight of each row's tokens in one optimizer step, so the step's loss is sum(w * loss_tok) whatever
     the split into micro-batches or ranks (PITFALLS P8). Masked outputs get weight 0 and leave the normaliser."""
     lens = [len(r["completion"]) for r in rows if not r["masked"]]
-    n_seq = max(common.all_reduce_sum(float(len(lens))), 1.0)
-    n_tok = max(common.all_reduce_sum(float(sum(lens))), 1.0)
+    n_seq = max(dist.all_reduce_sum(float(len(lens))), 1.0)
+    n_tok = max(dist.all_reduce_sum(float(sum(lens))), 1.0)
     w = {"seq_mean_token_mean": lambda L: 1.0 / (L * n_seq), "token_mean": lambda L: 1.0 / n_tok,
          "dr_grpo": lambda L: 1.0 / (n_seq * c.max_new_tokens)}[c.loss_agg]  # dr_grpo: the same for every step
     return [0.0 if r["masked"] else w(len(r["completion"])) for r in rows]
@@ -204,17 +210,41 @@ def token_weights(rows, c):
 # the rollout
 
 
+class PromptSampler:
+    """Prompts in a fresh seeded permutation each epoch; (epoch, pos) is the resumable cursor. Every rank walks the
+    same order and takes its own slice of each draw."""
+
+    def __init__(self, examples, seed, epoch=0, pos=0):
+        self.examples, self.seed, self.epoch, self.pos = examples, seed, epoch, pos
+        self._perm()
+
+    def _perm(self):
+        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+
+    def take(self, n_local):
+        n, r = n_local * dist.world_size(), dist.rank()
+        out = []
+        while len(out) < n:
+            if self.pos >= len(self.order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm()
+            k = min(n - len(out), len(self.order) - self.pos)
+            out += self.order[self.pos:self.pos + k].tolist()
+            self.pos += k
+        return [self.examples[i] for i in out[r * n_local:(r + 1) * n_local]]
+
+
 def collect_rollout(policy, tok, sampler, c, step, template, stop_ids):
     """Sample, score and give advantages to one rollout's outputs (this rank's share of the prompts). With dynamic
     sampling, zero-variance groups are dropped and refilled; every rank takes part in every refill round (the
     decision is global) and walks the prompt order in step, so ranks never disagree about collectives or cursors."""
-    G, n_local = c.group_size, c.rollout_prompts // common.world_size()
+    G, n_local = c.group_size, c.rollout_prompts // dist.world_size()
     rows, groups, refills = [], 0, 0
     stats = {"sample_s": 0.0, "new_tokens": 0, "zero_std_groups": 0, "sampled_groups": 0,
              "reasons": collections.Counter()}
-    with common.gathered(policy):  # under FSDP: weights all-gathered once for every generation of this rollout
+    with dist.gathered(policy):  # under FSDP: weights all-gathered once for every generation of this rollout
         while True:
-            need = int(common.all_reduce_max(n_local - groups))
+            need = int(dist.all_reduce_max(n_local - groups))
             if need == 0:
                 break
             exs = sampler.take(need)[:n_local - groups]  # every rank draws the same count; some use fewer
@@ -236,13 +266,13 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
     out, shaped, total, comps, texts = None, torch.zeros(0, G), [], {}, []
     if exs:
         prompts = [data.prompt_ids(tok, e.prompt, template) for e in exs]
-        seed = int(np.random.SeedSequence([c.seed, step, refills, common.rank()]).generate_state(1)[0])
+        seed = int(np.random.SeedSequence([c.seed, step, refills, dist.rank()]).generate_state(1)[0])
         out = rollout.generate(policy, prompts, c.max_new_tokens, c.temperature, num_samples=G, stop_ids=stop_ids,
                                stop_strings=c.stop_strings, decode=tok.decode, vocab_size=tok.vocab_size, seed=seed,
                                record_experts=c.routing_replay, prompt_batch=c.batch_prompts)
         stats["sample_s"] += out.seconds
         stats["new_tokens"] += out.new_tokens
-        texts = [tok.decode([t for t in ids if t not in stop_ids]) for ids in out.tokens]
+        texts = rollout.completion_texts(tok, out, stop_ids)
         weights = {"accuracy": c.accuracy_weight, "format": c.format_weight, "language": c.language_weight}
         total, comps, reasons = rewards.score_batch(texts, [exs[i // G] for i in range(len(texts))], weights,
                                                     workers=c.reward_workers, lang=c.lang, rg_exact=c.rg_exact,
@@ -253,7 +283,7 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
                                for t, ids in zip(total, out.tokens)]).view(len(exs), G)
     batch_std = None
     if c.adv_scale == "batch":  # the std over every rank's rewards of this round (unbiased)
-        n, s1, s2 = (common.all_reduce_sum(float(v)) for v in (shaped.numel(), shaped.sum(), shaped.pow(2).sum()))
+        n, s1, s2 = (dist.all_reduce_sum(float(v)) for v in (shaped.numel(), shaped.sum(), shaped.pow(2).sum()))
         batch_std = math.sqrt(max(s2 - s1 * s1 / max(n, 1), 0.0) / max(n - 1, 1))
     if not exs:
         return [], []
@@ -327,7 +357,7 @@ def train_step(policy, ref, opt, rows, c, vocab, on_policy):
     m = dict(loss=0.0, kl=0.0, kl_capped=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0, tokens=0, gap=0.0)
     for i in range(0, len(rows), c.micro_batch_size):
         mb, w_mb = rows[i:i + c.micro_batch_size], w_seq[i:i + c.micro_batch_size]
-        if common.distributed():  # reduce gradients over ranks once, after the last micro-batch
+        if dist.distributed():  # reduce gradients over ranks once, after the last micro-batch
             policy.set_requires_gradient_sync(i + c.micro_batch_size >= len(rows))
         logp, ent = token_logprobs(policy, mb, vocab, c.temperature, c.routing_replay, entropy=True)
         lens = [len(r["completion"]) for r in mb]
@@ -341,7 +371,7 @@ def train_step(policy, ref, opt, rows, c, vocab, on_policy):
                 ref_logp = token_logprobs(ref, mb, vocab, c.temperature)
         loss_tok, st = kernels.grpo_token_loss(logp, old, ref_logp, adv, mask, c.eps_low, c.eps_high, c.beta,
                                                return_stats=True)
-        loss = (loss_tok * w).sum() * common.world_size()  # FSDP averages gradients over ranks: undo it
+        loss = (loss_tok * w).sum() * dist.world_size()  # FSDP averages gradients over ranks: undo it
         loss = loss + policy.aux_loss() * len(mb) / max(1, len(rows))
         loss.backward()
         with torch.no_grad():  # diagnostics, summed over this micro-batch's tokens (stats are 0 where masked)
@@ -350,7 +380,7 @@ def train_step(policy, ref, opt, rows, c, vocab, on_policy):
                          ("clip_low", st.clipped_low), ("clip_high", st.clipped_high),
                          ("gap", (sampler - logp).abs() * mk), ("tokens", mk)):
                 m[k] += v.sum().item()
-    m["grad_norm"], m["ok"] = common.optimizer_step(policy, opt, m["loss"], c.grad_clip)
+    m["grad_norm"], m["ok"] = optim.optimizer_step(policy, opt, m["loss"], c.grad_clip)
     return m
 
 
@@ -371,10 +401,10 @@ def recompute_old_logp(policy, rows, c, vocab):
 def log_step(log, step, mb, m, stats, loads, lr, train_s, elapsed, c, heldout_eval):
     """One optimizer step's metrics over every rank (rows gathered, sums all-reduced) -> metrics.jsonl (+ wandb),
     samples.jsonl, the console line and the warnings."""
-    rows = common.all_gather([(r["reward"], r["acc"], r["fmt"], r["lang"], len(r["completion"]), r["truncated"],
-                               evaluation.reflective_count(r["text"])) for r in mb])
+    rows = dist.all_gather([(r["reward"], r["acc"], r["fmt"], r["lang"], len(r["completion"]), r["truncated"],
+                             evaluation.reflective_count(r["text"])) for r in mb])
     reward, acc, fmt, lang, lens, trunc, refl = zip(*rows)
-    s = {k: common.all_reduce_sum(v) for k, v in m.items() if k not in ("grad_norm", "ok")}
+    s = {k: dist.all_reduce_sum(v) for k, v in m.items() if k not in ("grad_norm", "ok")}
     n, ntok = len(rows), max(1, s["tokens"])
     acc, lang = [a for a in acc if a is not None], [x for x in lang if x is not None]
     term = [L for L, t in zip(lens, trunc) if not t]
@@ -386,21 +416,21 @@ def log_step(log, step, mb, m, stats, loads, lr, train_s, elapsed, c, heldout_ev
            "clip_low": s["clip_low"] / ntok, "clip_high": s["clip_high"] / ntok,
            "sampler_trainer_gap": s["gap"] / ntok, "grad_norm": m["grad_norm"], "lr": lr,
            "skipped_steps": 0 if m["ok"] else 1, "refills": stats["refills"], "elapsed_s": elapsed,
-           "frac_reward_zero_std": common.all_reduce_sum(stats["zero_std_groups"]) /
-           max(1, common.all_reduce_sum(stats["sampled_groups"])),
-           "train_tok_s": common.all_reduce_sum(sum(len(r["prompt"]) + len(r["completion"]) for r in mb)) / train_s,
-           "sample_tok_s": common.all_reduce_sum(stats["new_tokens"]) / max(stats["sample_s"], 1e-9),
-           "zero_reasons": dict(sum(common.all_gather([stats["reasons"]]), collections.Counter()))}
+           "frac_reward_zero_std": dist.all_reduce_sum(stats["zero_std_groups"]) /
+           max(1, dist.all_reduce_sum(stats["sampled_groups"])),
+           "train_tok_s": dist.all_reduce_sum(sum(len(r["prompt"]) + len(r["completion"]) for r in mb)) / train_s,
+           "sample_tok_s": dist.all_reduce_sum(stats["new_tokens"]) / max(stats["sample_s"], 1e-9),
+           "zero_reasons": dict(sum(dist.all_gather([stats["reasons"]]), collections.Counter()))}
     if lang:
         met["language"] = sum(lang) / len(lang)
     if loads is not None:
-        met["expert_imbalance"] = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).tolist()
+        met["expert_imbalance"] = metrics.expert_imbalance(loads)
     if c.eval_every and step % c.eval_every == 0:
         ev = heldout_eval()
         met.update(heldout_pass1=ev["pass@1"], heldout_format=ev["format_rate"])
     log.log(met, step)
     if c.sample_every and step % c.sample_every == 0:
-        common.append_jsonl(os.path.join(c.out_dir, "samples.jsonl"), [
+        metrics.append_jsonl(os.path.join(c.out_dir, "samples.jsonl"), [
             {"step": step, "text": r["text"], "reward": r["reward"], "acc": r["acc"], "adv": r["adv"]}
             for r in mb[:4]])
     if step % c.log_every == 0:
@@ -417,55 +447,47 @@ def log_step(log, step, mb, m, stats, loads, lr, train_s, elapsed, c, heldout_ev
 
 
 def main(argv=None):
-    c = common.parse_config(GRPOConfig, argv, PRESETS)
+    c = config.parse_config(GRPOConfig, argv, PRESETS)
     check_config(c)
-    device = common.get_device(c.device)
-    dtype = common.get_dtype(c.dtype, device)
-    common.set_threads(c.threads)
-    common.init_distributed()
-    state = common.resume_state(c)
-    common.seed_everything(c.seed)
-    # bf16 means bf16 compute over fp32 master weights (bf16 weights would round lr-3e-6 AdamW updates away):
-    # FSDP's MixedPrecisionPolicy under torchrun, autocast in one process. On resume the weights come with
-    # restore_checkpoint below.
-    policy = common.build_model(c.init_from, state, device, dtype).train()
-    tok = data.Tokenizer.from_file(common.find_tokenizer(c.tokenizer, c.init_from or c.out_dir))
+    device, dtype = dist.start(c)
+    state = checkpoint.resume_state(c)  # on resume the weights come with restore_checkpoint below
+    policy = checkpoint.build_model(c.init_from, state, device, dtype).train()
+    tok = data.Tokenizer.from_file(checkpoint.find_tokenizer(c.tokenizer, c.init_from or c.out_dir))
     vocab = tok.vocab_size
     if vocab > policy.config.vocab_size:
         raise ConfigError(f"--tokenizer: {vocab} tokens do not fit the model's vocab_size {policy.config.vocab_size}")
     stop_ids = rollout.stop_ids_for(policy, tok)
     template = data.TEMPLATES[c.template]
-    train_ex = data.load_task(c.task, n=c.task_size, seed=c.problem_seed, split="train", heldout_frac=c.heldout_frac)
-    held_ex = data.load_task(c.task, n=c.eval_prompts, seed=c.problem_seed, split="heldout",
-                             heldout_frac=c.heldout_frac) \
-        if c.eval_every else []
+    train_ex = tasks.load_task(c.task, n=c.task_size, seed=c.problem_seed, split="train", heldout_frac=c.heldout_frac)
+    held_ex = tasks.load_task(c.task, n=c.eval_prompts, seed=c.problem_seed, split="heldout",
+                              heldout_frac=c.heldout_frac) if c.eval_every else []
     ref = None
     if c.beta > 0:  # a frozen copy (loaded again, sharded like the policy); with beta = 0 never built (PITFALLS P11)
-        ref = common.build_model(c.init_from, state, device, dtype).eval().requires_grad_(False)
-    opt = common.adamw(policy, c.lr, c.weight_decay, (c.beta1, c.beta2))
-    step, sampler, bad = 0, data.PromptSampler(train_ex, c.seed), 0
+        ref = checkpoint.build_model(c.init_from, state, device, dtype).eval().requires_grad_(False)
+    opt = optim.adamw(policy, c.lr, c.weight_decay, (c.beta1, c.beta2))
+    step, sampler, bad = 0, PromptSampler(train_ex, c.seed), 0
     if state is not None:
         if state.get("has_ref") != (ref is not None):
             raise ConfigError(f"--beta: the checkpoint was written with{'out' if ref is not None else ''} a "
                               "reference model (beta > 0 and beta = 0 runs cannot resume each other)")
-        common.restore_checkpoint(state, {"model": policy, "ref": ref}, opt)
-        common.set_rng_state(state["rng"])
+        checkpoint.restore_checkpoint(state, {"model": policy, "ref": ref}, opt)
+        dist.set_rng_state(state["rng"])
         step, bad = state["step"], state["bad_steps"]
-        sampler = data.PromptSampler(train_ex, c.seed, *state["sampler"])
-    if common.rank() == 0:
+        sampler = PromptSampler(train_ex, c.seed, *state["sampler"])
+    if dist.rank() == 0:
         os.makedirs(c.out_dir, exist_ok=True)
-        common.atomic_write_json(os.path.join(c.out_dir, "config.json"), dataclasses.asdict(c))
+        checkpoint.atomic_write_json(os.path.join(c.out_dir, "config.json"), dataclasses.asdict(c))
         tok.save(os.path.join(c.out_dir, "tokenizer.bpe"))  # a --resume needs nothing but out_dir
-    log = common.MetricsLogger(c.out_dir, c, c.wandb_project, c.wandb_mode)
+    log = metrics.MetricsLogger(c.out_dir, c, c.wandb_project, c.wandb_mode)
     print0(f"policy {policy.num_params() / 1e6:.2f}M params; {len(train_ex)} train prompts; preset {c.preset}; "
            f"{c.rollout_prompts} prompts x {c.group_size} per rollout, {c.num_minibatches} mini-batches, mu={c.mu}")
     heldout_eval = lambda: evaluation.evaluate(  # noqa: E731 pass@1 (k=1) at the paper's T=0.6, top-p 0.95
         policy, tok, held_ex, k=1, template=template, temperature=0.6, top_p=0.95, max_new_tokens=c.max_new_tokens,
         seed=c.seed, workers=c.reward_workers, stop_strings=c.stop_strings, rg_exact=c.rg_exact,
         code_isolation=c.code_isolation)
-    with common.autocast(device, dtype):
+    with dist.autocast(device, dtype):
         run_loop(policy, ref, opt, tok, sampler, c, step, bad, template, stop_ids, vocab, log, heldout_eval)
-    final = common.export_final(policy, tok, c.out_dir)
+    final = checkpoint.export_final(policy, tok, c.out_dir)
     log.finish()
     print0(f"done: {c.max_steps} steps; policy saved to {final}")
     return policy
@@ -496,28 +518,22 @@ def run_loop(policy, ref, opt, tok, sampler, c, step, bad, template, stop_ids, v
                 if step >= c.max_steps:
                     break
                 mb = [rows[i] for i in perm[k * per_mb:(k + 1) * per_mb]]
-                lr = common.lr_at(step, c.lr, c.warmup_steps, c.max_steps, c.lr_schedule, c.min_lr_frac)
-                for g in opt.param_groups:
-                    g["lr"] = lr
+                lr = optim.set_lr(opt, step, c)
                 t0 = time.perf_counter()
                 m = train_step(policy, ref, opt, mb, c, vocab, on_policy)
                 train_s = time.perf_counter() - t0
-                loads = policy.pop_expert_loads()
-                policy.update_router_bias(loads, c.bias_update_rate)
+                loads = optim.pop_expert_loads(policy)
+                optim.update_router_bias(policy, loads, c.bias_update_rate)
                 step += 1
-                bad = 0 if m["ok"] else bad + 1
                 if ref is not None and c.ref_refresh_every and step % c.ref_refresh_every == 0:
                     ref.load_state_dict(policy.state_dict())
                 log_step(log, step, mb, m, stats, loads, lr, train_s, time.perf_counter() - t_start, c,
                          heldout_eval)
-                if not m["ok"]:
-                    print0(f"step {step}: non-finite loss or grad norm, update skipped ({bad} in a row)")
-                    if bad >= c.max_bad_steps:
-                        raise RuntimeError(f"{bad} non-finite steps in a row; lower --lr or check rewards")
+                bad = optim.count_bad_steps(m["ok"], bad, step, c.max_bad_steps, "the rewards")
         if step - last_ckpt >= c.ckpt_every or step >= c.max_steps:  # at a rollout boundary: nothing in flight
             last_ckpt = step
-            common.save_checkpoint(c.out_dir, step, {"model": policy, "ref": ref}, opt, {
-                "model_config": dataclasses.asdict(policy.config), "step": step, "rng": common.rng_state(),
+            checkpoint.save_checkpoint(c.out_dir, step, {"model": policy, "ref": ref}, opt, {
+                "model_config": dataclasses.asdict(policy.config), "step": step, "rng": dist.rng_state(),
                 "sampler": (sampler.epoch, sampler.pos), "bad_steps": bad, "has_ref": ref is not None,
                 "config": dataclasses.asdict(c)},
                 c.keep_last)
@@ -525,4 +541,4 @@ def run_loop(policy, ref, opt, tok, sampler, c, step, bad, template, stop_ids, v
 
 
 if __name__ == "__main__":
-    common.cli(main, "grpo.py")
+    config.cli(main, "grpo.py")

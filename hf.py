@@ -2,7 +2,7 @@
 state_dict (drop/add the "model." prefix; routed experts are stacked (E, out, in) in memory and stored per expert
 on disk). Families: DeepseekV3ForCausalLM, Qwen3MoeForCausalLM, Qwen3ForCausalLM, Qwen2ForCausalLM,
 LlamaForCausalLM; anything else, FP8-quantised weights, or an option this model cannot reproduce exactly is
-refused with a message that says what to do. Used through Transformer.from_pretrained / save_pretrained.
+refused with a message that says what to do. load(path) -> Transformer; save(model, path).
 """
 import json
 import os
@@ -15,12 +15,12 @@ from model import ARCHITECTURES, ModelConfig, Transformer, rope_parameters
 
 def load(path, dtype=torch.float32, device="cpu", shard=None):
     """A Hugging Face directory (config.json + model.safetensors or a sharded index) -> Transformer.
-    shard: a function applying FSDP2 to a model (common.shard_model). The model is then built on the meta device,
+    shard: a function applying FSDP2 to a model (dist.shard_model). The model is then built on the meta device,
     sharded, and each rank reads from the files only the rows of dim 0 it holds (experts: only its experts), so no
     rank ever materialises the whole model."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path}: no config.json; from_pretrained wants a Hugging Face model directory")
+        raise FileNotFoundError(f"{cfg_path}: no config.json; hf.load wants a Hugging Face model directory")
     with open(cfg_path) as f:
         cfg = config_from_hf(json.load(f), where=cfg_path)
     with torch.device("meta"):

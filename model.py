@@ -1,21 +1,17 @@
 """The nano-r1 transformer: DeepSeek-V3-style MoE with MLA, plus the GQA/dense variants of Qwen and Llama.
 
-One class, `Transformer(ModelConfig)`, covers four Hugging Face families with logits equal to `transformers`':
+One class, `Transformer(ModelConfig)`, covers five Hugging Face architectures with logits equal to `transformers`':
   DeepseekV3ForCausalLM  MLA attention, sigmoid router with the selection-only correction bias, group-limited
                          top-k, shared + routed experts, the first `first_k_dense_replace` layers dense
   Qwen3MoeForCausalLM    GQA with per-head q/k RMSNorm, softmax router, routed experts only
   Qwen3ForCausalLM,      dense GQA (Qwen3: q/k norm; Qwen2: q/k/v bias; Llama: Llama 3 RoPE scaling)
   Qwen2ForCausalLM, LlamaForCausalLM
-Module and parameter names follow Hugging Face's so a checkpoint maps onto `state_dict()` by dropping the
-"model." prefix; the one difference is that routed experts are stored stacked, (E, out, in), so they can run as
-one grouped matmul, while files hold them per expert. hf.py does that mapping (from_pretrained/save_pretrained).
-
-Reading order: config -> norms and RoPE -> attention (MLA, GQA) -> MLP and MoE -> KV cache -> Transformer ->
-Hugging Face load/save.
+Module and parameter names follow Hugging Face's, so a checkpoint maps onto `state_dict()` by dropping "model.";
+only routed experts differ: stacked (E, out, in) here, to run as one grouped matmul, per expert in files. hf.py does
+that mapping (hf.load, hf.save), checkpoint.py builds a model from a path, rollout.py holds the KV cache: this file
+is the model alone. Reading order: config -> norms and RoPE -> attention (MLA, GQA) -> MLP and MoE -> Transformer.
 """
 import math
-import os
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,14 +19,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+
 ARCHITECTURES = ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM",
                  "LlamaForCausalLM")
 
 
 @dataclass
 class ModelConfig:
-    """Model shape. Field names are Hugging Face's, so a config.json maps onto it (see `config_from_hf`)."""
-    architecture: str = "DeepseekV3ForCausalLM"  # what save_pretrained writes; one of ARCHITECTURES
+    """Model shape. Field names are Hugging Face's, so a config.json maps onto it (hf.config_from_hf)."""
+    architecture: str = "DeepseekV3ForCausalLM"  # what hf.save writes; one of ARCHITECTURES
     vocab_size: int = 4096
     hidden_size: int = 128
     intermediate_size: int = 384           # dense MLP width (dense layers, dense models)
@@ -340,10 +338,15 @@ class Router(nn.Module):
             keep.scatter_(1, stable_topk(group_scores, cfg.topk_group), True)
             choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(N, E)
         idx = stable_topk(choice, k)  # (N, K)
-        w = scores.gather(1, idx)  # (N, K) unbiased
-        if cfg.norm_topk_prob:
+        return idx, self.gate_weights(scores, idx), scores
+
+    def gate_weights(self, scores, idx):
+        """The gate weights of the experts idx (N, K): their unbiased scores (N, E), renormalised to sum to 1 when
+        norm_topk_prob, times routed_scaling_factor. Routing replay recomputes them for the replayed experts."""
+        w = scores.gather(1, idx)  # (N, K)
+        if self.cfg.norm_topk_prob:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return idx, w * cfg.routed_scaling_factor, scores
+        return w * self.cfg.routed_scaling_factor
 
 
 def stable_topk(x, k):
@@ -402,7 +405,7 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Shared experts (always on) + routed experts. Tracks per-expert load while training for balancing."""
+    """Shared experts (always on) + routed experts; counts tokens per expert in training (optim.pop_expert_loads)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -424,10 +427,7 @@ class MoE(nn.Module):
         idx, w, scores = self.gate(xf)
         if self.replay is not None:  # routing replay: same experts as the rollout, gate weights recomputed
             idx = self.replay
-            w = scores.gather(1, idx)
-            if self.cfg.norm_topk_prob:
-                w = w / (w.sum(-1, keepdim=True) + 1e-20)
-            w = w * self.cfg.routed_scaling_factor
+            w = self.gate.gate_weights(scores, idx)
         if self.record is not None:
             self.record.append(idx.detach())
         y = self.experts(xf, idx, w).view(B, T, D)
@@ -455,63 +455,6 @@ class MoE(nn.Module):
         hits = F.one_hot(idx, E).sum(1).view(B, T, E).float()  # (B, T, E)
         f = (hits * v).sum(1) / n * E / K  # (B, E)
         return self.cfg.aux_loss_alpha * (f * p).sum(-1).mean()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# KV cache
-
-
-class KVCache:
-    """Preallocated per-layer cache for `rows` sequences of up to `max_len` tokens.
-
-    Row b holds its tokens in slots 0..lengths[b]-1 and its next token goes to slot lengths[b], so a token's slot is
-    its position: no left padding, nothing to mask but the future. A forward over T new tokens per row writes slots
-    lengths[b]..lengths[b]+T-1; rows that had fewer real tokens (a ragged prefill) advance by `n_new[b]` only and
-    their padded slots are overwritten later. MLA caches the normalised latent and the shared rotary key
-    (kv_lora_rank + qk_rope_head_dim numbers per token and layer); GQA caches k and v per kv head.
-    """
-
-    def __init__(self, cfg, rows, max_len, device=None, dtype=torch.float32):
-        self.max_len = max_len
-        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
-        if cfg.use_mla:  # latent and rope key side by side: attention reads them as one (B, L, r+dr) key
-            shapes = [(rows, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim)]
-        else:
-            kvh = cfg.num_key_value_heads or cfg.num_attention_heads
-            shapes = [(rows, max_len, kvh, cfg.gqa_head_dim)] * 2
-        self.layers = [[torch.zeros(s, device=device, dtype=dtype) for s in shapes]
-                       for _ in range(cfg.num_hidden_layers)]
-        self.has_past = False
-        self.positions = self.mask = None
-        self.span = 0
-
-    def begin(self, T):
-        """Set up one forward over T new tokens per row: positions (B, T), the attention mask over the filled span."""
-        self.has_past = bool(self.lengths.max() > 0)
-        self.positions = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
-        self.span = int(self.positions.max()) + 1
-        if self.span > self.max_len:
-            raise ValueError(f"KVCache: position {self.span - 1} does not fit max_len={self.max_len}")
-        slots = torch.arange(self.span, device=self.lengths.device)
-        self.mask = (slots[None, None, :] <= self.positions[:, :, None]).unsqueeze(1)  # (B, 1, T, span)
-        return self.positions
-
-    def write(self, layer, *new):
-        """Store each (B, T, ...) tensor at the rows' slots; return the (B, span, ...) views to attend over."""
-        rows = torch.arange(self.positions.shape[0], device=self.positions.device)[:, None]
-        out = []
-        for buf, val in zip(self.layers[layer], new):
-            buf[rows, self.positions] = val.to(buf.dtype)
-            out.append(buf[:, :self.span])
-        return out
-
-    def advance(self, n_new):
-        self.lengths += n_new
-
-    def select(self, index):
-        """Keep/replicate rows: index (R,) of old rows. Used to copy one prefill to G samples and to compact."""
-        self.lengths = self.lengths[index]
-        self.layers = [[buf[index] for buf in bufs] for bufs in self.layers]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -564,18 +507,15 @@ class Transformer(nn.Module):
             if isinstance(m, Router):
                 m.e_score_correction_bias.zero_()
 
-    def forward(self, tokens, cache=None, n_new=None, positions=None, return_hidden=False, valid=None):
+    def forward(self, tokens, cache=None, n_new=None, return_hidden=False, valid=None):
         """tokens (B, T) -> logits (B, T, V), or the final-normed hidden states (B, T, D) with return_hidden.
 
         Without a cache: a causal forward over whole sequences at positions 0..T-1 (training, scoring). Right
         padding is harmless to attention: padded positions come after every real token; valid (B, T) marks the real
-        ones for the MoE statistics. With a cache: the T tokens of each row continue that row (see KVCache); n_new
-        (B,) says how many of them are real (default all T)."""
+        ones for the MoE statistics. With a cache (rollout.KVCache): the T tokens of each row continue that row;
+        n_new (B,) says how many of them are real (default all T)."""
         B, T = tokens.shape
-        if cache is not None:
-            positions = cache.begin(T)
-        elif positions is None:
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        positions = cache.begin(T) if cache is not None else torch.arange(T, device=tokens.device).expand(B, T)
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)  # (B, T, d/2)
         cos = (freqs.cos() * self.rope_scale).unsqueeze(1)  # (B, 1, T, d/2)
         sin = (freqs.sin() * self.rope_scale).unsqueeze(1)
@@ -593,7 +533,6 @@ class Transformer(nn.Module):
         over tokens (B, T), with the LM head fused into kernels.token_logprobs (no (N, V) logits kept). vocab:
         score over the first `vocab` ids only (the tokenizer's; a padded LM head's extra rows get no mass). A
         method of the model, not a caller's use of lm_head.weight, so FSDP unshards the head for it."""
-        import kernels
         h = self.forward(tokens, return_hidden=True, valid=valid)  # (B, T, D)
         w = self.lm_head.weight if vocab is None else self.lm_head.weight[:vocab]
         with torch.autocast(h.device.type, enabled=False):  # the kernel accumulates logits in fp32 itself (M8)
@@ -607,99 +546,5 @@ class Transformer(nn.Module):
         losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         return sum(losses) if losses else torch.zeros((), device=self.lm_head.weight.device)
 
-    @torch.no_grad()
-    def pop_expert_loads(self):
-        """(n_moe_layers, E) tokens routed to each expert since the last call, summed over ranks; resets them."""
-        layers = self.moe_layers()
-        if not layers:
-            return None
-        loads = torch.stack([m.load.clone() for m in layers])
-        for m in layers:
-            m.load.zero_()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(loads)
-        return loads
-
-    @torch.no_grad()
-    def update_router_bias(self, loads, gamma):
-        """Aux-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean load - load_i) per MoE layer. Every rank
-        passes the same all-reduced loads, so every rank holds the same bias."""
-        if gamma == 0 or loads is None:
-            return
-        for m, load in zip(self.moe_layers(), loads):
-            bias = m.gate.e_score_correction_bias
-            bias += gamma * torch.sign(load.mean() - load).to(bias)
-
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Hugging Face checkpoints (the format mapping lives in hf.py)
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """Load a Hugging Face directory (config.json + model.safetensors or a sharded index)."""
-        import hf
-        return hf.load(path, dtype, device)
-
-    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
-        """Write config.json + safetensors that transformers and vLLM load (experts per expert)."""
-        import hf
-        hf.save(self, path, max_shard_bytes)
-
-
-def load_model(path, dtype=torch.float32, device="cpu"):
-    """A Hugging Face directory (config.json + safetensors), a run directory (its final/ export, else its newest
-    checkpoint) or a nano-r1 checkpoint file (ckpt_*.pt) -> Transformer."""
-    import common
-    if find_hf_dir(path):
-        return Transformer.from_pretrained(find_hf_dir(path), dtype=dtype, device=device)
-    if not os.path.exists(path) or (os.path.isdir(path) and not common.list_checkpoints(path)):
-        raise FileNotFoundError(f"{path}: neither a Hugging Face model directory (config.json) nor a run directory "
-                                "with final/ or ckpt_* checkpoints, nor a checkpoint file")
-    state = common.load_checkpoint(path)
-    if "dcp" in state:
-        raise ValueError(f"{state['dcp']}: a sharded (torchrun) checkpoint; load the run's final/ export, or "
-                         "continue the run with torchrun and --resume")
-    if "model" not in state or "model_config" not in state:
-        raise ValueError(f"{path}: not a nano-r1 checkpoint (needs 'model' and 'model_config')")
-    return model_from_state(state).to(device=device, dtype=dtype)
-
-
-def find_hf_dir(path):
-    """path, or its final/ export, when it is a Hugging Face directory (config.json + safetensors; a run directory
-    has a config.json too, its settings, but no safetensors); else None."""
-    for d in (path, os.path.join(path, "final")):
-        if os.path.isfile(os.path.join(d, "config.json")) and any(
-                os.path.isfile(os.path.join(d, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
-            return d
-    return None
-
-
-def model_from_state(state):
-    """The model of a nano-r1 checkpoint dict (keys model_config and model)."""
-    model = Transformer(ModelConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model
-
-
-if __name__ == "__main__":
-    # self-check on a tiny random MoE: cached decode matches the full forward, HF save/load round-trips
-    import tempfile
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=300, n_group=2, topk_group=1, n_routed_experts=8)
-    model = Transformer(cfg).eval()
-    print(f"tiny DeepSeek-V3-style MoE: {model.num_params() / 1e6:.2f}M parameters, "
-          f"{cfg.n_routed_experts} routed + {cfg.n_shared_experts} shared experts, MLA latent {cfg.kv_lora_rank}")
-    tokens = torch.randint(0, cfg.vocab_size, (2, 12))
-    with torch.no_grad():
-        full = model(tokens)
-        cache = KVCache(cfg, 2, 12)
-        steps = [model(tokens[:, :6], cache)] + [model(tokens[:, t:t + 1], cache) for t in range(6, 12)]
-        cached = torch.cat(steps, dim=1)
-        err = (full - cached).abs().max().item()
-        with tempfile.TemporaryDirectory() as d:
-            model.save_pretrained(d)
-            err2 = (Transformer.from_pretrained(d)(tokens) - full).abs().max().item()
-    print(f"max |full - cached decode| = {err:.2e}; max |logits after save/load - before| = {err2:.2e}")
-    assert err < 1e-4 and err2 == 0.0

@@ -23,7 +23,58 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import KVCache
+
+class KVCache:
+    """Preallocated per-layer cache for `rows` sequences of up to `max_len` tokens.
+
+    Row b holds its tokens in slots 0..lengths[b]-1 and its next token goes to slot lengths[b], so a token's slot is
+    its position: no left padding, nothing to mask but the future. A forward over T new tokens per row writes slots
+    lengths[b]..lengths[b]+T-1; rows that had fewer real tokens (a ragged prefill) advance by `n_new[b]` only and
+    their padded slots are overwritten later. MLA caches the normalised latent and the shared rotary key
+    (kv_lora_rank + qk_rope_head_dim numbers per token and layer); GQA caches k and v per kv head.
+    """
+
+    def __init__(self, cfg, rows, max_len, device=None, dtype=torch.float32):
+        self.max_len = max_len
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        if cfg.use_mla:  # latent and rope key side by side: attention reads them as one (B, L, r+dr) key
+            shapes = [(rows, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim)]
+        else:
+            kvh = cfg.num_key_value_heads or cfg.num_attention_heads
+            shapes = [(rows, max_len, kvh, cfg.gqa_head_dim)] * 2
+        self.layers = [[torch.zeros(s, device=device, dtype=dtype) for s in shapes]
+                       for _ in range(cfg.num_hidden_layers)]
+        self.has_past = False
+        self.positions = self.mask = None
+        self.span = 0
+
+    def begin(self, T):
+        """Set up one forward over T new tokens per row: positions (B, T), the attention mask over the filled span."""
+        self.has_past = bool(self.lengths.max() > 0)
+        self.positions = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
+        self.span = int(self.positions.max()) + 1
+        if self.span > self.max_len:
+            raise ValueError(f"KVCache: position {self.span - 1} does not fit max_len={self.max_len}")
+        slots = torch.arange(self.span, device=self.lengths.device)
+        self.mask = (slots[None, None, :] <= self.positions[:, :, None]).unsqueeze(1)  # (B, 1, T, span)
+        return self.positions
+
+    def write(self, layer, *new):
+        """Store each (B, T, ...) tensor at the rows' slots; return the (B, span, ...) views to attend over."""
+        rows = torch.arange(self.positions.shape[0], device=self.positions.device)[:, None]
+        out = []
+        for buf, val in zip(self.layers[layer], new):
+            buf[rows, self.positions] = val.to(buf.dtype)
+            out.append(buf[:, :self.span])
+        return out
+
+    def advance(self, n_new):
+        self.lengths += n_new
+
+    def select(self, index):
+        """Keep/replicate rows: index (R,) of old rows. Used to copy one prefill to G samples and to compact."""
+        self.lengths = self.lengths[index]
+        self.layers = [[buf[index] for buf in bufs] for bufs in self.layers]
 
 
 @dataclass
@@ -78,6 +129,12 @@ def stop_ids_for(model, tok):
                                   if i is not None and i < tok.vocab_size})
 
 
+def completion_texts(tok, out, stop_ids):
+    """The completions of a Rollout as the rewards read them, in grpo.py and eval.py alike: decoded without the stop
+    id that ended them (out.tokens keeps it: the trainer learns to emit it)."""
+    return [tok.decode([t for t in ids if t not in stop_ids]) for ids in out.tokens]
+
+
 def head_logits(h, w_head, V):
     """Final hidden states h (B, D) -> fp32 logits (B, V) over the first V ids, the matmul in w_head's dtype (fp32
     or fp64) with autocast off."""
@@ -100,7 +157,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     depends only on its prompt and its seed, not on which other prompts share the batch (eval.py uses this so
     results do not change with --batch-prompts or the number of ranks). Exactly so where the kernels do not depend
     on the batch shape (CPU fp32, tested); GPU and bf16 kernels can differ in the last bits with batch size.
-    Under FSDP call it inside `common.gathered(model)`: the weights stay unsharded for the whole call.
+    Under FSDP call it inside `dist.gathered(model)`: the weights stay unsharded for the whole call.
     """
     t0 = time.perf_counter()
     cfg = model.config

@@ -15,7 +15,6 @@ step; atomic, the newest keep_last kept) and, at the end, final/ (a Hugging Face
 (seed, step), so a resumed run sees exactly the batches the uninterrupted run would have seen.
 """
 import dataclasses
-import json
 import math
 import os
 import time
@@ -25,10 +24,15 @@ from typing import Literal
 import numpy as np
 import torch
 
-import common
-from common import ConfigError, print0
+import checkpoint
+import config
 import data
+import dist
+import metrics
+import optim
+from config import ConfigError
 from data import DataError, Tokenizer
+from dist import print0
 from model import ModelConfig, Transformer
 
 
@@ -93,7 +97,7 @@ class SFTConfig:
 
 
 def check_config(c):
-    need = common.need
+    need = config.need
     need(c.data, "data", "a training file is required (.txt or .jsonl)")
     need(os.path.isfile(c.data), "data", f"{c.data}: no such file")
     need(c.data.endswith((".txt", ".jsonl")), "data", f"{c.data}: expected a .txt or .jsonl file")
@@ -119,22 +123,15 @@ def load_text(path, tok):
 
 def load_pairs(path, tok, c):
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            for fld in (c.prompt_field, c.completion_field):
-                if not isinstance(obj, dict) or not isinstance(obj.get(fld), str):
-                    raise DataError(f"{path}:{i}: field {fld!r} missing or not a string")
-            # the prompt as grpo.py and eval.py encode it (BOS included where the tokenizer adds one)
-            p, comp = data.prompt_ids(tok, obj[c.prompt_field]), tok.encode(obj[c.completion_field]) + [tok.eot_id]
-            if not p:  # the first completion token needs a position before it to be predicted from
-                raise DataError(f"{path}:{i}: field {c.prompt_field!r} is empty")
-            rows.append((p, comp))
+    for loc, obj in data.read_rows(path):
+        for fld in (c.prompt_field, c.completion_field):
+            if not isinstance(obj.get(fld), str):
+                raise DataError(f"{loc}: field {fld!r} missing or not a string")
+        # the prompt as grpo.py and eval.py encode it (BOS included where the tokenizer adds one)
+        p, comp = data.prompt_ids(tok, obj[c.prompt_field]), tok.encode(obj[c.completion_field]) + [tok.eot_id]
+        if not p:  # the first completion token needs a position before it to be predicted from
+            raise DataError(f"{loc}: field {c.prompt_field!r} is empty")
+        rows.append((p, comp))
     if not rows:
         raise DataError(f"{path}: no examples")
     return rows
@@ -179,36 +176,29 @@ def token_loss_sum(model, x, y, mask, valid, vocab):
 
 
 def main(argv=None):
-    c = common.parse_config(SFTConfig, argv)
+    c = config.parse_config(SFTConfig, argv)
     check_config(c)
-    common.init_distributed()
-    device = common.get_device(c.device)
-    dtype = common.get_dtype(c.dtype, device)
-    common.set_threads(c.threads)
+    device, dtype = dist.start(c)
     tok = Tokenizer.from_file(c.tokenizer)
     vocab = tok.vocab_size
-    R, W = common.rank(), common.world_size()
-
-    common.seed_everything(c.seed)
-    state = common.resume_state(c)
-    # bf16 means bf16 compute over fp32 master weights (bf16 weights would round small AdamW updates away):
-    # FSDP's MixedPrecisionPolicy under torchrun, autocast in one process
+    R, W = dist.rank(), dist.world_size()
+    state = checkpoint.resume_state(c)
     if state or c.init_from:  # on resume the weights come with restore_checkpoint below
-        model = common.build_model(c.init_from, state, device, dtype)
+        model = checkpoint.build_model(c.init_from, state, device, dtype)
     else:
         mc = ModelConfig(vocab_size=64 * math.ceil(vocab / 64),  # a padded LM head; ids >= vocab never used
                          **{f.name: getattr(c, f.name) for f in dataclasses.fields(ModelConfig)
                             if hasattr(c, f.name) and f.name != "vocab_size"},
                          eos_token_id=tok.eot_id)
-        model = common.shard_model(Transformer(mc).to(device=device), dtype == torch.bfloat16)
+        model = dist.shard_model(Transformer(mc).to(device=device), dtype == torch.bfloat16)
     model.train()
     if model.config.vocab_size < vocab:
         raise ConfigError(f"--tokenizer: {vocab} tokens do not fit the model's vocab_size {model.config.vocab_size}")
-    opt = common.adamw(model, c.lr, c.weight_decay, (c.beta1, c.beta2))
+    opt = optim.adamw(model, c.lr, c.weight_decay, (c.beta1, c.beta2))
     start_step = 0
     if state:
-        common.restore_checkpoint(state, {"model": model}, opt)
-        common.set_rng_state(state["rng"])
+        checkpoint.restore_checkpoint(state, {"model": model}, opt)
+        dist.set_rng_state(state["rng"])
         start_step = state["step"]
 
     if c.data.endswith(".txt"):
@@ -237,8 +227,8 @@ def main(argv=None):
 
     if R == 0:
         os.makedirs(c.out_dir, exist_ok=True)
-        common.atomic_write_json(os.path.join(c.out_dir, "config.json"), dataclasses.asdict(c))
-    log = common.MetricsLogger(c.out_dir, c, c.wandb_project, c.wandb_mode)
+        checkpoint.atomic_write_json(os.path.join(c.out_dir, "config.json"), dataclasses.asdict(c))
+    log = metrics.MetricsLogger(c.out_dir, c, c.wandb_project, c.wandb_mode)
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.config.architecture}, "
            f"{model.config.n_routed_experts} routed experts), {device}, {dtype}, {W} process(es)")
 
@@ -251,62 +241,55 @@ def main(argv=None):
         tot, n = 0.0, 0
         for _ in range(c.eval_batches):
             x, y, m, v = my_share(val_batch(rng, c.batch_size * W))
-            with common.autocast(device, dtype):
+            with dist.autocast(device, dtype):
                 s, k = token_loss_sum(model, x, y, m, v, vocab)
             tot, n = tot + s.item(), n + k
         model.train()
-        model.pop_expert_loads()  # eval forwards do not count toward balancing
-        return common.all_reduce_sum(tot) / max(common.all_reduce_sum(n), 1)
+        return dist.all_reduce_sum(tot) / max(dist.all_reduce_sum(n), 1)
 
     t0, tokens_seen, bad = time.perf_counter(), 0, 0
     for step in range(start_step, c.max_steps):
-        lr = common.lr_at(step, c.lr, c.warmup_steps, c.max_steps, c.lr_schedule, c.min_lr_frac)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = optim.set_lr(opt, step, c)
         rng = np.random.default_rng([c.seed, step])  # batches depend only on (seed, step): exact resume
         micro = [my_share(batch(rng, c.batch_size * W)) for _ in range(c.grad_accum)]
-        n_tok = common.all_reduce_sum(sum(int(m.sum()) for _, _, m, _ in micro))  # the whole step's normaliser
+        n_tok = dist.all_reduce_sum(sum(int(m.sum()) for _, _, m, _ in micro))  # the whole step's normaliser
         total = 0.0
         for i, (x, y, m, v) in enumerate(micro):
-            if common.distributed():  # gradients are reduced across ranks once, after the last micro-batch
+            if dist.distributed():  # gradients are reduced across ranks once, after the last micro-batch
                 model.set_requires_gradient_sync(i == len(micro) - 1)
-            with common.autocast(device, dtype):
+            with dist.autocast(device, dtype):
                 s, _ = token_loss_sum(model, x, y, m, v, vocab)
             # FSDP averages gradients over ranks: times W, the step's loss is sum(-log p) / n_tok over all ranks
             loss = s / max(n_tok, 1) * W + model.aux_loss() / c.grad_accum
             loss.backward()
             total += s.item()
-        total = common.all_reduce_sum(total)
-        gnorm, ok = common.optimizer_step(model, opt, total, c.grad_clip)
-        bad = 0 if ok else bad + 1
-        if not ok:  # skipped: counted, logged, and fatal only when it keeps happening
-            print0(f"step {step + 1}: non-finite loss or grad norm, update skipped ({bad} in a row)")
-            if bad >= c.max_bad_steps:
-                raise RuntimeError(f"{bad} non-finite steps in a row: lower --lr or check the data")
-        loads = model.pop_expert_loads()
-        model.update_router_bias(loads, c.bias_update_rate)
+        total = dist.all_reduce_sum(total)
+        gnorm, ok = optim.optimizer_step(model, opt, total, c.grad_clip)
+        bad = optim.count_bad_steps(ok, bad, step + 1, c.max_bad_steps, "the data")  # skipped: counted and logged
+        loads = optim.pop_expert_loads(model)
+        optim.update_router_bias(model, loads, c.bias_update_rate)
         tokens_seen += n_tok
         done = step + 1
-        metrics = {"loss": total / max(n_tok, 1), "lr": lr, "grad_norm": gnorm, "skipped": int(not ok),
-                   "tokens_per_s": tokens_seen / (time.perf_counter() - t0)}
+        met = {"loss": total / max(n_tok, 1), "lr": lr, "grad_norm": gnorm, "skipped": int(not ok),
+               "tokens_per_s": tokens_seen / (time.perf_counter() - t0)}
         if loads is not None:
-            metrics["expert_imbalance"] = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).tolist()
+            met["expert_imbalance"] = metrics.expert_imbalance(loads)
         if done % c.eval_every == 0 or done == c.max_steps:
-            metrics["val_loss"] = evaluate()
-        log.log(metrics, done)
+            met["val_loss"] = evaluate()
+        log.log(met, done)
         if done % c.log_every == 0 or done == c.max_steps:
-            extra = f" val {metrics['val_loss']:.4f}" if metrics.get("val_loss") is not None else ""
-            print0(f"step {done}/{c.max_steps} loss {metrics['loss']:.4f}{extra} lr {lr:.2e} "
-                   f"gnorm {metrics['grad_norm']:.2f} {metrics['tokens_per_s']:.0f} tok/s "
+            extra = f" val {met['val_loss']:.4f}" if met.get("val_loss") is not None else ""
+            print0(f"step {done}/{c.max_steps} loss {met['loss']:.4f}{extra} lr {lr:.2e} "
+                   f"gnorm {met['grad_norm']:.2f} {met['tokens_per_s']:.0f} tok/s "
                    f"{time.perf_counter() - t0:.0f}s")
         if done % c.ckpt_every == 0 or done == c.max_steps:
-            common.save_checkpoint(c.out_dir, done, {"model": model}, opt, {
-                "model_config": dataclasses.asdict(model.config), "step": done, "rng": common.rng_state(),
+            checkpoint.save_checkpoint(c.out_dir, done, {"model": model}, opt, {
+                "model_config": dataclasses.asdict(model.config), "step": done, "rng": dist.rng_state(),
                 "config": dataclasses.asdict(c)}, c.keep_last)
-    print0(f"saved {common.export_final(model, tok, c.out_dir)}")
+    print0(f"saved {checkpoint.export_final(model, tok, c.out_dir)}")
     log.finish()
     return model
 
 
 if __name__ == "__main__":
-    common.cli(main, "sft.py")
+    config.cli(main, "sft.py")

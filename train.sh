@@ -2,7 +2,7 @@
 # nano-r1: the R1-Zero pipeline as a readable script.
 #
 # Default (no GPU needed): a complete toy R1-Zero reproduction on CPU in about eleven minutes.
-#   1. toy corpus + tokenizer       (data.py)     reversed-digit addition, direct and stepwise solutions, some tagged
+#   1. toy corpus + tokenizer       (toy.py)      reversed-digit addition, direct and stepwise solutions, some tagged
 #   2. pretrain the toy MoE base    (sft.py)      a DeepSeek-V3-style MoE (MLA, 8 routed + 1 shared experts)
 #   3. evaluate the base            (eval.py)     held-out problems, R1-Zero-style template, k=4 at T=0.6, top-p 0.95
 #   4. check the base (eval.py --probe) on dev problems: can it write the steps RL will select? stops if not
@@ -36,7 +36,7 @@ stage() { local t=$(date +%s); "${@:2}"; echo -e "$1\t$(( $(date +%s) - t ))" >>
 start=$(date +%s)
 
 # 1. corpus and tokenizer
-[ -f "$OUT/data/tokenizer.bpe" ] || stage data python data.py --out-dir="$OUT/data" --docs="$DOCS" --seed=1
+[ -f "$OUT/data/tokenizer.bpe" ] || stage data python toy.py --out-dir="$OUT/data" --docs="$DOCS" --seed=1
 
 # 2. pretraining (the "base model"): ~8 minutes on 2 cores. RL can only select what the base can do, and here that
 #    is copying each operand into the steps. With 4 attention heads that skill came late (after 2,000 steps or never,
@@ -47,7 +47,7 @@ start=$(date +%s)
     --batch-size=32 --seq-len=128 --lr=2e-3 --warmup-steps=100 --log-every=100 --eval-every=250 --ckpt-every=250 \
     --threads="$THREADS" --seed="$SEED" $(resume "$OUT/base")
 
-# 3. the base on held-out problems (never in the corpus; data.py checked)
+# 3. the base on held-out problems (never in the corpus; toy.py checked)
 EVAL="--task=toy --split=heldout --problems=$EVAL_PROBLEMS --k=4 --template=toy --max-new-tokens=48 --workers=0 --threads=$THREADS --seed=$SEED"
 [ -f "$OUT/eval_base/summary.json" ] || stage eval_base python eval.py --model="$OUT/base" $EVAL --out-dir="$OUT/eval_base"
 

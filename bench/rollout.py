@@ -3,7 +3,7 @@ cache-free loop (a full forward over the whole sequence for every new token).
 
     python bench/rollout.py [--rows=64] [--new=128] [--threads=2]
 
-The model is a tiny DeepSeek-V3-style MoE (the CPU default's shape), exported with save_pretrained and loaded by
+The model is a tiny DeepSeek-V3-style MoE (the CPU default's shape), exported with hf.save and loaded by
 transformers as DeepseekV3ForCausalLM. Same prompts (8 prompts x 8 samples = 64 rows, 32 prompt tokens each),
 temperature 1, no stop tokens (every row makes exactly `new` tokens), fp32 on CPU. Run it alone.
 """
@@ -16,6 +16,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
+import hf  # noqa: E402
 import rollout  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
@@ -48,8 +49,8 @@ def main():
     ours = Transformer(cfg).eval()
     prompts = torch.randint(0, cfg.vocab_size, (P, a.prompt_len)).tolist()
     with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(d).float().eval()
+        hf.save(ours, d)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(d).float().eval()
     total = a.rows * a.new
 
     rollout.generate(ours, prompts[:1], max_new_tokens=4, num_samples=2)  # warm-up
@@ -60,9 +61,9 @@ def main():
 
     ids = torch.tensor(prompts)
     with torch.no_grad():
-        hf.generate(ids[:1], max_new_tokens=4, do_sample=True)  # warm-up
+        theirs.generate(ids[:1], max_new_tokens=4, do_sample=True)  # warm-up
         t = time.perf_counter()
-        res = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+        res = theirs.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
                           top_p=1.0, max_new_tokens=a.new, min_new_tokens=a.new, num_return_sequences=G,
                           eos_token_id=None, pad_token_id=0)
         t_hf = time.perf_counter() - t

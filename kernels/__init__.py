@@ -59,11 +59,8 @@ D = 7,168, V = 129,280, bf16 inputs. Not measured: no GPU was available when thi
   a roofline fraction means nothing here. They exist to keep the loss math in one place with its backward, and
   so the clip indicators and k3 come out of the same pass.
 
-CPU (measured on a quiet machine: bench/logprob.py, N=4096, D=512, V=32,000, fp32, 1 thread, see its
-docstring): the torch chunked path needs 0.09x the naive path's peak memory; its time is 1.08x naive for log-probs
-alone (1.12x at 2 threads: the 4th matmul pass is not paid back on a CPU, where the naive path's matmuls are not
-memory-bound enough), 0.96x when the entropy is also computed for logging (what grpo.py does), 0.63x when the
-entropy is differentiated too.
+CPU: bench/logprob.py measures the torch path against the naive one (memory and time); the figures are in
+README.md, "Measured speed".
 """
 from .grpo_loss import GRPOTokenStats, grpo_token_loss
 from .logprob import token_logprobs

@@ -7,8 +7,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-import common  # noqa: E402
+import checkpoint  # noqa: E402
+import dist  # noqa: E402
 import grpo  # noqa: E402
+import hf  # noqa: E402
+import optim  # noqa: E402
 import rollout  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
@@ -47,22 +50,22 @@ def one_step(agg, sharded):
     with torch.no_grad():  # a reference different from the policy, so the KL term is live
         for p in ref.parameters():
             p.mul_(0.9)
-    r, w = (common.rank(), common.world_size()) if sharded else (0, 1)
+    r, w = (dist.rank(), dist.world_size()) if sharded else (0, 1)
     if sharded:
-        policy, ref = common.shard_model(policy), common.shard_model(ref)
-    opt = common.adamw(policy, 1e-2, 0.1)
+        policy, ref = dist.shard_model(policy), dist.shard_model(ref)
+    opt = optim.adamw(policy, 1e-2, 0.1)
     mine = rows()[r * 8 // w:(r + 1) * 8 // w]  # this rank's share of the step's 8 rows
     m = grpo.train_step(policy, ref, opt, mine, c, VOCAB, on_policy=True)
-    return common.all_reduce_sum(m["loss"]) if sharded else m["loss"], m["grad_norm"], policy
+    return dist.all_reduce_sum(m["loss"]) if sharded else m["loss"], m["grad_norm"], policy
 
 
 AGGS = ("token_mean", "seq_mean_token_mean", "dr_grpo")
 
 
 def run(out_dir):
-    common.init_distributed()
+    dist.init_distributed()
     torch.set_num_threads(1)
-    r, w = common.rank(), common.world_size()
+    r, w = dist.rank(), dist.world_size()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     res = {}
     for agg in AGGS:  # every loss aggregation: its normaliser is all-reduced over ranks (PITFALLS P8)
@@ -70,7 +73,7 @@ def run(out_dir):
         full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         res[agg] = {"loss": loss, "grad_norm": gnorm, "params": {k: v.clone() for k, v in full.items()}}
     policy.eval()  # the last policy: the whole state dict sits on rank 0 (empty on the others)
-    with common.gathered(policy):  # each rank generates for its own prompts, weights gathered once
+    with dist.gathered(policy):  # each rank generates for its own prompts, weights gathered once
         gen = rollout.generate(policy, PROMPTS[r::w], max_new_tokens=6 + 3 * r, temperature=0, stop_ids=[3])
     torch.save({"aggs": res, "tokens": gen.tokens}, os.path.join(out_dir, f"rank{r}.pt"))
 
@@ -95,20 +98,19 @@ def dynamic(base, out_dir):
 
     def rigged(completions, examples, weights=None, **kw):
         calls.append(len(completions))
-        flat = common.rank() == 0 and len(calls) == 1  # rank 0's first round: every group constant
+        flat = dist.rank() == 0 and len(calls) == 1  # rank 0's first round: every group constant
         r = [1.0 if flat else float(i % 2) for i in range(len(completions))]
         return r, {"accuracy": r, "format": [0.0] * len(r), "language": [None] * len(r)}, {}
     rewards.score_batch = rigged
     grpo.main(["--preset=cpu", f"--init-from={base}", f"--out-dir={out_dir}", "--rollout-prompts=4",
                "--group-size=2", "--max-new-tokens=4", "--eval-every=0", "--task-size=64", "--threads=1",
                "--max-steps=1", "--dynamic-sampling"])
-    torch.save(calls, os.path.join(out_dir, f"calls{common.rank()}.pt"))
+    torch.save(calls, os.path.join(out_dir, f"calls{dist.rank()}.pt"))
 
 
 def load(hf_dir, out_dir):
     """Sharded loading of a Hugging Face directory: each rank reads only its rows; records its local shards (with
     their row ranges) and the logits of a forward through the sharded model."""
-    import hf
     import safetensors
     real, numbers_read = safetensors.safe_open, [0]
 
@@ -140,22 +142,22 @@ def load(hf_dir, out_dir):
             numbers_read[0] += t.numel()
             return t
     safetensors.safe_open = Spy
-    model = common.build_model(hf_dir, None, torch.device("cpu")).eval()
+    model = checkpoint.build_model(hf_dir, None, torch.device("cpu")).eval()
     safetensors.safe_open = real
     local = {k: (hf.local_rows(p), p.to_local().clone()) for k, p in model.named_parameters()}
     with torch.no_grad():
         logits = model(torch.arange(24).view(2, 12) % 150)
-    model.save_pretrained(os.path.join(out_dir, "exported"), max_shard_bytes=20_000)  # gathered tensor by tensor
+    hf.save(model, os.path.join(out_dir, "exported"), max_shard_bytes=20_000)  # gathered tensor by tensor
     torch.save({"local": local, "logits": logits, "numbers_read": numbers_read[0],
                 "tied": model.lm_head.weight is model.embed_tokens.weight},
-               os.path.join(out_dir, f"load{common.rank()}.pt"))
+               os.path.join(out_dir, f"load{dist.rank()}.pt"))
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "dynamic":
         dynamic(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "load":
-        common.init_distributed()
+        dist.init_distributed()
         load(sys.argv[2], sys.argv[3])
     else:
         run(sys.argv[1])

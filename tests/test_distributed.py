@@ -8,8 +8,10 @@ import sys
 import pytest
 import torch
 
-import common
-import data
+import checkpoint
+import config
+import hf
+import toy
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,9 +54,9 @@ TINY = ["--hidden-size=32", "--num-hidden-layers=2", "--num-attention-heads=2", 
 
 def test_sft_two_ranks_equal_one_rank_and_dcp_resume_is_exact(tmp_path):
     import sft
-    docs = list(data.toy_corpus(2000, seed=0))
+    docs = list(toy.toy_corpus(2000, seed=0))
     (tmp_path / "c.txt").write_text("<|endoftext|>".join(docs) + "<|endoftext|>")
-    data.toy_tokenizer(n_docs=500).save(str(tmp_path / "tok.bpe"))
+    toy.toy_tokenizer(n_docs=500).save(str(tmp_path / "tok.bpe"))
     args = [f"--data={tmp_path / 'c.txt'}", f"--tokenizer={tmp_path / 'tok.bpe'}", *TINY]
     # one process, batch 8 per step
     one = sft.main(args + [f"--out-dir={tmp_path / 'one'}", "--batch-size=8", "--max-steps=4"])
@@ -71,8 +73,8 @@ def test_sft_two_ranks_equal_one_rank_and_dcp_resume_is_exact(tmp_path):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
     assert abs(m1[-1]["val_loss"] - m2[-1]["val_loss"]) < 1e-5
     # the exported HF directories load in one process; the 2-rank model equals the 1-rank model
-    two = Transformer.from_pretrained(str(tmp_path / "two" / "final")).eval()
-    res = Transformer.from_pretrained(str(tmp_path / "res" / "final")).eval()
+    two = hf.load(str(tmp_path / "two" / "final")).eval()
+    res = hf.load(str(tmp_path / "res" / "final")).eval()
     tokens = torch.randint(0, 200, (2, 17))
     with torch.no_grad():
         ref = one.eval()(tokens)
@@ -84,8 +86,8 @@ def test_resume_refuses_another_world_size(tmp_path, monkeypatch):
     d = tmp_path / "ckpt_0000002"
     d.mkdir()
     torch.save({"world_size": 2, "step": 2}, d / "extra_rank0.pt")
-    with pytest.raises(common.ConfigError, match="written by 2 ranks"):
-        common.load_checkpoint(str(tmp_path))
+    with pytest.raises(config.ConfigError, match="written by 2 ranks"):
+        checkpoint.load_checkpoint(str(tmp_path))
 
 
 def test_grpo_and_eval_entry_points_under_torchrun(tmp_path):
@@ -93,9 +95,9 @@ def test_grpo_and_eval_entry_points_under_torchrun(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import dist_worker
     import eval as ev
-    tok = data.toy_tokenizer(n_docs=500)
+    tok = toy.toy_tokenizer(n_docs=500)
     base = tmp_path / "base"
-    dist_worker.tiny(vocab=64 * (tok.vocab_size // 64 + 1)).save_pretrained(str(base))
+    hf.save(dist_worker.tiny(vocab=64 * (tok.vocab_size // 64 + 1)), str(base))
     tok.save(str(base / "tokenizer.bpe"))
     g = ["grpo.py", "--preset=cpu", f"--init-from={base}", f"--out-dir={tmp_path / 'rl'}", "--rollout-prompts=4",
          "--group-size=4", "--max-new-tokens=6", "--eval-every=2", "--eval-prompts=8", "--task-size=64",
@@ -118,9 +120,9 @@ def test_grpo_and_eval_entry_points_under_torchrun(tmp_path):
 
 def test_sft_bf16_mixed_precision_on_two_ranks(tmp_path):
     """--dtype=bf16 under FSDP: bf16 compute over fp32 master weights, fp32 gradient reduction; close to fp32."""
-    docs = list(data.toy_corpus(1000, seed=0))
+    docs = list(toy.toy_corpus(1000, seed=0))
     (tmp_path / "c.txt").write_text("<|endoftext|>".join(docs) + "<|endoftext|>")
-    data.toy_tokenizer(n_docs=500).save(str(tmp_path / "tok.bpe"))
+    toy.toy_tokenizer(n_docs=500).save(str(tmp_path / "tok.bpe"))
     args = [f"--data={tmp_path / 'c.txt'}", f"--tokenizer={tmp_path / 'tok.bpe'}", *TINY, "--batch-size=4",
             "--max-steps=3", "--eval-every=3"]
     torchrun("sft.py", *args, f"--out-dir={tmp_path / 'fp32'}")
@@ -128,7 +130,7 @@ def test_sft_bf16_mixed_precision_on_two_ranks(tmp_path):
     a, b = ([json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")] for d in ("fp32", "bf16"))
     assert all(abs(x["loss"] - y["loss"]) < 0.05 for x, y in zip(a, b))
     assert a[0]["loss"] != b[0]["loss"]  # bf16 compute really ran
-    final = Transformer.from_pretrained(str(tmp_path / "bf16" / "final"))
+    final = hf.load(str(tmp_path / "bf16" / "final"))
     assert next(final.parameters()).dtype == torch.float32  # master weights stayed fp32
 
 
@@ -153,7 +155,7 @@ def test_sharded_load_reads_only_each_ranks_rows(tmp_path, kind):
         for m in one.moe_layers():
             if kind == "deepseek":
                 m.gate.e_score_correction_bias.uniform_(0, 0.1)
-    one.save_pretrained(str(tmp_path / "hf"))
+    hf.save(one, str(tmp_path / "hf"))
     torchrun("tests/dist_worker.py", "load", str(tmp_path / "hf"), str(tmp_path))
     full = one.state_dict()
     with torch.no_grad():
@@ -171,5 +173,5 @@ def test_sharded_load_reads_only_each_ranks_rows(tmp_path, kind):
     # the sharded model's streamed export: several files, loads in one process with the same logits
     assert len([f for f in os.listdir(tmp_path / "exported") if f.endswith(".safetensors")]) > 2
     with torch.no_grad():
-        assert (Transformer.from_pretrained(str(tmp_path / "exported"))(torch.arange(24).view(2, 12) % 150) -
+        assert (hf.load(str(tmp_path / "exported"))(torch.arange(24).view(2, 12) % 150) -
                 ref).abs().max() < 1e-5

@@ -6,7 +6,11 @@ import numpy as np
 import torch
 import pytest
 
+import data
 import eval as ev
+import rollout
+import tasks
+import toy
 
 
 def brute_pass_at_k(n, c, k):
@@ -137,10 +141,8 @@ def test_reflective_count_whole_words_case_insensitive():
 
 def test_evaluate_scores_each_prompt_against_its_own_gold(monkeypatch):
     """Plumbing: an oracle sampler answering each prompt's gold gets pass@1 = 1; a shifted one gets 0."""
-    import data
-    import rollout
-    tok = data.toy_tokenizer(n_docs=500)
-    exs = data.toy_problems(7, "heldout", seed=3)
+    tok = toy.toy_tokenizer(n_docs=500)
+    exs = toy.toy_problems(7, "heldout", seed=3)
     gold = {data.apply_template(data.TOY_TEMPLATE, e.prompt): e.answer for e in exs}
     order = list(gold)
 
@@ -164,15 +166,14 @@ def test_evaluate_scores_each_prompt_against_its_own_gold(monkeypatch):
 def test_sampled_eval_does_not_depend_on_batching():
     """Each sample has its own random stream (seed, problem, sample): the same samples whether the problems are
     sampled 2 or 5 at a time (and so on any number of ranks); another seed gives other samples."""
-    import data
     from model import ModelConfig, Transformer
-    tok = data.toy_tokenizer(n_docs=300)
+    tok = toy.toy_tokenizer(n_docs=300)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64 * (tok.vocab_size // 64 + 1), hidden_size=32, num_hidden_layers=2,
                                     num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
                                     v_head_dim=8, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
                                     num_experts_per_tok=2))
-    exs = data.toy_problems(5, "heldout", seed=1)
+    exs = toy.toy_problems(5, "heldout", seed=1)
     run = lambda bp, seed=0: [[s["text"] for s in i["samples"]] for i in ev.evaluate(  # noqa: E731
         model, tok, exs, k=3, template=data.TOY_TEMPLATE, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=seed,
         workers=0, batch_prompts=bp)["instances"]]
@@ -203,7 +204,6 @@ class Oracle(torch.nn.Module):
 
     def __init__(self, tok, exs, wrong=lambda role: False, vocab=320):
         super().__init__()
-        import data
         self.lm_head = torch.nn.Linear(1, vocab)
         self.seqs = []
         for e in exs:
@@ -227,9 +227,8 @@ class Oracle(torch.nn.Module):
 
 
 def test_toy_probe_on_a_perfect_and_a_miscopying_model():
-    import data
-    tok = data.toy_tokenizer(n_docs=500)
-    exs = data.load_task("toy", n=12, split="dev", seed=4)
+    tok = toy.toy_tokenizer(n_docs=500)
+    exs = tasks.load_task("toy", n=12, split="dev", seed=4)
     perfect = ev.toy_probe(Oracle(tok, exs), tok, exs, data.TOY_TEMPLATE, batch=5)
     assert perfect["problems"] == 12 and all(perfect[key] == 1.0 for key in ("op0", "op1", "op2", "sum", "answer"))
     # logit 5 on the gold token, 0 on the tokenizer's other V - 1 ids (the padded head's extra rows do not count):

@@ -8,9 +8,12 @@ import sys
 import pytest
 import torch
 
-import common
+import checkpoint
+import config
 import data
 import grpo
+import hf
+import toy
 from grpo import group_advantages
 from model import ModelConfig, Transformer
 
@@ -58,7 +61,7 @@ def test_overlong_penalty_boundaries():
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.toy_tokenizer(n_docs=2000)
+    return toy.toy_tokenizer(n_docs=2000)
 
 
 def tiny(vocab, seed=0):
@@ -70,7 +73,7 @@ def tiny(vocab, seed=0):
 
 
 def cfg(**kw):
-    base = dict(common.parse_config(grpo.GRPOConfig, ["--preset=cpu", "--init-from=x"], grpo.PRESETS).__dict__)
+    base = dict(config.parse_config(grpo.GRPOConfig, ["--preset=cpu", "--init-from=x"], grpo.PRESETS).__dict__)
     base.update(grad_clip=1e9)  # inspect raw gradients
     base.update(kw)
     return grpo.GRPOConfig(**base)
@@ -197,7 +200,7 @@ def test_masked_rows_leave_the_normaliser_and_all_masked_is_finite():
 def base_dir(tmp_path_factory, tok):
     d = tmp_path_factory.mktemp("base")
     model = tiny(tok.vocab_size)
-    model.save_pretrained(str(d))
+    hf.save(model, str(d))
     tok.save(str(d / "tokenizer.bpe"))
     return str(d)
 
@@ -210,7 +213,7 @@ def run(base_dir, out, *extra):
 
 
 def test_every_parameter_changes_after_one_step_and_none_without_signal(base_dir, tmp_path, monkeypatch):
-    start = {k: v.clone() for k, v in Transformer.from_pretrained(base_dir).state_dict().items()}
+    start = {k: v.clone() for k, v in hf.load(base_dir).state_dict().items()}
 
     def varied(completions, examples, weights=None, **kw):  # non-degenerate rewards: the share of digit chars
         r = [sum(ch.isdigit() for ch in t) / max(1, len(t)) for t in completions]
@@ -233,13 +236,13 @@ def test_resume_equals_uninterrupted_run(base_dir, tmp_path):
     # 8 training prompts, 4 per step: the step-2 checkpoint sits exactly on an epoch boundary (verl PR #5725)
     full = run(base_dir, tmp_path / "full", "--max-steps=4", "--ckpt-every=2", "--task-size=8")
     run(base_dir, tmp_path / "part", "--max-steps=2", "--ckpt-every=2", "--task-size=8")
-    assert common.load_checkpoint(str(tmp_path / "part"))["sampler"] == (0, 8)  # epoch 0 used up, exactly
+    assert checkpoint.load_checkpoint(str(tmp_path / "part"))["sampler"] == (0, 8)  # epoch 0 used up, exactly
     # a new process would see only the files; a second main() call is the same thing here
     resumed = run(base_dir, tmp_path / "part", "--max-steps=4", "--ckpt-every=2", "--resume", "--task-size=8")
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
-    a = torch.load(common.latest_checkpoint(str(tmp_path / "full")), weights_only=False)
-    b = torch.load(common.latest_checkpoint(str(tmp_path / "part")), weights_only=False)
+    a = torch.load(checkpoint.latest_checkpoint(str(tmp_path / "full")), weights_only=False)
+    b = torch.load(checkpoint.latest_checkpoint(str(tmp_path / "part")), weights_only=False)
     assert a["step"] == b["step"] == 4 and a["sampler"] == b["sampler"]
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -249,7 +252,7 @@ def test_resume_equals_uninterrupted_run(base_dir, tmp_path):
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(base_dir, tmp_path):
     run(base_dir, tmp_path / "r", "--max-steps=1", "--ckpt-every=1")
-    code = (f"import sys, os, torch; sys.path.insert(0, {os.getcwd()!r}); import grpo, common\n"
+    code = (f"import sys, os, torch; sys.path.insert(0, {os.getcwd()!r}); import grpo\n"
             f"orig = torch.save\n"
             f"def dying(obj, f):\n"
             f"    orig(obj, f); f.flush(); os._exit(9)  # killed after writing, before the rename\n"
@@ -259,9 +262,9 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(base_dir, 
             f"           '--eval-every=0', '--task-size=64', '--threads=1', '--ckpt-every=1'])\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(grpo.__file__), capture_output=True)
     assert r.returncode == 9, r.stderr.decode()[-2000:]
-    assert common.load_checkpoint(str(tmp_path / "r"))["step"] == 1
+    assert checkpoint.load_checkpoint(str(tmp_path / "r"))["step"] == 1
     p = run(base_dir, tmp_path / "r", "--max-steps=2", "--ckpt-every=1", "--resume")
-    assert common.load_checkpoint(str(tmp_path / "r"))["step"] == 2 and p is not None
+    assert checkpoint.load_checkpoint(str(tmp_path / "r"))["step"] == 2 and p is not None
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -277,7 +280,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(base_dir, 
     (["--template=chat"], "--template='chat': must be one of r1_zero, toy, none"),
 ])
 def test_invalid_settings_fail_at_start(argv, needle, base_dir):
-    with pytest.raises(common.ConfigError, match=needle):
+    with pytest.raises(config.ConfigError, match=needle):
         grpo.main(["--preset=cpu", f"--init-from={base_dir}", *argv])
 
 
@@ -421,7 +424,7 @@ def test_resume_mid_run_with_reference_and_two_minibatches(base_dir, tmp_path):
     resumed = run(base_dir, tmp_path / "part", "--max-steps=4", "--resume", *extra)
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
-    a, b = (common.load_checkpoint(str(tmp_path / d)) for d in ("full", "part"))
+    a, b = (checkpoint.load_checkpoint(str(tmp_path / d)) for d in ("full", "part"))
     assert a["has_ref"] and all(torch.equal(v, b["ref"][k]) for k, v in a["ref"].items())
 
 
@@ -451,7 +454,7 @@ def test_duplicate_prompts_in_one_rollout_stay_separate_groups(monkeypatch):
     """PITFALLS P7: groups are the G rows each prompt was sampled into (row i -> prompt i // G), never keyed by the
     prompt text, so the same prompt twice in a rollout makes two groups with their own mean and std."""
     import rollout
-    tok = data.toy_tokenizer(n_docs=200)
+    tok = toy.toy_tokenizer(n_docs=200)
     ex = data.Example(prompt="1+2", answer="3", kind="math")
     G = 4
 
@@ -479,7 +482,7 @@ def test_score_round_adds_the_overlong_penalty_and_masks_truncated_rows(monkeypa
     --mask-truncated marks exactly the truncated rows (max_new_tokens 6, buffer 2: lengths 2, 5, 6, 6 get
     0, -0.5, -1, -1)."""
     import rollout
-    tok = data.toy_tokenizer(n_docs=200)
+    tok = toy.toy_tokenizer(n_docs=200)
     lens, trunc = [2, 5, 6, 6], [False, False, False, True]
     monkeypatch.setattr(grpo.rollout, "generate", lambda policy, prompts, *a, **kw: rollout.Rollout(
         tokens=[[5] * L for L in lens], logprobs=[[0.0] * L for L in lens], truncated=trunc, num_samples=4))
@@ -502,7 +505,7 @@ def test_a_group_whose_gold_cannot_be_judged_does_not_train(monkeypatch):
     """An unparseable gold gives accuracy None; its group used to train on the format reward alone. Real rewards:
     the completions differ in format only, so without the fix the group would get non-zero advantages."""
     import rollout
-    tok = data.toy_tokenizer(n_docs=200)
+    tok = toy.toy_tokenizer(n_docs=200)
     texts = ["<think>a</think><answer>1</answer>", "no tags", "<think>b</think><answer>2</answer>", "x"]
     monkeypatch.setattr(grpo.rollout, "generate", lambda policy, prompts, *a, num_samples, **kw: rollout.Rollout(
         tokens=[tok.encode(t) for t in texts] * len(prompts), logprobs=[[0.0] * len(tok.encode(t)) for t in texts] *
@@ -534,8 +537,8 @@ def test_answer_outside_the_answer_block_does_not_count():
 def test_beta_zero_never_builds_a_reference_model(base_dir, tmp_path, monkeypatch):
     """PITFALLS P11: beta = 0 loads the policy only; beta > 0 loads a second (reference) model."""
     built = []
-    orig = common.build_model
-    monkeypatch.setattr(grpo.common, "build_model", lambda *a, **kw: built.append(1) or orig(*a, **kw))
+    orig = checkpoint.build_model
+    monkeypatch.setattr(grpo.checkpoint, "build_model", lambda *a, **kw: built.append(1) or orig(*a, **kw))
     run(base_dir, tmp_path / "b0", "--max-steps=1", "--beta=0")
     assert len(built) == 1
     run(base_dir, tmp_path / "b1", "--max-steps=1", "--beta=0.01")
@@ -545,7 +548,7 @@ def test_beta_zero_never_builds_a_reference_model(base_dir, tmp_path, monkeypatc
 def test_bf16_run_end_to_end(base_dir, tmp_path, monkeypatch):
     """--dtype=bf16 in one process (autocast over fp32 master weights): the sampler's fp32 head and the trainer's
     kernel agree (PITFALLS M8), the update is finite and reaches every parameter."""
-    start = {k: v.clone() for k, v in Transformer.from_pretrained(base_dir).named_parameters()}
+    start = {k: v.clone() for k, v in hf.load(base_dir).named_parameters()}
 
     def varied(completions, examples, weights=None, **kw):
         r = [sum(ch.isdigit() for ch in t) / max(1, len(t)) for t in completions]
@@ -573,9 +576,9 @@ def test_every_entry_point_encodes_prompts_with_the_tokenizers_bos(monkeypatch, 
     import eval as ev
     import rollout
     import sft
-    base = data.toy_tokenizer(n_docs=300)
+    base = toy.toy_tokenizer(n_docs=300)
     tok = data.Tokenizer(base.enc, bos="<think>")  # any special token will do as the BOS here
-    exs = data.toy_problems(3, "dev", seed=0)
+    exs = toy.toy_problems(3, "dev", seed=0)
     want = [tok.special["<think>"]] + base.encode(data.apply_template(data.TOY_TEMPLATE, exs[0].prompt))
 
     class Seen(Exception):
@@ -596,3 +599,12 @@ def test_every_entry_point_encodes_prompts_with_the_tokenizers_bos(monkeypatch, 
     p.write_text(json.dumps({"prompt": "User: 1\nAssistant:", "completion": "<answer>1</answer>"}) + "\n")
     rows = sft.load_pairs(str(p), tok, sft.SFTConfig())
     assert rows[0][0] == [tok.special["<think>"]] + base.encode("User: 1\nAssistant:")
+
+
+def test_prompt_sampler_epochs_and_resumable_cursor():
+    exs = list(range(10))
+    s = grpo.PromptSampler(exs, seed=3)
+    first = s.take(4) + s.take(4) + s.take(4)  # crosses into epoch 1
+    assert sorted(first[:10]) == exs and s.epoch == 1 and s.pos == 2
+    again = grpo.PromptSampler(exs, seed=3, epoch=s.epoch, pos=s.pos)
+    assert again.take(5) == s.take(5)  # a resumed cursor continues the same order

@@ -1,12 +1,11 @@
-import json
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import model as M
-from model import KVCache, ModelConfig, Transformer
+import optim
+from model import ModelConfig, Transformer
+from rollout import KVCache
 
 V = 203  # not a multiple of 64
 T = 13   # not a power of two
@@ -23,177 +22,6 @@ def perturb(m, seed=0):
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.5 * torch.rand(b.shape, generator=g))
     return m
-
-
-def hf_models():
-    transformers = pytest.importorskip("transformers")
-    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
-            "mscale": 1.0, "mscale_all_dim": 0.707}
-    return {
-        # q low-rank + YaRN in the old `rope_scaling` style, groups, random correction bias
-        "deepseek_v3": transformers.DeepseekV3Config(
-            vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-            num_attention_heads=4, n_shared_experts=1, n_routed_experts=8, kv_lora_rank=32, q_lora_rank=24,
-            qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, n_group=4, topk_group=2, num_experts_per_tok=3,
-            first_k_dense_replace=1, routed_scaling_factor=2.5, rope_scaling=yarn, max_position_embeddings=256),
-        # q_lora_rank null, plain RoPE, no groups
-        "deepseek_v3_plainq": transformers.DeepseekV3Config(
-            vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=2, n_shared_experts=2, n_routed_experts=4, kv_lora_rank=16, q_lora_rank=None,
-            qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, n_group=1, topk_group=1, num_experts_per_tok=2,
-            first_k_dense_replace=0, norm_topk_prob=False),
-        "qwen3_moe": transformers.Qwen3MoeConfig(
-            vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-            norm_topk_prob=True, mlp_only_layers=[1]),
-        "qwen2": transformers.Qwen2Config(
-            vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, tie_word_embeddings=True),
-        "llama": transformers.LlamaConfig(
-            vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=1, max_position_embeddings=512,
-            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
-    }
-
-
-@pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    out = {}
-    for i, (name, cfg) in enumerate(hf_models().items()):
-        torch.manual_seed(i)
-        m = perturb(transformers.AutoModelForCausalLM.from_config(cfg).float().eval(), seed=i)
-        d = str(tmp_path_factory.mktemp(name))
-        m.save_pretrained(d)
-        out[name] = (d, m)
-    return out
-
-
-@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v3_plainq", "qwen3_moe", "qwen2", "llama"])
-def test_hf_parity_load_and_save(name, hf_dirs, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    d, hf = hf_dirs[name]
-    tokens = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf(tokens).logits
-        ours = Transformer.from_pretrained(d).eval()
-        out = ours(tokens)
-    assert out.shape == (2, T, V)
-    assert (out - ref).abs().max().item() < 1e-4, name
-    # and back: our save_pretrained loads in transformers with the same logits
-    ours.save_pretrained(str(tmp_path))
-    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).float().eval()
-    with torch.no_grad():
-        assert (back(tokens).logits - ref).abs().max().item() < 1e-4, name
-
-
-def test_model_built_from_config_alone_saves_for_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    for i, cfg in enumerate([ModelConfig(vocab_size=V, n_group=2, topk_group=1, routed_scaling_factor=1.5),
-                             ModelConfig(vocab_size=V, n_routed_experts=0),  # dense MLA control
-                             ModelConfig(architecture="Qwen3MoeForCausalLM", vocab_size=V, kv_lora_rank=None,
-                                         num_key_value_heads=2, qk_norm=True, n_shared_experts=0,
-                                         scoring_func="softmax", tie_word_embeddings=True)]):
-        torch.manual_seed(i)
-        m = perturb(Transformer(cfg), seed=i).eval()
-        d = str(tmp_path / str(i))
-        if cfg.architecture == "Qwen3MoeForCausalLM":
-            with pytest.raises(ValueError, match="no router correction bias"):
-                m.save_pretrained(d)
-            for moe in m.moe_layers():
-                moe.gate.e_score_correction_bias.zero_()
-        m.save_pretrained(d)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(d).float().eval()
-        tokens = torch.randint(0, V, (2, T))
-        with torch.no_grad():
-            assert (hf(tokens).logits - m(tokens)).abs().max().item() < 1e-4, cfg.architecture
-        again = Transformer.from_pretrained(d).eval()
-        with torch.no_grad():
-            assert torch.equal(again(tokens), m(tokens))
-
-
-def test_sharded_checkpoint_round_trip(tmp_path):
-    torch.manual_seed(0)
-    m = perturb(Transformer(ModelConfig(vocab_size=V))).eval()
-    m.save_pretrained(str(tmp_path), max_shard_bytes=200_000)
-    assert os.path.isfile(tmp_path / "model.safetensors.index.json")
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
-    tokens = torch.randint(0, V, (1, T))
-    with torch.no_grad():
-        assert torch.equal(Transformer.from_pretrained(str(tmp_path))(tokens), m(tokens))
-
-
-def test_load_errors_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        Transformer.from_pretrained(str(tmp_path))
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "vocab_size": 10}))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*not supported"):
-        Transformer.from_pretrained(str(tmp_path))
-    m = Transformer(ModelConfig(vocab_size=V))
-    m.save_pretrained(str(tmp_path))
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "fp8"}}))
-    with pytest.raises(ValueError, match="quantised.*fp8_cast_bf16"):
-        Transformer.from_pretrained(str(tmp_path))
-    # an FP8 block scale in the weights without a quantization_config
-    from safetensors.torch import load_file, save_file
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    sd = load_file(str(tmp_path / "model.safetensors"))
-    sd["model.layers.0.self_attn.o_proj.weight_scale_inv"] = torch.ones(1, 1)
-    save_file(sd, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match="FP8 block scale"):
-        Transformer.from_pretrained(str(tmp_path))
-
-
-def test_saving_over_an_earlier_save_leaves_no_stale_weights(tmp_path):
-    """A sharded save followed by a single-file save (and back) in one directory: only the new files remain, so
-    our loader (which prefers an index) and transformers (which prefers model.safetensors) read the same model."""
-    torch.manual_seed(0)
-    old, new = Transformer(ModelConfig(vocab_size=V)).eval(), Transformer(ModelConfig(vocab_size=V)).eval()
-    (tmp_path / "notes.txt").write_text("mine")
-    tokens = torch.randint(0, V, (1, T))
-    for first, second, shards in ((old, new, 200_000), (new, old, 5 * 2**30)):
-        first.save_pretrained(str(tmp_path), max_shard_bytes=shards)
-        second.save_pretrained(str(tmp_path), max_shard_bytes=5 * 2**30 if shards < 2**30 else 200_000)
-        with torch.no_grad():
-            assert torch.equal(Transformer.from_pretrained(str(tmp_path))(tokens), second(tokens))
-    assert (tmp_path / "notes.txt").read_text() == "mine"  # other files are left alone
-
-
-def test_shape_mismatch_and_partial_reads(tmp_path):
-    """A file whose rows disagree with config.json is refused naming both shapes (before anything is read, the
-    same on every rank); part= reads only the asked rows, for plain, per-expert and fused gate_up tensors."""
-    import hf
-    from safetensors.torch import load_file, save_file
-    torch.manual_seed(0)
-    m = Transformer(ModelConfig(vocab_size=V, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
-                                topk_group=1)).eval()
-    m.save_pretrained(str(tmp_path))
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "vocab_size": V - 3}))
-    with pytest.raises(ValueError, match=rf"(embed_tokens|lm_head).weight has shape \({V}, \d+\) in the files, but .*config.json "
-                                         rf"implies \({V - 3}, "):
-        Transformer.from_pretrained(str(tmp_path))
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    full = m.state_dict()
-    rows = lambda k, shape: (1, 3) if shape[0] == 4 else (0, shape[0])  # noqa: E731 experts 1..2 only
-    state = hf.load_hf_state(str(tmp_path), m.config, torch.float32, part=rows)
-    assert torch.equal(state["layers.1.mlp.experts.down_proj"], full["layers.1.mlp.experts.down_proj"][1:3])
-    # transformers 5's fused in-memory layout written to disk: (E, 2I, D) gate_up_proj per layer
-    sd = load_file(str(tmp_path / "model.safetensors"))
-    for L in range(1, m.config.num_hidden_layers):
-        pre = f"model.layers.{L}.mlp.experts"
-        gate = torch.stack([sd.pop(f"{pre}.{e}.gate_proj.weight") for e in range(4)])
-        up = torch.stack([sd.pop(f"{pre}.{e}.up_proj.weight") for e in range(4)])
-        sd[f"{pre}.gate_up_proj"] = torch.cat([gate, up], dim=1)
-    save_file(sd, str(tmp_path / "model.safetensors"))
-    state = hf.load_hf_state(str(tmp_path), m.config, torch.float32, part=rows)
-    for name in ("gate_proj", "up_proj"):
-        assert torch.equal(state[f"layers.1.mlp.experts.{name}"], full[f"layers.1.mlp.experts.{name}"][1:3])
-    tokens = torch.randint(0, V, (1, T))
-    with torch.no_grad():
-        assert torch.equal(Transformer.from_pretrained(str(tmp_path))(tokens), m(tokens))
 
 
 def test_rope_frequencies_stay_fp32_under_bf16():
@@ -234,19 +62,6 @@ def test_router_scores_stay_fp32_under_autocast():
     assert scores_ac.dtype == torch.float32 and w_ac.dtype == torch.float32
     assert torch.equal(scores_ac, scores) and torch.equal(idx_ac, idx) and torch.equal(w_ac, w)
     assert not torch.equal(flipped, idx)
-
-
-def test_mtp_layers_beyond_num_hidden_layers_are_skipped(tmp_path):
-    cfg = ModelConfig(vocab_size=V, num_hidden_layers=2)
-    m = Transformer(cfg).eval()
-    m.save_pretrained(str(tmp_path))
-    from safetensors.torch import load_file, save_file
-    sd = load_file(str(tmp_path / "model.safetensors"))
-    sd["model.layers.2.eh_proj.weight"] = torch.ones(4, 4)  # V3's MTP module lives at layer index L
-    save_file(sd, str(tmp_path / "model.safetensors"))
-    tokens = torch.randint(0, V, (1, T))
-    with torch.no_grad():
-        assert torch.equal(Transformer.from_pretrained(str(tmp_path))(tokens), m(tokens))
 
 
 def test_config_validation():
@@ -390,37 +205,6 @@ def test_topk_ties_break_to_lower_index():
     assert M.stable_topk(scores.repeat(5, 1), 3).tolist() == [[1, 2, 4]] * 5
 
 
-def test_bias_update_moves_skewed_router_toward_balance():
-    cfg = ModelConfig(vocab_size=V, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=0,
-                      num_hidden_layers=1)
-    torch.manual_seed(0)
-    m = Transformer(cfg).train()
-    gate = m.layers[0].mlp.gate
-    x = torch.randint(0, V, (8, 16))
-    seen = []
-    hook = m.layers[0].mlp.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].reshape(-1, 128)))
-    with torch.no_grad():
-        m(x)
-    hook.remove()
-    m.pop_expert_loads()
-    u = seen[0].mean(0)  # the direction every token's MoE input shares
-    with torch.no_grad():
-        gate.weight[:2] += 8 * u / u.norm() ** 2  # experts 0 and 1 now win for nearly every token
-
-    def imbalance():
-        m(x)
-        load = m.pop_expert_loads()[0]
-        return (load.max() / load.mean()).item(), load
-    before, load0 = imbalance()
-    for _ in range(60):
-        m(x)
-        m.update_router_bias(m.pop_expert_loads(), gamma=0.02)
-    after, _ = imbalance()
-    assert load0.sum() == 8 * 16 * 2
-    assert before > 3.0 and after < 1.6, (before, after)  # sign updates hover within ~gamma of balance
-    assert m.layers[0].mlp.gate.e_score_correction_bias[:2].max() < 0  # the overloaded experts were pushed down
-
-
 def test_balance_loss_gradient_reaches_only_the_router():
     cfg = ModelConfig(vocab_size=V, aux_loss_alpha=0.01)
     torch.manual_seed(0)
@@ -460,16 +244,16 @@ def test_moe_statistics_ignore_padding():
     m = Transformer(cfg).train()
     tokens = torch.randint(0, V, (2, 9))
     m(tokens)
-    loads, aux = m.pop_expert_loads(), m.aux_loss().item()
+    loads, aux = optim.pop_expert_loads(m), m.aux_loss().item()
     padded = torch.cat([tokens, torch.randint(0, V, (2, 4))], 1)  # 4 garbage positions after every real token
     valid = torch.arange(13).expand(2, 13) < 9
     m(padded, valid=valid)
-    assert torch.equal(m.pop_expert_loads(), loads) and abs(m.aux_loss().item() - aux) < 1e-7
+    assert torch.equal(optim.pop_expert_loads(m), loads) and abs(m.aux_loss().item() - aux) < 1e-7
     m(padded)  # without the mask the garbage counts: the test would catch a lost mask
-    assert not torch.equal(m.pop_expert_loads(), loads)
+    assert not torch.equal(optim.pop_expert_loads(m), loads)
     with torch.no_grad():  # no-grad passes (old/ref log-probs) never count
         m(tokens)
-    assert m.pop_expert_loads().sum() == 0
+    assert optim.pop_expert_loads(m).sum() == 0
 
 
 def test_return_hidden_feeds_the_lm_head():
@@ -498,17 +282,3 @@ def test_routing_replay_reproduces_recorded_experts():
         assert not torch.allclose(m(tokens), ref, atol=1e-3)
 
 
-def test_load_model_from_checkpoint_run_dir_and_hf_dir(tmp_path):
-    import dataclasses
-    import common
-    m = perturb(Transformer(ModelConfig(vocab_size=V))).eval()
-    common.save_checkpoint(str(tmp_path / "run"), 5, {"model": m}, torch.optim.SGD(m.parameters(), lr=0.1),
-                           {"model_config": dataclasses.asdict(m.config)})
-    m.save_pretrained(str(tmp_path / "hf"))
-    tokens = torch.randint(0, V, (1, T))
-    with torch.no_grad():
-        ref = m(tokens)
-        for path in (tmp_path / "run", tmp_path / "run" / "ckpt_0000005.pt", tmp_path / "hf"):
-            assert torch.equal(M.load_model(str(path)).eval()(tokens), ref), path
-    with pytest.raises(FileNotFoundError, match="neither a Hugging Face"):
-        M.load_model(str(tmp_path))

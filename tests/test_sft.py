@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import checkpoint
+import config
 import data
 import sft
+import toy
 
 TINY = ["--hidden-size=32", "--num-hidden-layers=2", "--num-attention-heads=2", "--kv-lora-rank=16",
         "--qk-nope-head-dim=8", "--qk-rope-head-dim=8", "--v-head-dim=8", "--intermediate-size=64",
@@ -16,12 +18,12 @@ TINY = ["--hidden-size=32", "--num-hidden-layers=2", "--num-attention-heads=2", 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("sft")
-    docs = list(data.toy_corpus(3000, seed=0))
+    docs = list(toy.toy_corpus(3000, seed=0))
     (d / "corpus.txt").write_text("<|endoftext|>".join(docs) + "<|endoftext|>")
-    tok = data.toy_tokenizer(n_docs=2000)
+    tok = toy.toy_tokenizer(n_docs=2000)
     tok.save(str(d / "tok.bpe"))
     with open(d / "pairs.jsonl", "w") as f:
-        for p in data.toy_problems(200):
+        for p in toy.toy_problems(200):
             f.write(json.dumps({"prompt": data.apply_template(data.TOY_TEMPLATE, p.prompt),
                                 "completion": f"<think></think><answer>{p.answer}</answer>"}) + "\n")
     return d, tok
@@ -56,19 +58,19 @@ def test_pretraining_lowers_held_out_loss_and_resume_is_exact(files, tmp_path, m
     first = rows[0]["loss"]
     val = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
     assert val and val[-1] < 0.6 * first, (first, val)  # learning shows on held-out text
-    save = common.save_checkpoint
+    save = checkpoint.save_checkpoint
 
     def crash_after_first_save(*a, **k):  # the process dies right after writing step 20
         save(*a, **k)
         raise KeyboardInterrupt
-    monkeypatch.setattr(common, "save_checkpoint", crash_after_first_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", crash_after_first_save)
     with pytest.raises(KeyboardInterrupt):
         sft.main(args + [f"--out-dir={tmp_path / 'part'}", "--max-steps=40", "--ckpt-every=20"])
-    monkeypatch.setattr(common, "save_checkpoint", save)
-    assert common.load_checkpoint(str(tmp_path / "part"))["step"] == 20
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    assert checkpoint.load_checkpoint(str(tmp_path / "part"))["step"] == 20
     resumed = sft.main(args + [f"--out-dir={tmp_path / 'part'}", "--max-steps=40", "--ckpt-every=20", "--resume"])
-    full = common.load_checkpoint(str(tmp_path / "full"))
-    part = common.load_checkpoint(str(tmp_path / "part"))
+    full = checkpoint.load_checkpoint(str(tmp_path / "full"))
+    part = checkpoint.load_checkpoint(str(tmp_path / "part"))
     for k, v in full["model"].items():
         assert torch.equal(v, part["model"][k]), k
     assert torch.equal(resumed.lm_head.weight, full["model"]["lm_head.weight"])
@@ -90,11 +92,11 @@ def test_bad_input_names_file_and_line(files, tmp_path):
     with pytest.raises(data.DataError, match=r"bad.jsonl:2: field 'completion'"):
         sft.main([f"--data={bad}", f"--tokenizer={d / 'tok.bpe'}", f"--out-dir={tmp_path / 'o'}", *TINY])
     bad.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
-    with pytest.raises(data.DataError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(data.DataError, match=r"bad.jsonl:2: malformed JSON"):
         sft.main([f"--data={bad}", f"--tokenizer={d / 'tok.bpe'}", f"--out-dir={tmp_path / 'o'}", *TINY])
-    with pytest.raises(common.ConfigError, match="--data: .*no such file"):
+    with pytest.raises(config.ConfigError, match="--data: .*no such file"):
         sft.main([f"--data={tmp_path / 'missing.txt'}", f"--tokenizer={d / 'tok.bpe'}"])
-    with pytest.raises(common.ConfigError, match="--resume: no checkpoint"):
+    with pytest.raises(config.ConfigError, match="--resume: no checkpoint"):
         sft.main([f"--data={d / 'corpus.txt'}", f"--tokenizer={d / 'tok.bpe'}", f"--out-dir={tmp_path / 'x'}",
                   "--resume"])
 
@@ -108,7 +110,7 @@ def test_empty_prompt_and_reused_out_dir_are_refused(files, tmp_path):
     args = [f"--data={d / 'corpus.txt'}", f"--tokenizer={d / 'tok.bpe'}", f"--out-dir={tmp_path / 'run'}",
             "--max-steps=2", *TINY]
     sft.main(args)
-    with pytest.raises(common.ConfigError, match="holds checkpoints of an earlier run: add --resume"):
+    with pytest.raises(config.ConfigError, match="holds checkpoints of an earlier run: add --resume"):
         sft.main(args)
 
 

@@ -1,0 +1,160 @@
+import re
+
+import pytest
+
+import data
+import tasks
+import toy
+from data import DataError, Tokenizer
+
+# ---------------------------------------------------------------------------------------------------------------
+# The toy task and its corpus
+
+NUM = r"\d\d"
+W = rf"{NUM}(?:[+-]{NUM})+"
+FACT_OR_DIRECT = re.compile(rf"^(?P<w>{W})=(?P<g>{NUM})$")
+STEPWISE = re.compile(rf"^(?:(?P<guess>{W})=(?P<g>{NUM}) wait, recheck: )?(?P<w>{W}): (?P<steps>.*)$")
+TAGGED = re.compile(r"^User: (?P<w>[^\n]*)\nAssistant:<think>(?P<body>.*)</think><answer>(?P<a>\d\d)</answer>$")
+
+
+def _value(w):
+    """Evaluate a problem in the toy notation (numbers reversed), checking the toy's ranges on the way."""
+    parts = re.findall(r"[+-]|\d\d", w)
+    total = int(parts[0][::-1])
+    for op, b in zip(parts[1::2], parts[2::2]):
+        assert int(b[::-1]) <= 49
+        total = total + int(b[::-1]) if op == "+" else total - int(b[::-1])
+        assert 0 <= total <= 99
+    return total, len(parts) // 2 + 1
+
+
+def _parse(doc):
+    """-> (tagged, stepwise, n_operands, correct, slipped); asserts every step and every recheck is right."""
+    m = TAGGED.match(doc)
+    tagged, body = m is not None, m.group("body") if m else doc
+    if m:
+        assert doc.startswith(data.apply_template(data.TOY_TEMPLATE, m.group("w")))
+    d = FACT_OR_DIRECT.match(body)
+    if d:
+        v, k = _value(d.group("w"))
+        final, stepwise, slipped = int(d.group("g")[::-1]), False, False
+    else:
+        s = STEPWISE.match(body)
+        assert s, doc
+        v, k = _value(s.group("w"))
+        steps = re.findall(rf"({NUM})([+-])({NUM})=({NUM})( wait, recheck:)?", s.group("steps"))
+        assert " ".join(a + o + b + "=" + r + x for a, o, b, r, x in steps) == s.group("steps"), doc
+        slipped = s.group("guess") is not None or any(x for *_, x in steps)
+        good = [st for st in steps if not st[4]]
+        assert len(good) == k - 1 and good[0][0] == s.group("w")[:2], doc  # starts from the first operand
+        for a, o, b, r, x in steps:
+            exact = _value(a + o + b)[0]
+            assert (int(r[::-1]) != exact) if x else (int(r[::-1]) == exact), doc  # slips are wrong, rest right
+        for prev, nxt in zip(good, good[1:]):
+            assert nxt[0] == prev[3]  # each step continues from the last total
+        if s.group("guess"):
+            assert s.group("guess") == s.group("w") and int(s.group("g")[::-1]) != v
+        final, stepwise = int(good[-1][3][::-1]), True
+    if m:
+        assert int(m.group("a")[::-1]) == final, doc  # the answer tag copies the thinking's result
+    return tagged, stepwise, k, final == v, slipped
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return list(toy.toy_corpus(20000, seed=0))
+
+
+def test_toy_notation():
+    assert [toy.toy_num(n) for n in (42, 7, 90, 0, 99)] == ["24", "70", "09", "00", "99"]
+    assert _value("24+70-31") == (36, 3)  # 42 + 7 - 13, the module docstring's example
+    assert toy.toy_num(36) == "63"
+
+
+def test_toy_corpus_has_the_designed_mix(corpus):
+    c, rows = toy.ToyConfig(), [_parse(d) for d in corpus]
+    n, problems = len(rows), 1 - c.p_fact  # documents that are not a forced fact: a problem of 2..4 operands
+    single = [r for r in rows if not r[0] and not r[1] and r[2] == 2]
+    assert abs(len(single) / n - (c.p_fact + problems / 3 * (1 - c.p_tagged) * (1 - c.p_stepwise))) < 0.015
+    assert all(r[3] for r in rows if r[2] == 2 and not r[1])  # facts are always right
+    tagged = [r for r in rows if r[0]]
+    assert abs(len(tagged) / n - problems * c.p_tagged) < 0.015
+    assert abs(sum(r[1] for r in tagged) / len(tagged) - c.p_tagged_stepwise) < 0.03  # base's stepwise rate
+    untagged = [r for r in rows if not r[0] and not (r[2] == 2 and not r[1])]
+    ps = c.p_stepwise  # 2-operand direct answers look like facts and are left out of `untagged`
+    assert abs(sum(r[1] for r in untagged) / len(untagged) - ps / (ps + (1 - ps) * 2 / 3)) < 0.03
+    direct3 = [r for r in rows if not r[1] and r[2] >= 3]
+    assert abs(1 - sum(r[3] for r in direct3) / len(direct3) - c.p_direct_wrong) < 0.03  # direct 3+: mostly wrong
+    assert all(r[3] for r in rows if r[1])  # stepwise: always right (slips included: they get fixed)
+    slipped = [r for r in rows if r[4]]
+    assert all(r[1] for r in slipped) and abs(len(slipped) / sum(r[1] for r in rows) - c.p_slip) < 0.02
+    assert {r[2] for r in rows} == {2, 3, 4}
+    # facts cover what the steps need: a running total anywhere in 0..99 as the first number
+    firsts = {int(d[:2][::-1]) for d, r in zip(corpus, rows) if not r[0] and not r[1] and r[2] == 2}
+    assert firsts == set(range(100))
+
+
+@pytest.mark.parametrize("ops", ["+-", "-"])
+def test_toy_corpus_other_ops(ops):
+    rows = [_parse(d) for d in toy.toy_corpus(3000, seed=1, cfg=toy.ToyConfig(ops=ops))]  # checks every step
+    assert all(r[3] for r in rows if r[1])
+    assert sum(not r[3] for r in rows if r[2] >= 3 and not r[1]) > 0
+
+
+def test_toy_corpus_is_deterministic():
+    assert list(toy.toy_corpus(300, seed=5)) == list(toy.toy_corpus(300, seed=5))
+    assert list(toy.toy_corpus(300, seed=5)) != list(toy.toy_corpus(300, seed=6))
+
+
+def test_toy_heldout_never_in_corpus(corpus):
+    train, held, dev = (toy.toy_problems(300, s, seed=0) for s in ("train", "heldout", "dev"))
+    assert {e.meta["difficulty"] for e in held} == {3, 4} == {e.meta["difficulty"] for e in dev}
+    for evals in (held, dev):  # neither the eval's problems nor the dev ones occur in the corpus or in RL's prompts
+        report = data.contamination(corpus, evals, n=10)
+        assert report["eval"] == 300 and report["contaminated"] == 0
+        assert data.contamination(train, evals)["contaminated"] == 0
+    assert not {e.prompt for e in held} & {e.prompt for e in dev}
+    # the check does find a held-out problem once it is there, even inside a longer problem
+    leaked = corpus[:1000] + [held[7].prompt + "+00: ...", data.apply_template(data.TOY_TEMPLATE, held[9].prompt)]
+    assert data.contamination(leaked, held)["indices"] == [7, 9]
+    # and a corpus built with no held-out set at all does contain the held-out problems' runs: the filter is real
+    leaky = list(toy.toy_corpus(20000, seed=0, cfg=toy.ToyConfig(heldout_frac=0.0)))
+    assert data.contamination(leaky, held)["contaminated"] > 0
+
+
+def test_toy_problems(corpus):
+    train, held = toy.toy_problems(200, "train", seed=1), toy.toy_problems(100, "heldout", seed=1, operands=(3, 4))
+    assert len(train) == 200 and len(held) == 100
+    assert len({e.prompt for e in train + held}) == 300
+    for e in train + held:
+        v, k = _value(e.prompt)
+        assert e.kind == "math" and e.meta["difficulty"] == k and e.meta["value"] == v and e.answer == toy.toy_num(v)
+        assert e.meta["notation"] == "reversed"
+    assert all(data.is_heldout(e.prompt, 0.05) for e in held) and not any(data.is_heldout(e.prompt, 0.05) for e in train)
+    assert {toy.toy_split(e.prompt, 0.05) for e in train} == {"train"}
+    assert [e.prompt for e in toy.toy_problems(100, "heldout", seed=1)] == [e.prompt for e in held]
+    dev = tasks.load_task("toy", n=50, split="dev", seed=1)
+    assert {toy.toy_split(e.prompt, 0.05) for e in dev} == {"dev"} and not any(data.is_heldout(e.prompt, 0.05) for e in dev)
+    with pytest.raises(DataError, match="operands"):
+        toy.toy_problems(1, operands=(2, 4))
+    with pytest.raises(DataError, match="split"):
+        toy.toy_problems(1, "test")
+    with pytest.raises(DataError, match="only the toy task has a dev split"):
+        tasks.load_task("countdown", n=5, split="dev")
+    with pytest.raises(DataError, match="ops="):
+        toy.ToyConfig(ops="*")
+
+
+def test_toy_tokenization(corpus):
+    tok = toy.toy_tokenizer(seed=0)
+    assert tok.vocab_size < toy.TOY_VOCAB_SIZE  # the toy's text runs out of pairs well before
+    assert tok.enc._mergeable_ranks == Tokenizer.train(corpus[:3000], 512).enc._mergeable_ranks  # same words
+    assert [tok.decode([i]) for i in tok.encode("User: 24+70\nAssistant: wait, recheck:")] == \
+        ["User", ":", " ", "2", "4", "+", "7", "0", "\n", "Assistant", ":", " wait", ",", " recheck", ":"]
+    lengths = [len(tok.encode(d)) + 1 for d in corpus]  # + end-of-text
+    assert max(lengths) <= 128
+    # the GRPO prompt (template applied) tokenizes exactly as the start of the tagged documents
+    for d in [d for d in corpus if d.startswith("User: ")][:200]:
+        prompt = data.apply_template(data.TOY_TEMPLATE, TAGGED.match(d).group("w"))
+        assert tok.encode(d)[:len(tok.encode(prompt))] == tok.encode(prompt)
+        assert tok.encode(d)[len(tok.encode(prompt))] == tok.think_id

@@ -1,0 +1,216 @@
+"""The toy task the CPU default trains on: a notation, a pretraining corpus, problems, and the files train.sh
+starts from (python toy.py --out-dir=out/toy/data [--docs=500000] [--seed=1]: corpus.txt, tokenizer.bpe and a
+contamination report).
+
+The toy notation. Toy numbers have a fixed width of two digits, written least-significant digit FIRST: 7 is "70",
+42 is "24", 90 is "09". So the fact "24+70=94" reads 42 + 7 = 49, and the problem "24+70+31" is 42 + 7 + 13 = 62,
+gold "26". Why: a model writes left to right. In the usual order the first digit of a sum depends on a carry from
+digits not yet written; reversed, each digit depends only on the operand digits of the same weight and the carry
+from the digit just written, the order one adds by hand, and a small model learns the facts far sooner. The fixed
+width keeps digits of equal weight at fixed distances from "+" and "=".
+A toy problem chains 2-4 operands (0-49) with + (ToyConfig.ops="+-" adds -), every running total in 0-99;
+difficulty = operand count. A fact is one step of such a chain, so its first number is a running total (0-99).
+The corpus (knobs in ToyConfig) mixes these documents, each a string (the trainer appends end-of-text):
+  fact (~35% in all)       24+70=94
+  direct answer            24+70+31=36             a near miss 70% of the time when there are 3+ operands
+  stepwise (always right)  24+70+31: 24+70=94 94+31=26
+  with a slip (10%)        24+70+31: 24+70=95 wait, recheck: 24+70=94 94+31=26    (or a wrong direct guess,
+                           then " wait, recheck: " and the steps)
+  tagged (15%)             User: 24+70+31\\nAssistant:<think>24+70+31=36</think><answer>36</answer>
+Tagged documents are TOY_TEMPLATE + completion, so the base model has seen exactly the prompt GRPO and eval use;
+inside the tags 70% answer directly and 30% stepwise. The base thus uses the tag format and can solve 3+ operand
+problems stepwise, but mostly answers directly and often wrongly: RL has something real to select (README: "What
+happened"). Held-out and dev problems (a hash of the problem text, toy_split) never occur in the corpus, not even
+as a run of 3+ operands inside a longer problem; tests/test_toy.py proves it with data.contamination().
+"""
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import config
+from data import TOY_TEMPLATE, DataError, Example, Tokenizer, apply_template, contamination
+
+
+@dataclass
+class ToyConfig:
+    min_operands: int = 2          # corpus problems have min..max operands
+    max_operands: int = 4
+    max_operand: int = 49
+    max_total: int = 99            # running totals stay in 0..max_total; its digit count is the number width
+    ops: str = "+"                 # "+-" also subtracts: twice the facts to learn, too many for a 5-minute base
+    p_fact: float = 0.25           # single-equation documents (2-operand direct answers add ~10% more)
+    p_tagged: float = 0.2          # other documents in TOY_TEMPLATE + <think>/<answer> format
+    p_stepwise: float = 0.5        # untagged problems solved step by step (else answered directly)
+    p_tagged_stepwise: float = 0.3   # tagged ones solved step by step (the rest answer directly)
+    p_direct_wrong: float = 0.7    # direct answers to 3+ operand problems that are wrong (a near miss)
+    p_slip: float = 0.1            # stepwise solutions that err, say "wait, recheck:" and fix it
+    heldout_frac: float = 0.05     # share of 3+ operand problem texts reserved for evaluation (by hash)
+    template: str = TOY_TEMPLATE
+
+    def __post_init__(self):
+        if not self.ops or set(self.ops) - set("+-") or not 2 <= self.min_operands <= self.max_operands:
+            raise DataError(f"ToyConfig: ops={self.ops!r} must be '+', '-' or '+-', and 2 <= min_operands <= "
+                            f"max_operands (got {self.min_operands}, {self.max_operands})")
+
+    @property
+    def width(self):
+        return len(str(self.max_total))
+
+
+def toy_num(n, width=2):
+    """42 -> '24', 7 -> '70': fixed width, least-significant digit first."""
+    return str(n).zfill(width)[::-1]
+
+
+def _toy_text(nums, ops, w):
+    return toy_num(nums[0], w) + "".join(o + toy_num(b, w) for o, b in zip(ops, nums[1:]))
+
+
+def _toy_sample(rng, k, cfg, first=None):
+    """k operands -> (nums, ops, running totals). Each step draws the signed change uniformly from what the current
+    total allows (a random walk), so chains with '-' do not collapse to 0."""
+    nums, ops = [rng.randint(0, cfg.max_operand) if first is None else first], []
+    totals = [nums[0]]
+    for _ in range(k - 1):
+        t = totals[-1]
+        d = rng.randint(-min(cfg.max_operand, t) if "-" in cfg.ops else 0,
+                        min(cfg.max_operand, cfg.max_total - t) if "+" in cfg.ops else 0)
+        nums.append(abs(d))
+        ops.append("+" if d > 0 else "-" if d < 0 else rng.choice(cfg.ops))
+        totals.append(t + d)
+    return nums, ops, totals
+
+
+def toy_split(text, frac):
+    """Which side a toy problem text is on, by its hash: 'heldout' (the reported eval), 'dev' (for choosing recipes and
+    the pre-RL check: results on it may steer a choice, results on held-out never do) or 'train'. The held-out and dev
+    slices are `frac` each and disjoint; neither ever occurs in the corpus or among RL's training prompts."""
+    h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+    return "heldout" if h < frac * 2 ** 64 else "dev" if h < 2 * frac * 2 ** 64 else "train"
+
+
+def _toy_clean(nums, ops, cfg):
+    """No run of 3+ consecutive operands of the problem (itself included) is the text of a held-out or dev problem."""
+    return all(toy_split(_toy_text(nums[i:j], ops[i:j - 1], cfg.width), cfg.heldout_frac) == "train"
+               for i in range(len(nums)) for j in range(i + 3, len(nums) + 1))
+
+
+def _near_miss(v, rng, cfg):
+    d = rng.choice([-1, 1]) * rng.randint(1, 10)
+    return v + d if 0 <= v + d <= cfg.max_total else v - d
+
+
+def _toy_solution(nums, ops, totals, stepwise, rng, cfg):
+    """The solution text (the problem restated, then '=answer' or ': steps') and its final number."""
+    w, k, v = cfg.width, len(nums), totals[-1]
+    head = _toy_text(nums, ops, w)
+    if not stepwise:
+        g = _near_miss(v, rng, cfg) if k >= 3 and rng.random() < cfg.p_direct_wrong else v
+        return f"{head}={toy_num(g, w)}", g
+    steps = [f"{toy_num(t, w)}{o}{toy_num(b, w)}={toy_num(r, w)}" for t, o, b, r in zip(totals, ops, nums[1:],
+                                                                                       totals[1:])]
+    if rng.random() < cfg.p_slip:
+        if k >= 3 and rng.random() < 0.5:  # a wrong direct guess, noticed and redone step by step
+            head = f"{head}={toy_num(_near_miss(v, rng, cfg), w)} wait, recheck: {head}"
+        else:  # one step goes wrong, is noticed and redone
+            i = rng.randrange(len(steps))
+            steps.insert(i, steps[i][:-w] + toy_num(_near_miss(totals[i + 1], rng, cfg), w) + " wait, recheck:")
+    return f"{head}: " + " ".join(steps), v
+
+
+def toy_document(rng, cfg):
+    if rng.random() < cfg.p_fact:  # a fact is one step of a chain: a running total (0..99) -/+ an operand (0..49)
+        return _toy_solution(*_toy_sample(rng, 2, cfg, first=rng.randint(0, cfg.max_total)), False, rng, cfg)[0]
+    k = rng.randint(cfg.min_operands, cfg.max_operands)
+    while True:  # rejection keeps held-out problems (and runs of them) out of the corpus
+        nums, ops, totals = _toy_sample(rng, k, cfg)
+        if k < 3 or _toy_clean(nums, ops, cfg):
+            break
+    if rng.random() >= cfg.p_tagged:
+        return _toy_solution(nums, ops, totals, rng.random() < cfg.p_stepwise, rng, cfg)[0]
+    body, v = _toy_solution(nums, ops, totals, rng.random() < cfg.p_tagged_stepwise, rng, cfg)
+    prompt = apply_template(cfg.template, _toy_text(nums, ops, cfg.width))
+    return f"{prompt}<think>{body}</think><answer>{toy_num(v, cfg.width)}</answer>"
+
+
+def toy_corpus(n_docs, seed=0, cfg=None):
+    """n_docs pretraining documents (strings without end-of-text), deterministic in seed."""
+    rng, cfg = random.Random(seed), cfg or ToyConfig()
+    for _ in range(n_docs):
+        yield toy_document(rng, cfg)
+
+
+TOY_VOCAB_SIZE = 512  # an upper bound: the toy text runs out of pairs to merge at 282 tokens (256 bytes + 21 + 5)
+
+
+def toy_tokenizer(seed=0, cfg=None, n_docs=20000):
+    """The CPU default's tokenizer, trained on a sample of the toy corpus."""
+    return Tokenizer.train(toy_corpus(n_docs, seed, cfg), TOY_VOCAB_SIZE)
+
+
+def toy_problems(n, split="train", seed=0, cfg=None, operands=(3, 4)):
+    """n distinct toy problems of one split ('train', 'dev' or 'heldout', see toy_split) with operands[0]..operands[1]
+    operands (at least 3: 2-operand sums are the facts the corpus teaches). Held-out and dev problems never occur in
+    the corpus; train problems contain no held-out or dev run either, so the three sets share no problem text."""
+    rng, cfg = random.Random(seed), cfg or ToyConfig()
+    if not 3 <= operands[0] <= operands[1] <= cfg.max_operands:
+        raise DataError(f"operands={operands}: need 3 <= low <= high <= max_operands={cfg.max_operands}")
+    if split not in ("train", "dev", "heldout"):
+        raise DataError(f"split={split!r}: the toy task has train, dev and heldout")
+    out = {}
+    for _ in range(1000 * (n + 1)):
+        if len(out) >= n:
+            break
+        nums, ops, totals = _toy_sample(rng, rng.randint(*operands), cfg)
+        text = _toy_text(nums, ops, cfg.width)
+        s = toy_split(text, cfg.heldout_frac)
+        if s == split and text not in out and (s != "train" or _toy_clean(nums, ops, cfg)):
+            out[text] = Example(text, toy_num(totals[-1], cfg.width), "math", {
+                "difficulty": len(nums), "id": f"toy-{s}-{len(out)}", "source": "toy", "value": totals[-1],
+                "notation": "reversed"})  # gold "09" is 90: compare the text exactly, math-verify reads it as 9
+    if len(out) < n:
+        raise DataError(f"toy_problems: the problem space is too small for {n} {split} problems")
+    return list(out.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The CPU default's files: python toy.py --out-dir=out/toy/data [--docs=500000] [--seed=1]
+
+
+@dataclass
+class ToyDataConfig:
+    """nano-r1 toy.py: write the toy pretraining corpus and tokenizer, and check the held-out problems"""
+    out_dir: str = "out/toy/data"
+    docs: int = 500_000            # ~20 tokens each
+    seed: int = 1
+    heldout: int = 200             # held-out problems checked against the corpus ...
+    eval_seed: int = 1337          # ... drawn as eval.py/grpo.py draw them (their --problem-seed)
+
+
+def write_toy_data(c):
+    os.makedirs(c.out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    tok = toy_tokenizer()
+    t_tok = time.perf_counter() - t0
+    docs = list(toy_corpus(c.docs, c.seed))
+    text = tok.eot.join(docs) + tok.eot
+    with open(os.path.join(c.out_dir, "corpus.txt"), "w", encoding="utf-8") as f:
+        f.write(text)
+    tok.save(os.path.join(c.out_dir, "tokenizer.bpe"))
+    held = toy_problems(c.heldout, "heldout", c.eval_seed)
+    report = contamination(docs, held, n=10)
+    report.pop("indices")
+    with open(os.path.join(c.out_dir, "contamination.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"{c.out_dir}: {len(docs):,} documents, {len(text):,} characters; tokenizer {tok.vocab_size} tokens "
+          f"(trained in {t_tok:.2f}s); held-out problems found in the corpus: {report['contaminated']} of "
+          f"{report['eval']} ({time.perf_counter() - t0:.0f}s)")
+    if report["contaminated"]:
+        raise DataError(f"{report['contaminated']} held-out problems occur in the corpus")
+
+
+if __name__ == "__main__":
+    config.cli(lambda: write_toy_data(config.parse_config(ToyDataConfig)), "toy.py")

@@ -7,9 +7,9 @@
 One rollout: take rollout_prompts prompts -> sample group_size (G) completions each -> rule rewards -> group
 advantages A_i = (r_i - mean(r)) / (std(r) + eps) -> split the outputs randomly into num_minibatches mini-batches
 and make mu passes over them, one optimizer step per mini-batch: per-token log-probs of the policy (fused LM head,
-kernels.token_logprobs) -> clipped surrogate + beta * k3 KL per token (kernels.grpo_token_loss) -> aggregation ->
-backward -> grad clip -> AdamW. A "step" is one optimizer update, as in the paper (8,192 outputs per rollout,
-16 mini-batches, one pass: 16 steps per rollout).
+kernels.token_logprobs) -> clipped surrogate + beta * k3 KL per token -> aggregation -> backward -> grad clip ->
+AdamW. A "step" is one optimizer update, as in the paper (8,192 outputs per rollout, 16 mini-batches, one pass:
+16 steps per rollout). The math (advantages, the loss, its token weights) is in loss.py; run_loop holds one step.
 
 Deviations from Eq. 1-3 (each is a flag; the paper preset = the dataclass defaults keeps the paper's choice where
 the paper makes one):
@@ -21,12 +21,10 @@ the paper makes one):
 - Separate low/high clip (--eps-low/--eps-high, DAPO); the paper's single epsilon (10) is both.
 - Optional, off by default: --mask-truncated, --overlong-buffer (DAPO soft penalty), --dynamic-sampling (drop
   zero-variance groups and refill), --routing-replay (train with the experts the sampler used, PITFALLS M6).
-- The reference model is refreshed to the current policy every --ref-refresh-every steps (paper: 400); with
-  beta=0 it is never built.
-Defaults that differ from the paper: max_new_tokens (32,768 in the paper, then 65,536 after step 8.2k; set by
-flag), weight decay and AdamW betas (not given: 0.1 and (0.9, 0.95)), warm-up (none given: 0 steps),
-stop strings (generation also stops at "</answer>", which the format reward requires to end the output).
-The cpu preset (the toy reproduction) changes many of these: see PRESETS.
+- The reference model becomes the current policy every --ref-refresh-every steps (paper: 400); beta=0: none.
+Defaults that differ from the paper: max_new_tokens (32,768, then 65,536 after step 8.2k: set it), weight decay
+and AdamW betas (not given: 0.1, (0.9, 0.95)), warm-up (none given: 0), generation also stops at "</answer>" (the
+format reward requires it to end the output). The cpu preset (the toy reproduction) changes many: see PRESETS.
 """
 import collections
 import dataclasses
@@ -45,6 +43,7 @@ import data
 import dist
 import eval as evaluation
 import kernels
+import loss
 import metrics
 import optim
 import rewards
@@ -163,83 +162,16 @@ def check_config(c):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# advantages, shaping, normalisers
-
-
-def group_advantages(rewards, scale="group", eps=1e-6, tol=1e-6, batch_std=None):
-    """rewards (num_prompts, G) -> advantages (num_prompts, G).
-    group: (r - group mean) / (group std + eps), std unbiased (ddof=1); batch: the std over all rewards (or
-    batch_std, when the caller computed it over every rank); none: r - group mean (Dr. GRPO). A group whose rewards
-    span <= tol (max - min, robust to fp32 residue such as 0.1 + 0.2) gets exactly 0, never NaN or a blown-up 1/eps
-    (PITFALLS P6)."""
-    r = torch.as_tensor(rewards, dtype=torch.float64)
-    if r.dim() != 2 or r.shape[1] < 2:
-        raise ValueError(f"group_advantages: want (num_prompts, G >= 2) rewards, got shape {tuple(r.shape)}")
-    centered = r - r.mean(1, keepdim=True)
-    if scale == "group":
-        adv = centered / (r.std(1, keepdim=True) + eps)
-    elif scale == "batch":
-        adv = centered / ((r.std() if batch_std is None else batch_std) + eps)
-    elif scale == "none":
-        adv = centered
-    else:
-        raise ValueError(f"group_advantages: scale {scale!r} is not group, batch or none")
-    constant = (r.max(1, keepdim=True).values - r.min(1, keepdim=True).values) <= tol
-    return torch.where(constant, torch.zeros_like(adv), adv).float()
-
-
-def overlong_penalty(length, max_len, buffer):
-    """DAPO's soft overlong punishment: 0 up to max_len - buffer, then falling linearly to -1 at max_len."""
-    if buffer <= 0 or length <= max_len - buffer:
-        return 0.0
-    return max(-1.0, (max_len - buffer - length) / buffer)
-
-
-def token_weights(rows, c):
-    """The loss weight of each row's tokens in one optimizer step, so the step's loss is sum(w * loss_tok) whatever
-    the split into micro-batches or ranks (PITFALLS P8). Masked outputs get weight 0 and leave the normaliser."""
-    lens = [len(r["completion"]) for r in rows if not r["masked"]]
-    n_seq = max(dist.all_reduce_sum(float(len(lens))), 1.0)
-    n_tok = max(dist.all_reduce_sum(float(sum(lens))), 1.0)
-    w = {"seq_mean_token_mean": lambda L: 1.0 / (L * n_seq), "token_mean": lambda L: 1.0 / n_tok,
-         "dr_grpo": lambda L: 1.0 / (n_seq * c.max_new_tokens)}[c.loss_agg]  # dr_grpo: the same for every step
-    return [0.0 if r["masked"] else w(len(r["completion"])) for r in rows]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the rollout
-
-
-class PromptSampler:
-    """Prompts in a fresh seeded permutation each epoch; (epoch, pos) is the resumable cursor. Every rank walks the
-    same order and takes its own slice of each draw."""
-
-    def __init__(self, examples, seed, epoch=0, pos=0):
-        self.examples, self.seed, self.epoch, self.pos = examples, seed, epoch, pos
-        self._perm()
-
-    def _perm(self):
-        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
-
-    def take(self, n_local):
-        n, r = n_local * dist.world_size(), dist.rank()
-        out = []
-        while len(out) < n:
-            if self.pos >= len(self.order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._perm()
-            k = min(n - len(out), len(self.order) - self.pos)
-            out += self.order[self.pos:self.pos + k].tolist()
-            self.pos += k
-        return [self.examples[i] for i in out[r * n_local:(r + 1) * n_local]]
+# sampling and scoring a rollout
 
 
 def collect_rollout(policy, tok, sampler, c, step, template, stop_ids):
-    """Sample, score and give advantages to one rollout's outputs (this rank's share of the prompts). With dynamic
-    sampling, zero-variance groups are dropped and refilled; every rank takes part in every refill round (the
-    decision is global) and walks the prompt order in step, so ranks never disagree about collectives or cursors."""
+    """Sample and score one rollout (this rank's share of the prompts) -> (Batch with advantages, stats). With
+    dynamic sampling, zero-variance groups are dropped and refilled; every rank takes part in every refill round
+    (the decision is global) and walks the prompt order in step, so ranks never disagree about collectives or
+    cursors."""
     G, n_local = c.group_size, c.rollout_prompts // dist.world_size()
-    rows, groups, refills = [], 0, 0
+    outs, groups, refills = collections.defaultdict(list), 0, 0
     stats = {"sample_s": 0.0, "new_tokens": 0, "zero_std_groups": 0, "sampled_groups": 0,
              "reasons": collections.Counter()}
     with dist.gathered(policy):  # under FSDP: weights all-gathered once for every generation of this rollout
@@ -248,20 +180,22 @@ def collect_rollout(policy, tok, sampler, c, step, template, stop_ids):
             if need == 0:
                 break
             exs = sampler.take(need)[:n_local - groups]  # every rank draws the same count; some use fewer
-            round_rows, zero = score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats)
+            got, zero = score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats)
             for p in range(len(exs)):
                 if c.dynamic_sampling and zero[p] and refills < c.max_refills:
                     continue  # no learning signal: refill with new prompts
-                rows += round_rows[p * G:(p + 1) * G]
+                for k, v in got.items():
+                    outs[k] += v[p * G:(p + 1) * G]
                 groups += 1
             refills += 1
     stats["refills"] = refills - 1
-    return rows, stats
+    experts = outs.pop("experts")
+    return rollout.make_batch(**outs, experts=experts if c.routing_replay else None), stats
 
 
 def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
-    """G samples for each example, their rewards and group advantages -> (rows, zero-variance flag per group).
-    Collective calls (the batch std) happen on every rank, even one with no examples this round."""
+    """G samples for each example, their rewards and group advantages -> (per-output lists for make_batch, a
+    zero-variance flag per group). Collective calls (the batch std) happen on every rank, even one with none."""
     G = c.group_size
     out, shaped, total, comps, texts = None, torch.zeros(0, G), [], {}, []
     if exs:
@@ -279,15 +213,15 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
                                                     code_isolation=c.code_isolation,
                                                     answer_block=bool(template))  # as eval.py
         stats["reasons"].update(reasons)
-        shaped = torch.tensor([t + overlong_penalty(len(ids), c.max_new_tokens, c.overlong_buffer)
+        shaped = torch.tensor([t + loss.overlong_penalty(len(ids), c.max_new_tokens, c.overlong_buffer)
                                for t, ids in zip(total, out.tokens)]).view(len(exs), G)
     batch_std = None
     if c.adv_scale == "batch":  # the std over every rank's rewards of this round (unbiased)
         n, s1, s2 = (dist.all_reduce_sum(float(v)) for v in (shaped.numel(), shaped.sum(), shaped.pow(2).sum()))
         batch_std = math.sqrt(max(s2 - s1 * s1 / max(n, 1), 0.0) / max(n - 1, 1))
     if not exs:
-        return [], []
-    adv = group_advantages(shaped, c.adv_scale, c.adv_eps, batch_std=batch_std)
+        return {}, []
+    adv = loss.group_advantages(shaped, c.adv_scale, c.adv_eps, batch_std=batch_std)
     # an example whose correctness cannot be judged (unparseable gold, broken tests: accuracy None) must not
     # train its group on the other rewards alone
     unjudged = torch.tensor([c.accuracy_weight != 0 and all(a is None for a in comps["accuracy"][j * G:(j + 1) * G])
@@ -298,84 +232,53 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
     zero = (adv.abs().sum(1) == 0).tolist()
     stats["zero_std_groups"] += sum(zero)
     stats["sampled_groups"] += len(zero)
-    rows = [dict(prompt=out_prompt, completion=out.tokens[i], sampler_logp=out.logprobs[i],
-                 truncated=out.truncated[i], adv=adv[i // G, i % G].item(), reward=total[i],
-                 acc=comps["accuracy"][i], fmt=comps["format"][i], lang=comps["language"][i], text=texts[i],
-                 experts=out.experts[i] if out.experts else None, masked=c.mask_truncated and out.truncated[i],
-                 old_logp=None)
-            for i, out_prompt in enumerate(p for p in prompts for _ in range(G))]
-    return rows, zero
+    nan = lambda x: math.nan if x is None else x  # noqa: E731
+    scores = [[total[i], nan(comps["accuracy"][i]), comps["format"][i], nan(comps["language"][i])]
+              for i in range(len(texts))]
+    return dict(prompts=[p for p in prompts for _ in range(G)], completions=out.tokens, sampler_logp=out.logprobs,
+                adv=adv.view(-1).tolist(), keep=[not (c.mask_truncated and t) for t in out.truncated],
+                experts=out.experts or [], scores=scores, truncated=out.truncated, texts=texts), zero
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the loss of one mini-batch
+# one update
 
 
-def pack(rows, device):
-    """Right-padded inputs (B, T): prompt + completion minus its last token; and, flat over the completion tokens,
-    the (row, position) whose hidden state predicts each token (position t predicts t+1, PITFALLS P1)."""
-    seqs = [r["prompt"] + r["completion"][:-1] for r in rows]
-    T = max(len(s) for s in seqs)
-    x = torch.zeros(len(rows), T, dtype=torch.long)
-    valid = torch.zeros(len(rows), T, dtype=torch.bool)  # real tokens, by position (never by id: P3)
-    b_idx, t_idx = [], []
-    for b, (r, s) in enumerate(zip(rows, seqs)):
-        x[b, :len(s)] = torch.tensor(s)
-        valid[b, :len(s)] = True
-        P, L = len(r["prompt"]), len(r["completion"])
-        b_idx += [b] * L
-        t_idx += range(P - 1, P - 1 + L)
-    return x.to(device), torch.tensor(b_idx, device=device), torch.tensor(t_idx, device=device), valid.to(device)
-
-
-def set_replay(model, rows, T):
-    """Routing replay: feed each MoE layer the sampler's experts for every input position (padding: experts
-    0..K-1). rows=None switches it off."""
-    K = model.config.num_experts_per_tok
-    for j, moe in enumerate(model.moe_layers()):
-        moe.replay = None
-        if rows:
-            rep = torch.arange(K).repeat(len(rows), T, 1)  # (B, T, K)
-            for b, r in enumerate(rows):
-                rep[b, :len(r["experts"][j])] = r["experts"][j]
-            moe.replay = rep.view(-1, K).to(model.lm_head.weight.device)
-
-
-def token_logprobs(model, rows, vocab, temperature, replay=False, entropy=False):
-    x, b_idx, t_idx, valid = pack(rows, model.lm_head.weight.device)
-    set_replay(model, rows if replay else None, x.shape[1])
-    targets = torch.tensor([t for r in rows for t in r["completion"]], device=x.device)
+def token_logprobs(model, b, vocab, temperature, replay=False, entropy=False):
+    """log p (N,) of every completion token of b (and the entropy), rows in order; replay: route every token to
+    the experts the sampler used."""
+    dev = model.lm_head.weight.device
+    x, valid, rows, t, cols = rollout.pack(b)
+    routes = b.routes[:, :x.shape[1]].to(dev) if replay else None
     # over the tokenizer's ids only: the sampler never gives a padded LM head's rows any mass (P15)
-    out = model.logprobs(x, b_idx, t_idx, targets, temperature, vocab, return_entropy=entropy, valid=valid)
-    set_replay(model, None, 0)
-    return out
+    return model.logprobs(x.to(dev), rows.to(dev), cols.to(dev), b.tokens[rows, cols + 1].to(dev), temperature,
+                          vocab, return_entropy=entropy, valid=valid.to(dev), routes=routes)
 
 
-def train_step(policy, ref, opt, rows, c, vocab, on_policy):
-    """One optimizer update on one mini-batch. Returns metrics (sums over this rank's tokens and rows)."""
-    w_seq = token_weights(rows, c)
+def train_step(policy, ref, opt, b, c, vocab, on_policy):
+    """One optimizer update on mini-batch b: per micro-batch, log-probs -> per-token loss -> weighted sum ->
+    backward; then clip and AdamW. Returns metrics (sums over this rank's tokens)."""
+    w_row, B = loss.token_weights(b, c), len(b.adv)
     m = dict(loss=0.0, kl=0.0, kl_capped=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0, tokens=0, gap=0.0)
-    for i in range(0, len(rows), c.micro_batch_size):
-        mb, w_mb = rows[i:i + c.micro_batch_size], w_seq[i:i + c.micro_batch_size]
+    for i in range(0, B, c.micro_batch_size):
+        idx = torch.arange(i, min(i + c.micro_batch_size, B))
+        mb = b[idx]
         if dist.distributed():  # reduce gradients over ranks once, after the last micro-batch
-            policy.set_requires_gradient_sync(i + c.micro_batch_size >= len(rows))
-        logp, ent = token_logprobs(policy, mb, vocab, c.temperature, c.routing_replay, entropy=True)
-        lens = [len(r["completion"]) for r in mb]
-        dev = logp.device
-        per_tok = lambda vals: torch.tensor([v for v, L in zip(vals, lens) for _ in range(L)], device=dev)  # noqa
-        adv, w, mask = per_tok([r["adv"] for r in mb]), per_tok(w_mb), per_tok([not r["masked"] for r in mb])
-        old = None if on_policy else torch.tensor([x for r in mb for x in r["old_logp"]], device=dev)
-        ref_logp = None
-        if ref is not None and c.beta > 0:
-            with torch.no_grad():
-                ref_logp = token_logprobs(ref, mb, vocab, c.temperature)
-        loss_tok, st = kernels.grpo_token_loss(logp, old, ref_logp, adv, mask, c.eps_low, c.eps_high, c.beta,
-                                               return_stats=True)
-        loss = (loss_tok * w).sum() * dist.world_size()  # FSDP averages gradients over ranks: undo it
-        loss = loss + policy.aux_loss() * len(mb) / max(1, len(rows))
-        loss.backward()
+            policy.set_requires_gradient_sync(i + c.micro_batch_size >= B)
+        logp, ent = token_logprobs(policy, mb, vocab, c.temperature, c.routing_replay, entropy=True)  # (N,)
+        dev, (_, _, rows, t, _) = logp.device, rollout.pack(mb)
+        adv, w, keep = mb.adv[rows].to(dev), w_row[idx][rows].float().to(dev), mb.keep[rows].to(dev)  # (N,) each
+        old = None if on_policy else mb.old_logp[rows, t].to(dev)
+        # the reference is frozen (requires_grad off): no graph is built for it
+        ref_logp = token_logprobs(ref, mb, vocab, c.temperature) if ref is not None and c.beta > 0 else None
+        fused = kernels.grpo_token_loss if logp.numel() and kernels.use_triton("auto", logp) else None
+        loss_tok, st = fused(logp, old, ref_logp, adv, keep, c.eps_low, c.eps_high, c.beta, return_stats=True) \
+            if fused else loss.grpo_loss(logp, old, ref_logp, adv, keep, c.eps_low, c.eps_high, c.beta)
+        total = (loss_tok * w).sum() * dist.world_size()  # FSDP averages gradients over ranks: undo it
+        total = total + policy.aux_loss() * len(idx) / max(1, B)
+        total.backward()
         with torch.no_grad():  # diagnostics, summed over this micro-batch's tokens (stats are 0 where masked)
-            sampler, mk = torch.tensor([x for r in mb for x in r["sampler_logp"]], device=dev), mask.float()
+            sampler, mk = mb.sampler_logp[rows, t].to(dev), keep.float()
             for k, v in (("loss", loss_tok * w), ("entropy", ent * mk), ("kl", st.kl), ("kl_capped", st.kl_capped),
                          ("clip_low", st.clipped_low), ("clip_high", st.clipped_high),
                          ("gap", (sampler - logp).abs() * mk), ("tokens", mk)):
@@ -385,24 +288,26 @@ def train_step(policy, ref, opt, rows, c, vocab, on_policy):
 
 
 @torch.no_grad()
-def recompute_old_logp(policy, rows, c, vocab):
-    """Freeze pi_old before the first update of a rollout (needed when one rollout feeds several updates)."""
-    for i in range(0, len(rows), c.micro_batch_size):
-        mb = rows[i:i + c.micro_batch_size]
-        lp = token_logprobs(policy, mb, vocab, c.temperature, c.routing_replay).tolist()
-        for r in mb:
-            r["old_logp"], lp = lp[:len(r["completion"])], lp[len(r["completion"]):]
+def old_logprobs(policy, b, c, vocab):
+    """pi_old (B, C), frozen before the first update of a rollout (when one rollout feeds several updates)."""
+    old = torch.zeros_like(b.sampler_logp)
+    for i in range(0, len(b.adv), c.micro_batch_size):
+        mb = b[torch.arange(i, min(i + c.micro_batch_size, len(b.adv)))]
+        _, _, rows, t, _ = rollout.pack(mb)
+        old[i + rows, t] = token_logprobs(policy, mb, vocab, c.temperature, c.routing_replay).float().cpu()
+    return old
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # metrics
 
 
-def log_step(log, step, mb, m, stats, loads, lr, train_s, elapsed, c, heldout_eval):
-    """One optimizer step's metrics over every rank (rows gathered, sums all-reduced) -> metrics.jsonl (+ wandb),
+def log_step(log, step, b, m, stats, loads, lr, train_s, elapsed, c, heldout_eval):
+    """One optimizer step's metrics over every rank (outputs gathered, sums all-reduced) -> metrics.jsonl (+ wandb),
     samples.jsonl, the console line and the warnings."""
-    rows = dist.all_gather([(r["reward"], r["acc"], r["fmt"], r["lang"], len(r["completion"]), r["truncated"],
-                             evaluation.reflective_count(r["text"])) for r in mb])
+    scores = [[None if math.isnan(x) else x for x in r] for r in b.scores.tolist()]  # nan: not scored
+    rows = dist.all_gather([(*s, L, tr, evaluation.reflective_count(tx))
+                            for s, L, tr, tx in zip(scores, b.comp_len.tolist(), b.truncated.tolist(), b.texts)])
     reward, acc, fmt, lang, lens, trunc, refl = zip(*rows)
     s = {k: dist.all_reduce_sum(v) for k, v in m.items() if k not in ("grad_norm", "ok")}
     n, ntok = len(rows), max(1, s["tokens"])
@@ -418,7 +323,7 @@ def log_step(log, step, mb, m, stats, loads, lr, train_s, elapsed, c, heldout_ev
            "skipped_steps": 0 if m["ok"] else 1, "refills": stats["refills"], "elapsed_s": elapsed,
            "frac_reward_zero_std": dist.all_reduce_sum(stats["zero_std_groups"]) /
            max(1, dist.all_reduce_sum(stats["sampled_groups"])),
-           "train_tok_s": dist.all_reduce_sum(sum(len(r["prompt"]) + len(r["completion"]) for r in mb)) / train_s,
+           "train_tok_s": dist.all_reduce_sum(int((b.prompt_len + b.comp_len).sum())) / train_s,
            "sample_tok_s": dist.all_reduce_sum(stats["new_tokens"]) / max(stats["sample_s"], 1e-9),
            "zero_reasons": dict(sum(dist.all_gather([stats["reasons"]]), collections.Counter()))}
     if lang:
@@ -431,8 +336,8 @@ def log_step(log, step, mb, m, stats, loads, lr, train_s, elapsed, c, heldout_ev
     log.log(met, step)
     if c.sample_every and step % c.sample_every == 0:
         metrics.append_jsonl(os.path.join(c.out_dir, "samples.jsonl"), [
-            {"step": step, "text": r["text"], "reward": r["reward"], "acc": r["acc"], "adv": r["adv"]}
-            for r in mb[:4]])
+            {"step": step, "text": tx, "reward": s[0], "acc": s[1], "adv": a}
+            for tx, s, a in zip(b.texts[:4], scores, b.adv.tolist())])
     if step % c.log_every == 0:
         ev = f" | heldout {met['heldout_pass1']:.3f}" if "heldout_pass1" in met else ""
         print0(f"step {step} | reward {met['reward']:.3f} acc {met['accuracy']:.3f} fmt {met['format']:.3f} | len "
@@ -465,7 +370,7 @@ def main(argv=None):
     if c.beta > 0:  # a frozen copy (loaded again, sharded like the policy); with beta = 0 never built (PITFALLS P11)
         ref = checkpoint.build_model(c.init_from, state, device, dtype).eval().requires_grad_(False)
     opt = optim.adamw(policy, c.lr, c.weight_decay, (c.beta1, c.beta2))
-    step, sampler, bad = 0, PromptSampler(train_ex, c.seed), 0
+    step, sampler, bad = 0, tasks.PromptSampler(train_ex, c.seed), 0
     if state is not None:
         if state.get("has_ref") != (ref is not None):
             raise ConfigError(f"--beta: the checkpoint was written with{'out' if ref is not None else ''} a "
@@ -473,7 +378,7 @@ def main(argv=None):
         checkpoint.restore_checkpoint(state, {"model": policy, "ref": ref}, opt)
         dist.set_rng_state(state["rng"])
         step, bad = state["step"], state["bad_steps"]
-        sampler = PromptSampler(train_ex, c.seed, *state["sampler"])
+        sampler = tasks.PromptSampler(train_ex, c.seed, *state["sampler"])
     if dist.rank() == 0:
         os.makedirs(c.out_dir, exist_ok=True)
         checkpoint.atomic_write_json(os.path.join(c.out_dir, "config.json"), dataclasses.asdict(c))
@@ -502,22 +407,22 @@ def run_loop(policy, ref, opt, tok, sampler, c, step, bad, template, stop_ids, v
         ev = heldout_eval()
         log.log({"heldout_pass1": ev["pass@1"], "heldout_format": ev["format_rate"]}, 0)
     while step < c.max_steps:
-        rows, stats = collect_rollout(policy, tok, sampler, c, step, template, stop_ids)
+        # sample G outputs per prompt -> rule rewards -> group advantages, all in a Batch of tensors
+        batch, stats = collect_rollout(policy, tok, sampler, c, step, template, stop_ids)
         if stats["zero_std_groups"] == stats["sampled_groups"]:
             print0(f"WARNING step {step}: every group has zero reward variance: no policy-gradient signal")
         if c.old_logp == "sampler":
-            for r in rows:
-                r["old_logp"] = r["sampler_logp"]
+            batch.old_logp = batch.sampler_logp
         elif not on_policy:
-            recompute_old_logp(policy, rows, c, vocab)
+            batch.old_logp = old_logprobs(policy, batch, c, vocab)
         rng = np.random.default_rng([c.seed, step])
         for _ in range(c.mu):
-            perm = rng.permutation(len(rows))
-            per_mb = len(rows) // c.num_minibatches
+            perm = torch.from_numpy(rng.permutation(len(batch.adv)))
+            per_mb = len(perm) // c.num_minibatches
             for k in range(c.num_minibatches):
                 if step >= c.max_steps:
                     break
-                mb = [rows[i] for i in perm[k * per_mb:(k + 1) * per_mb]]
+                mb = batch[perm[k * per_mb:(k + 1) * per_mb]]  # -> log-probs -> loss -> AdamW in train_step
                 lr = optim.set_lr(opt, step, c)
                 t0 = time.perf_counter()
                 m = train_step(policy, ref, opt, mb, c, vocab, on_policy)

@@ -380,11 +380,10 @@ class Experts(nn.Module):
         """x (N, D), idx/w (N, K) -> (N, D). Sort the N*K (token, expert) pairs by expert so each expert sees one
         contiguous block of rows, run one grouped matmul per projection, then put rows back and sum over K."""
         N, K = idx.shape
-        E = self.gate_proj.shape[0]
+        E, I = self.gate_proj.shape[:2]
         order = torch.argsort(idx.reshape(-1), stable=True)  # (N*K,) pair positions sorted by expert
         xs = x[order // K]  # (N*K, D) the token of each pair
         counts = torch.bincount(idx.reshape(-1), minlength=E)  # (E,) rows per expert
-        I = self.gate_proj.shape[1]
         if use_grouped_mm and grouped_mm_ok(x, x.shape[1], I):
             offs = counts.cumsum(0).to(torch.int32)  # cumulative row ends, as _grouped_mm wants
             h = F.silu(torch._grouped_mm(xs, self.gate_proj.transpose(1, 2), offs=offs)) * \
@@ -407,36 +406,33 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """Shared experts (always on) + routed experts; counts tokens per expert in training (optim.pop_expert_loads)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, j=0):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.j = cfg, j  # j: this layer's index among the MoE layers (its slot in a routes tensor)
         self.gate = Router(cfg)
         self.experts = Experts(cfg)
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) \
             if cfg.n_shared_experts > 0 else None
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)  # tokens per expert
-        self.aux_loss = None
-        self.replay = None  # (N, K) expert ids to use instead of routing (set by a caller replaying a rollout)
-        self.record = None  # a list to append each forward's (N, K) expert ids to (set by a caller recording)
+        self.aux_loss = self.routes = None  # routes (B, T, K): the last forward's experts (the sampler reads them)
 
-    def forward(self, x, valid=None):
+    def forward(self, x, valid=None, routes=None):
         """x (B, T, D); valid (B, T) bool marks real tokens (not padding): only they count toward expert loads
-        and the balance loss, so neither depends on how a batch is padded or split."""
+        and the balance loss, so neither depends on how a batch is padded or split. routes (B, T, n_moe_layers, K):
+        use these experts instead of routing (routing replay: the sampler's), with gate weights recomputed for them."""
         B, T, D = x.shape
         xf = x.reshape(-1, D)
         idx, w, scores = self.gate(xf)
-        if self.replay is not None:  # routing replay: same experts as the rollout, gate weights recomputed
-            idx = self.replay
+        if routes is not None:
+            idx = routes[:, :, self.j].reshape(B * T, -1)
             w = self.gate.gate_weights(scores, idx)
-        if self.record is not None:
-            self.record.append(idx.detach())
+        self.routes = idx.detach().reshape(B, T, -1)  # (B, T, K)
         y = self.experts(xf, idx, w).view(B, T, D)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+        y = y if self.shared_experts is None else y + self.shared_experts(x)
         if self.training and torch.is_grad_enabled():  # training forwards only (not old/ref log-prob passes)
             valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
             with torch.no_grad():
-                real = idx.view(B, T, -1)[valid].reshape(-1)
+                real = self.routes[valid].reshape(-1)
                 self.load += torch.bincount(real, minlength=self.load.numel()).to(self.load.dtype)
             self.aux_loss = self.balance_loss(xf, idx, valid) if self.cfg.aux_loss_alpha > 0 else None
         return y
@@ -467,13 +463,14 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLA(cfg) if cfg.use_mla else GQA(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(i) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        moe_j = sum(cfg.is_moe_layer(j) for j in range(i))  # this layer's slot among the MoE layers
+        self.mlp = MoE(cfg, moe_j) if cfg.is_moe_layer(i) else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.i = i
 
-    def forward(self, x, cos, sin, cache=None, valid=None):
+    def forward(self, x, cos, sin, cache=None, valid=None, routes=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.i)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, valid) if isinstance(self.mlp, MoE) else self.mlp(h))
+        return x + (self.mlp(h, valid, routes) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class Transformer(nn.Module):
@@ -507,13 +504,12 @@ class Transformer(nn.Module):
             if isinstance(m, Router):
                 m.e_score_correction_bias.zero_()
 
-    def forward(self, tokens, cache=None, n_new=None, return_hidden=False, valid=None):
+    def forward(self, tokens, cache=None, n_new=None, return_hidden=False, valid=None, routes=None):
         """tokens (B, T) -> logits (B, T, V), or the final-normed hidden states (B, T, D) with return_hidden.
-
         Without a cache: a causal forward over whole sequences at positions 0..T-1 (training, scoring). Right
         padding is harmless to attention: padded positions come after every real token; valid (B, T) marks the real
         ones for the MoE statistics. With a cache (rollout.KVCache): the T tokens of each row continue that row;
-        n_new (B,) says how many of them are real (default all T)."""
+        n_new (B,) says how many are real (default all T). routes: routing replay (MoE.forward; moe_routes())."""
         B, T = tokens.shape
         positions = cache.begin(T) if cache is not None else torch.arange(T, device=tokens.device).expand(B, T)
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)  # (B, T, d/2)
@@ -522,24 +518,28 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)  # (B, T, D)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, valid)
+            x = layer(x, cos, sin, cache, valid, routes)
         if cache is not None:
             cache.advance(T if n_new is None else n_new)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
 
-    def logprobs(self, tokens, rows, cols, targets, temperature=1.0, vocab=None, return_entropy=False, valid=None):
+    def logprobs(self, tokens, rows, cols, targets, temperature=1.0, vocab=None, return_entropy=False, valid=None,
+                 routes=None):
         """The training path: log p(targets) (N,) read off the hidden states at (rows, cols) of a causal forward
         over tokens (B, T), with the LM head fused into kernels.token_logprobs (no (N, V) logits kept). vocab:
         score over the first `vocab` ids only (the tokenizer's; a padded LM head's extra rows get no mass). A
         method of the model, not a caller's use of lm_head.weight, so FSDP unshards the head for it."""
-        h = self.forward(tokens, return_hidden=True, valid=valid)  # (B, T, D)
+        h = self.forward(tokens, return_hidden=True, valid=valid, routes=routes)  # (B, T, D)
         w = self.lm_head.weight if vocab is None else self.lm_head.weight[:vocab]
         with torch.autocast(h.device.type, enabled=False):  # the kernel accumulates logits in fp32 itself (M8)
             return kernels.token_logprobs(h[rows, cols], w, targets, temperature, return_entropy=return_entropy)
 
     def moe_layers(self):
         return [l.mlp for l in self.layers if isinstance(l.mlp, MoE)]
+
+    def moe_routes(self):  # (B, T, n_moe_layers, K): the experts every MoE layer used in the last forward
+        return torch.stack([m.routes for m in self.moe_layers()], 2)
 
     def aux_loss(self):
         """Sum of the balance losses of the last training forward (0 when alpha = 0)."""

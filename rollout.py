@@ -18,6 +18,7 @@ before top-k/top-p filtering: exactly what the trainer computes for the same tok
 (PITFALLS P2; with top_p < 1 or top_k > 0 the sampled distribution is narrower than this, so on-policy training
 should keep both off). At temperature 0 (greedy) the log-probs are at temperature 1.
 """
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -84,8 +85,9 @@ class Rollout:
     truncated: list        # R bools: True when the row hit max_new_tokens without a stop
     num_samples: int       # G: row i belongs to prompt i // G
     stop_reason: list = field(default_factory=list)  # "stop_id" | "stop_string" | "length"
-    experts: list = None   # record_experts: per row, per MoE layer, the (K,) expert ids of every token fed to the
-    #                        model: (len(prompt) + len(completion) - 1, K); the last sampled token is never fed
+    experts: list = None   # record_experts: per row, the expert ids of every token fed to the model in each MoE
+    #                        layer: (len(prompt) + len(completion) - 1, n_moe_layers, K); the last sampled token is
+    #                        never fed
     seconds: float = 0.0
     new_tokens: int = 0    # sampled tokens in total (for tokens/s)
 
@@ -191,9 +193,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
                        new_tokens=sum(p.new_tokens for p in parts))
     was_training = model.training
     model.eval()
-    moes = model.moe_layers() if record_experts else []
-    for m in moes:
-        m.record = []
+    record = record_experts and bool(model.moe_layers())
 
     P, G = len(prompts), num_samples
     R = P * G
@@ -216,7 +216,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     cache = KVCache(cfg, P, Tp + max_new_tokens, device=device, dtype=dtype)
     h = model(batch, cache, n_new=lens, return_hidden=True)  # (P, Tp, D)
     logits = head(h[torch.arange(P, device=device), lens - 1])  # (P, V) at each prompt's last real token
-    prefill_routes = [m.record.pop() for m in moes]  # (P*Tp, K) each
+    prefill_routes = model.moe_routes() if record else None  # (P, Tp, n_moe, K)
     rows = torch.arange(P, device=device).repeat_interleave(G)  # batch position -> prompt, then -> output row
     cache.select(rows)
     logits = logits[rows]
@@ -225,7 +225,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     tokens = [[] for _ in range(R)]
     logps = [[] for _ in range(R)]
     reason = ["length"] * R
-    routes = [[[] for _ in moes] for _ in range(R)]
+    routes = [[] for _ in range(R)]  # per row, the (n_moe, K) experts of each fed-back token
     stop_set = set(stop_ids)
     max_stop = max((len(s.encode()) for s in stop_strings), default=0)
     alive = torch.ones(R, dtype=torch.bool, device=device)  # per batch position
@@ -255,28 +255,75 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             cache.select(keep)
             rows, ids, alive = rows[keep], ids[keep], alive[keep]
         logits = head(model(ids[:, None], cache, return_hidden=True)[:, 0])  # (B, V)
-        if moes:
-            rl, al = rows.tolist(), alive.tolist()
-            for j, m in enumerate(moes):
-                step_routes = m.record.pop()  # (B, K) the experts of the token just fed in
-                for b, r in enumerate(rl):
-                    if al[b]:
-                        routes[r][j].append(step_routes[b])
-    for m in moes:
-        m.record = None
+        if record:
+            step_routes = model.moe_routes()[:, 0]  # (B, n_moe, K) the experts of the token just fed in
+            for b, (r, a) in enumerate(zip(rows.tolist(), alive.tolist())):
+                if a:
+                    routes[r].append(step_routes[b])
     model.train(was_training)
 
     experts = None
-    if moes:  # per row and layer: prompt routes (from the shared prefill) then the routes of fed-back tokens
+    if record:  # per row: the prompt's routes (from the shared prefill), then those of the fed-back tokens
         experts = []
         for r in range(R):
-            p = r // G
-            per_layer = []
-            for j in range(len(moes)):
-                pr = prefill_routes[j].view(P, Tp, -1)[p, :len(prompts[p])]
-                fed = torch.stack(routes[r][j]) if routes[r][j] else pr[:0]
-                per_layer.append(torch.cat([pr, fed]))
-            experts.append(per_layer)
+            pr = prefill_routes[r // G, :len(prompts[r // G])]  # (len(prompt), n_moe, K)
+            experts.append(torch.cat([pr] + [x[None] for x in routes[r]]))
     return Rollout(tokens=tokens, logprobs=logps, truncated=[x == "length" for x in reason], num_samples=G,
                    stop_reason=reason, experts=experts, seconds=time.perf_counter() - t0,
                    new_tokens=sum(len(t) for t in tokens))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a rollout as tensors, for the trainer
+
+
+@dataclass
+class Batch:
+    """B outputs as tensors (in a rollout, row i belongs to prompt i // G). A mini-batch is batch[indices]."""
+    tokens: torch.Tensor        # (B, T) prompt + completion, right-padded with 0
+    prompt_len: torch.Tensor    # (B,)
+    comp_len: torch.Tensor      # (B,) completion tokens, the stop token included
+    adv: torch.Tensor           # (B,) fp32 advantage of each output
+    keep: torch.Tensor          # (B,) bool: in the loss (--mask-truncated drops the truncated outputs)
+    sampler_logp: torch.Tensor  # (B, C) the sampler's log-prob of each completion token (0 past comp_len)
+    old_logp: torch.Tensor = None  # (B, C) pi_old, when updates are not exactly on-policy
+    routes: torch.Tensor = None    # (B, T, n_moe_layers, K) the sampler's experts, for routing replay
+    scores: torch.Tensor = None    # (B, 4) float64 reward, accuracy, format, language (nan: not scored)
+    truncated: torch.Tensor = None  # (B,) bool: hit max_new_tokens
+    texts: list = None             # decoded completions, for the log
+
+    def __getitem__(self, i):
+        pick = lambda v: v[i] if torch.is_tensor(v) else [v[j] for j in i.tolist()] if v else v  # noqa: E731
+        return Batch(**{f.name: pick(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+
+def make_batch(prompts, completions, sampler_logp, adv, keep=None, experts=None, scores=None, truncated=None,
+               texts=None):
+    """Per-output lists, as the sampler returns them -> a Batch. experts: per output (P + L - 1, n_moe, K)."""
+    P, L = torch.tensor([len(p) for p in prompts]), torch.tensor([len(x) for x in completions])
+    tokens, lp = torch.zeros(len(P), int((P + L).max()), dtype=torch.long), torch.zeros(len(P), int(L.max()))
+    for b, (p, x, s) in enumerate(zip(prompts, completions, sampler_logp)):
+        tokens[b, :len(p) + len(x)] = torch.tensor(p + x)
+        lp[b, :len(x)] = torch.tensor(s)
+    routes = None
+    if experts:  # padding positions route to experts 0..K-1 (their outputs are never used)
+        routes = torch.arange(experts[0].shape[-1]).expand(*tokens.shape, *experts[0].shape[1:]).clone()
+        for b, e in enumerate(experts):
+            routes[b, :len(e)] = e
+    return Batch(tokens, P, L, torch.as_tensor(adv, dtype=torch.float32),
+                 torch.ones(len(P), dtype=torch.bool) if keep is None else torch.as_tensor(keep), lp, routes=routes,
+                 scores=None if scores is None else torch.tensor(scores, dtype=torch.float64),
+                 truncated=torch.zeros(len(P), dtype=torch.bool) if truncated is None else torch.as_tensor(truncated),
+                 texts=texts)
+
+
+def pack(b):
+    """The forward's inputs: x (B, T) = prompt + completion minus its last token, padded with 0, and valid (B, T)
+    its real positions (by position, never by token id: P3); and, flat over the completion tokens (row-major),
+    each token's row, its index t in the completion and the input position P - 1 + t whose hidden state predicts
+    it (PITFALLS P1)."""
+    n = b.prompt_len + b.comp_len - 1  # (B,) input tokens per row
+    valid = torch.arange(int(n.max())) < n[:, None]  # (B, T)
+    x = torch.where(valid, b.tokens[:, :valid.shape[1]], 0)
+    rows, t = (torch.arange(b.sampler_logp.shape[1]) < b.comp_len[:, None]).nonzero(as_tuple=True)  # (N,) each
+    return x, valid, rows, t, b.prompt_len[rows] - 1 + t

@@ -7,6 +7,9 @@ import os
 import random
 import re
 
+import numpy as np
+
+import dist
 from data import DataError, Example, is_heldout, read_rows
 from toy import toy_problems
 
@@ -145,3 +148,27 @@ def load_task(name, n=0, seed=0, split="all", heldout_frac=0.1, **kwargs):
     if generated and len(exs) < n:
         raise DataError(f"task {name!r}: only {len(exs)} {split} examples (asked for {n})")
     return exs[:n] if n > 0 else exs
+
+
+class PromptSampler:
+    """Prompts in a fresh seeded permutation each epoch; (epoch, pos) is the resumable cursor. Every rank walks the
+    same order and takes its own slice of each draw."""
+
+    def __init__(self, examples, seed, epoch=0, pos=0):
+        self.examples, self.seed, self.epoch, self.pos = examples, seed, epoch, pos
+        self._perm()
+
+    def _perm(self):
+        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+
+    def take(self, n_local):
+        n, r = n_local * dist.world_size(), dist.rank()
+        out = []
+        while len(out) < n:
+            if self.pos >= len(self.order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm()
+            k = min(n - len(out), len(self.order) - self.pos)
+            out += self.order[self.pos:self.pos + k].tolist()
+            self.pos += k
+        return [self.examples[i] for i in out[r * n_local:(r + 1) * n_local]]

@@ -1,4 +1,5 @@
-"""Fused kernels for the GRPO hot path, each a Triton kernel with a torch twin and a float64 reference.
+"""Fused kernels for the GRPO hot path: Triton kernels, each tested against a float64 reference (and the loss
+against its definition in plain torch, loss.grpo_loss, which is what runs without a GPU).
 
     token_logprobs(hidden (N, D), weight (V, D), targets (N,), temperature=1.0, backend="auto",
                    return_entropy=False, *, vocab_limit=None, chunk=None, vocab_splits=None)
@@ -8,8 +9,9 @@
         -> per-token loss (N,), or (loss, GRPOTokenStats(clipped_low, clipped_high, kl))       kernels/grpo_loss.py
     token_logprobs_reference, grpo_token_loss_reference: float64 twins for tests               kernels/reference.py
 
-backend: "auto" = Triton on CUDA tensors, torch otherwise; "torch" = the chunked torch path anywhere; "triton" =
-the kernels, also on CPU tensors when TRITON_INTERPRET=1 was set before triton was imported (the tests do this).
+backend: "auto" = Triton on CUDA tensors, torch otherwise; "torch" = the chunked torch path anywhere (token_logprobs
+only; the loss's torch path is loss.grpo_loss); "triton" = the kernels, also on CPU tensors when TRITON_INTERPRET=1
+was set before triton was imported (the tests do this).
 The package imports without triton; then only the torch path exists.
 
 Sampler/trainer agreement. Temperature divides the logits before the log-softmax, as the sampler does. A padded
@@ -62,9 +64,10 @@ D = 7,168, V = 129,280, bf16 inputs. Not measured: no GPU was available when thi
 CPU: bench/logprob.py measures the torch path against the naive one (memory and time); the figures are in
 README.md, "Measured speed".
 """
-from .grpo_loss import GRPOTokenStats, grpo_token_loss
+from ._backend import use_triton
+from .grpo_loss import K3_MAX, GRPOTokenStats, grpo_token_loss
 from .logprob import token_logprobs
 from .reference import grpo_token_loss_reference, token_logprobs_reference
 
-__all__ = ["token_logprobs", "grpo_token_loss", "GRPOTokenStats", "token_logprobs_reference",
+__all__ = ["token_logprobs", "grpo_token_loss", "GRPOTokenStats", "K3_MAX", "use_triton", "token_logprobs_reference",
            "grpo_token_loss_reference"]

@@ -1,4 +1,5 @@
-"""The GRPO per-token loss (paper Eq. 1-2 at token level), forward and backward in one Triton kernel each.
+"""The GRPO per-token loss (paper Eq. 1-2 at token level; defined in plain torch as loss.grpo_loss), forward and
+backward fused into one Triton kernel each.
 
     ratio   = exp(logp - old_logp)                 old_logp None: on-policy, old = logp.detach() (ratio 1, grad -A)
     surr    = min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
@@ -132,37 +133,11 @@ class GRPOTokenLoss(torch.autograd.Function):
         return g_logp, None, None, None, None, None, None, None, None
 
 
-def _torch_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta):
-    """The same math with torch ops and autograd. Inputs are sanitised first (where, not multiply), so inf/NaN
-    on masked tokens reaches neither the loss nor, through 0 * inf, the gradient."""
-    keep = mask != 0
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    lp = torch.where(keep, logp, zero)
-    a = torch.where(keep, adv, zero)
-    ratio = torch.exp(lp - (lp.detach() if old is None else torch.where(keep, old, zero)))
-    loss = -torch.minimum(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
-    kl, capped = torch.zeros_like(lp), torch.zeros_like(lp, dtype=torch.bool)
-    if ref is not None:
-        d = torch.where(keep, ref, zero) - lp
-        k3 = torch.exp(d.clamp(max=30.0)) - d - 1
-        capped = keep & (k3 > K3_MAX)
-        kl = torch.where(capped, torch.full_like(k3, K3_MAX), k3)  # where: a capped token passes no gradient
-        if beta != 0:
-            loss = loss + beta * kl
-    loss = torch.where(keep, loss * mask, zero)
-    with torch.no_grad():
-        ratio = ratio.detach()
-        stats = ((keep & (a < 0) & (ratio < 1 - eps_low)).to(logp.dtype),
-                 (keep & (a > 0) & (ratio > 1 + eps_high)).to(logp.dtype), torch.where(keep, kl.detach(), zero),
-                 capped.to(logp.dtype))
-    return loss, stats
-
-
 def grpo_token_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, backend="auto", *,
                     return_stats=False):
-    """Per-token GRPO loss, shaped like logp (fp32, or fp64 for fp64 inputs on the torch path); with
-    return_stats, (loss, GRPOTokenStats). Only logp is differentiated: old_logp, ref_logp, advantages and mask are
-    constants (detached). advantages are per token (the caller broadcasts sequence advantages); mask is bool or
+    """The fused GRPO per-token loss: loss.grpo_loss (the definition, plain torch) in one Triton kernel each way.
+    Shaped like logp, fp32; with return_stats, (loss, GRPOTokenStats). Only logp is differentiated: old_logp,
+    ref_logp, advantages and mask are constants (detached). advantages are per token (the caller broadcasts sequence advantages); mask is bool or
     float (a float mask weights the loss). old_logp=None: on-policy; ref_logp=None or beta=0: no KL term."""
     where = "kernels.grpo_token_loss"
     for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("advantages", advantages), ("mask", mask)):
@@ -174,17 +149,14 @@ def grpo_token_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_hig
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise ValueError(f"{where}: {name}={v!r} must be a finite number >= 0")
     # eps_low >= 1 is allowed: the lower bound 1 - eps_low <= 0 never binds (the paper's epsilon = 10 does that)
-    triton_ = use_triton(backend, logp, where=where) and logp.numel() > 0
-    dt = torch.float64 if logp.dtype == torch.float64 and not triton_ else torch.float32
-    prep = lambda x: None if x is None else x.detach().reshape(-1).to(dt).contiguous()  # noqa: E731
+    if backend == "torch" or not use_triton(backend, logp, where=where):
+        raise RuntimeError(f"{where}: the fused kernel needs Triton and CUDA tensors (or TRITON_INTERPRET=1); "
+                           "loss.grpo_loss is the same loss in plain torch")
+    prep = lambda x: None if x is None else x.detach().reshape(-1).float().contiguous()  # noqa: E731
     old, ref, adv, mk = prep(old_logp), prep(ref_logp), prep(advantages), prep(mask)
-    lp = logp.reshape(-1).to(dt)
-    if triton_:
-        out = GRPOTokenLoss.apply(lp.contiguous(), old, ref, adv, mk, float(eps_low), float(eps_high),
-                                  float(beta), return_stats)
-        loss, stats = out[0], out[1:]
-    else:
-        loss, stats = _torch_loss(lp, old, ref, adv, mk, eps_low, eps_high, beta)
+    out = GRPOTokenLoss.apply(logp.reshape(-1).float().contiguous(), old, ref, adv, mk, float(eps_low),
+                              float(eps_high), float(beta), return_stats)
+    loss, stats = out[0], out[1:]
     loss = loss.reshape(logp.shape)
     if not return_stats:
         return loss

@@ -55,7 +55,9 @@ def one_step(agg, sharded):
         policy, ref = dist.shard_model(policy), dist.shard_model(ref)
     opt = optim.adamw(policy, 1e-2, 0.1)
     mine = rows()[r * 8 // w:(r + 1) * 8 // w]  # this rank's share of the step's 8 rows
-    m = grpo.train_step(policy, ref, opt, mine, c, VOCAB, on_policy=True)
+    b = rollout.make_batch(*([r[k] for r in mine] for k in ("prompt", "completion", "sampler_logp", "adv")),
+                        keep=[not r["masked"] for r in mine])
+    m = grpo.train_step(policy, ref, opt, b, c, VOCAB, on_policy=True)
     return dist.all_reduce_sum(m["loss"]) if sharded else m["loss"], m["grad_norm"], policy
 
 

@@ -1,6 +1,6 @@
 import copy
-import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,8 +13,11 @@ import config
 import data
 import grpo
 import hf
+import loss
+import rollout
+import tasks
 import toy
-from grpo import group_advantages
+from loss import group_advantages
 from model import ModelConfig, Transformer
 
 
@@ -49,10 +52,10 @@ def test_group_advantages_rejects_singleton_groups():
 
 def test_overlong_penalty_boundaries():
     # L_max = 20, buffer 4: no penalty up to 16, -1/4 at 17, -1 at 20 (PITFALLS P5)
-    assert grpo.overlong_penalty(16, 20, 4) == 0.0
-    assert grpo.overlong_penalty(17, 20, 4) == pytest.approx(-0.25)
-    assert grpo.overlong_penalty(20, 20, 4) == pytest.approx(-1.0)
-    assert grpo.overlong_penalty(20, 20, 0) == 0.0
+    assert loss.overlong_penalty(16, 20, 4) == 0.0
+    assert loss.overlong_penalty(17, 20, 4) == pytest.approx(-0.25)
+    assert loss.overlong_penalty(20, 20, 4) == pytest.approx(-1.0)
+    assert loss.overlong_penalty(20, 20, 0) == 0.0
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -91,12 +94,24 @@ def make_rows(n=8, seed=0, vocab=200, masked=()):
     return rows
 
 
+def batch(rows):
+    """Test rows (dicts of lists) -> grpo.Batch, as collect_rollout builds it from the sampler's lists."""
+    b = rollout.make_batch([r["prompt"] for r in rows], [r["completion"] for r in rows], [r["sampler_logp"] for r in rows],
+                        [r["adv"] for r in rows], keep=[not r.get("masked") for r in rows],
+                        truncated=[r.get("truncated", False) for r in rows])
+    if rows[0].get("old_logp") is not None:
+        b.old_logp = torch.zeros_like(b.sampler_logp)
+        for i, r in enumerate(rows):
+            b.old_logp[i, :len(r["old_logp"])] = torch.tensor(r["old_logp"])
+    return b
+
+
 def grads_of(model, rows, c, vocab=200, on_policy=True, ref=None):
     """Accumulate the step's gradient (without the optimizer update) and return a flat copy."""
     model.zero_grad(set_to_none=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step is a no-op, the grads stay inspectable
     opt.zero_grad = lambda set_to_none=True: None
-    m = grpo.train_step(model, ref, opt, rows, c, vocab, on_policy)
+    m = grpo.train_step(model, ref, opt, batch(rows), c, vocab, on_policy)
     g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
     return g, m
 
@@ -109,7 +124,7 @@ def test_on_policy_gradient_equals_reinforce():
     g, m = grads_of(model, rows, c)
     assert m["clip_low"] == 0 and m["clip_high"] == 0
     model.zero_grad()
-    logp = grpo.token_logprobs(model, rows, 200, c.temperature)
+    logp = grpo.token_logprobs(model, batch(rows), 200, c.temperature)
     w = torch.tensor([1.0 / (len(r["completion"]) * len(rows)) * r["adv"] for r in rows
                       for _ in r["completion"]])
     (-(w * logp).sum()).backward()
@@ -134,7 +149,7 @@ def test_clipping_zeroes_the_gradient_exactly_where_eq1_says():
     rows = make_rows(n=4)
     c = cfg(eps_low=0.2, eps_high=0.2)
     with torch.no_grad():
-        lp = grpo.token_logprobs(model, rows, 200, c.temperature).tolist()
+        lp = grpo.token_logprobs(model, batch(rows), 200, c.temperature).tolist()
     for r in rows:
         L = len(r["completion"])
         own, lp = lp[:L], lp[L:]
@@ -166,14 +181,13 @@ def test_padding_never_changes_the_loss_or_gradient():
     rows = make_rows(n=2)
     c = cfg(loss_agg="token_mean")
     g_both, _ = grads_of(model, rows, c)
-    orig = grpo.pack
+    orig = rollout.pack
     # pad with another id, chosen by position (the valid mask), never by value (P3)
-    grpo.pack = lambda rows, device: (lambda x, b, t, v: (torch.where(v, x, torch.full_like(x, 7)), b, t, v))(
-        *orig(rows, device))
+    rollout.pack = lambda b: (lambda x, v, *rest: (torch.where(v, x, torch.full_like(x, 7)), v, *rest))(*orig(b))
     try:
         g_pad7, _ = grads_of(model, rows, c)
     finally:
-        grpo.pack = orig
+        rollout.pack = orig
     assert torch.allclose(g_both, g_pad7, atol=1e-7)
     # each row alone (its own padding), scaled to the joint token-mean normaliser, sums to the joint gradient
     n_tok = sum(len(r["completion"]) for r in rows)
@@ -185,7 +199,7 @@ def test_masked_rows_leave_the_normaliser_and_all_masked_is_finite():
     model = tiny(200)
     rows = make_rows(n=4, masked=(1,))
     c = cfg(loss_agg="seq_mean_token_mean")
-    w = grpo.token_weights(rows, c)
+    w = loss.token_weights(batch(rows), c)
     assert w[1] == 0 and w[0] == pytest.approx(1 / (len(rows[0]["completion"]) * 3))
     everything = make_rows(n=3, masked=(0, 1, 2))
     g, m = grads_of(model, everything, c)
@@ -300,7 +314,6 @@ def test_tiny_run_raises_its_reward(base_dir, tmp_path, monkeypatch):
 def test_trainer_logprobs_equal_the_samplers_at_the_sampling_temperature():
     """PITFALLS P1/P2 end to end: rows built from a T=0.6 rollout go through train_step at T=0.6 and its logged
     sampler-trainer gap is ~0; the trainer's log-probs at T=1 instead would not match (the negative control)."""
-    import rollout
     model = tiny(200)
     with torch.no_grad():  # sharper logits than the init, so the temperature matters
         model.lm_head.weight.mul_(30)
@@ -313,8 +326,8 @@ def test_trainer_logprobs_equal_the_samplers_at_the_sampling_temperature():
     assert m["tokens"] == 48 and m["gap"] / m["tokens"] < 1e-5
     sampler = torch.tensor([x for r in rows for x in r["sampler_logp"]])
     with torch.no_grad():
-        assert (grpo.token_logprobs(model, rows, 200, 0.6) - sampler).abs().max() < 1e-4
-        assert (grpo.token_logprobs(model, rows, 200, 1.0) - sampler).abs().max() > 1e-2
+        assert (grpo.token_logprobs(model, batch(rows), 200, 0.6) - sampler).abs().max() < 1e-4
+        assert (grpo.token_logprobs(model, batch(rows), 200, 1.0) - sampler).abs().max() > 1e-2
 
 
 def test_the_balance_loss_reaches_the_step_gradient_exactly_once():
@@ -327,7 +340,7 @@ def test_the_balance_loss_reaches_the_step_gradient_exactly_once():
     model.config.aux_loss_alpha = 0.1
     g1, _ = grads_of(model, rows, c)
     model.zero_grad(set_to_none=True)
-    x, _, _, valid = grpo.pack(rows, "cpu")
+    x, valid, *_ = rollout.pack(batch(rows))
     model(x, valid=valid, return_hidden=True)
     model.aux_loss().backward()
     g_aux = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
@@ -337,11 +350,13 @@ def test_the_balance_loss_reaches_the_step_gradient_exactly_once():
 
 def test_token_weights_closed_form():
     """PITFALLS P8: the per-token weight of each aggregation, by hand (row 1 masked, max_new_tokens 8)."""
-    rows = [dict(completion=[0] * L, masked=i == 1) for i, L in enumerate([2, 3, 5, 4])]
+    rows = [dict(prompt=[1], completion=[0] * L, sampler_logp=[0.0] * L, adv=0.0, masked=i == 1)
+            for i, L in enumerate([2, 3, 5, 4])]
     want = {"seq_mean_token_mean": [1 / 6, 0, 1 / 15, 1 / 12], "token_mean": [1 / 11, 0, 1 / 11, 1 / 11],
             "dr_grpo": [1 / 24, 0, 1 / 24, 1 / 24]}
     for agg, w in want.items():
-        assert grpo.token_weights(rows, cfg(loss_agg=agg, max_new_tokens=8)) == pytest.approx(w, abs=1e-12)
+        got = loss.token_weights(batch(rows), cfg(loss_agg=agg, max_new_tokens=8)).tolist()
+        assert got == pytest.approx(w, abs=1e-12)
 
 
 def test_entropy_and_kl_metrics_are_per_token_means():
@@ -351,8 +366,8 @@ def test_entropy_and_kl_metrics_are_per_token_means():
     ref = tiny(200, seed=1)
     _, m = grads_of(model, rows, cfg(beta=0.1), ref=ref)
     with torch.no_grad():
-        lp, ent = grpo.token_logprobs(model, rows, 200, 1.0, entropy=True)
-        ref_lp = grpo.token_logprobs(ref, rows, 200, 1.0)
+        lp, ent = grpo.token_logprobs(model, batch(rows), 200, 1.0, entropy=True)
+        ref_lp = grpo.token_logprobs(ref, batch(rows), 200, 1.0)
     keep = torch.tensor([not r["masked"] for r in rows for _ in r["completion"]])
     d = ref_lp - lp
     assert m["tokens"] == int(keep.sum())
@@ -362,11 +377,11 @@ def test_entropy_and_kl_metrics_are_per_token_means():
     # and what log_step writes to metrics.jsonl is the same per-token mean (divided once, not twice)
     logged = {}
     log = type("Log", (), {"log": lambda self, met, step: logged.update(met)})()
-    for r in rows:
-        r.update(reward=0.0, acc=0.0, fmt=1.0, lang=None, text="x")
+    b = batch(rows)
+    b.scores, b.texts = torch.tensor([[0.0, 0.0, 1.0, float("nan")]] * len(rows), dtype=torch.float64), ["x"] * len(rows)
     stats = {"refills": 0, "zero_std_groups": 0, "sampled_groups": 1, "new_tokens": 1, "sample_s": 1.0,
              "reasons": __import__("collections").Counter()}
-    grpo.log_step(log, 1, rows, m, stats, None, 1e-4, 1.0, 1.0, cfg(beta=0.1, sample_every=0), None)
+    grpo.log_step(log, 1, b, m, stats, None, 1e-4, 1.0, 1.0, cfg(beta=0.1, sample_every=0), None)
     assert logged["entropy"] == pytest.approx(ent[keep].mean().item(), rel=1e-5)
     assert logged["kl"] == pytest.approx((torch.exp(d) - d - 1)[keep].mean().item(), rel=1e-5)
     k3 = torch.exp(d) - d - 1  # tiny random models stay far below the k3 cap; the logged share says so
@@ -380,8 +395,8 @@ def test_capped_kl_tokens_are_counted_through_train_step():
     model, rows, ref = tiny(200), make_rows(), tiny(200, seed=1)
     with torch.no_grad():
         ref.lm_head.weight.mul_(40.0)
-        lp = grpo.token_logprobs(model, rows, 200, 1.0)
-        ref_lp = grpo.token_logprobs(ref, rows, 200, 1.0)
+        lp = grpo.token_logprobs(model, batch(rows), 200, 1.0)
+        ref_lp = grpo.token_logprobs(ref, batch(rows), 200, 1.0)
     keep = torch.tensor([not r["masked"] for r in rows for _ in r["completion"]])
     d = (ref_lp - lp).double()
     capped = ((d.clamp(max=30).exp() - d - 1) > K3_MAX) & keep
@@ -397,11 +412,11 @@ def test_mini_batches_and_mu_two_freeze_old_logprobs_and_clip(base_dir, tmp_path
     seen = {}
     orig = grpo.train_step
 
-    def spy(policy, ref, opt, rows, c, vocab, on_policy):
+    def spy(policy, ref, opt, b, c, vocab, on_policy):
         assert not on_policy
-        for r in rows:
-            seen.setdefault(id(r), []).append(list(r["old_logp"]))
-        return orig(policy, ref, opt, rows, c, vocab, on_policy)
+        for tokens, old in zip(b.tokens.tolist(), b.old_logp.tolist()):  # outputs keyed by their tokens
+            seen.setdefault(tuple(tokens), []).append(old)
+        return orig(policy, ref, opt, b, c, vocab, on_policy)
 
     def digits(completions, examples, weights=None, **kw):
         r = [sum(ch.isdigit() for ch in t) / max(1, len(t)) for t in completions]
@@ -410,7 +425,8 @@ def test_mini_batches_and_mu_two_freeze_old_logprobs_and_clip(base_dir, tmp_path
     monkeypatch.setattr(grpo.rewards, "score_batch", digits)
     run(base_dir, tmp_path / "mu2", "--max-steps=4", "--num-minibatches=2", "--mu=2", "--lr=3e-2", "--eps-low=0.05",
         "--eps-high=0.05", "--rollout-prompts=4", "--group-size=4")
-    assert len(seen) == 16 and all(len(v) == 2 and v[0] == v[1] for v in seen.values())  # seen twice, unchanged
+    # 16 outputs, each in two updates (identical outputs share a key), with the same frozen old log-probs each time
+    assert sum(len(v) for v in seen.values()) == 32 and all(v.count(v[0]) == len(v) for v in seen.values())
     rows = [json.loads(l) for l in open(tmp_path / "mu2" / "metrics.jsonl")]
     assert rows[0]["clip_low"] + rows[0]["clip_high"] == 0  # the first update is on the frozen policy: ratio 1
     assert max(r["clip_low"] + r["clip_high"] for r in rows[1:]) > 0
@@ -444,8 +460,7 @@ def test_dynamic_sampling_refills_and_batch_scale(base_dir, tmp_path, monkeypatc
 
 
 def test_routing_replay_trains(base_dir, tmp_path):
-    p = run(base_dir, tmp_path / "rr", "--max-steps=2", "--routing-replay")
-    assert all(m.replay is None for m in p.moe_layers())  # replay is switched off after each use
+    run(base_dir, tmp_path / "rr", "--max-steps=2", "--routing-replay")
     rows = [json.loads(l) for l in open(tmp_path / "rr" / "metrics.jsonl")]
     assert rows[0]["sampler_trainer_gap"] < 1e-4  # the trainer used the sampler's experts: log-probs agree
 
@@ -453,7 +468,6 @@ def test_routing_replay_trains(base_dir, tmp_path):
 def test_duplicate_prompts_in_one_rollout_stay_separate_groups(monkeypatch):
     """PITFALLS P7: groups are the G rows each prompt was sampled into (row i -> prompt i // G), never keyed by the
     prompt text, so the same prompt twice in a rollout makes two groups with their own mean and std."""
-    import rollout
     tok = toy.toy_tokenizer(n_docs=200)
     ex = data.Example(prompt="1+2", answer="3", kind="math")
     G = 4
@@ -471,8 +485,8 @@ def test_duplicate_prompts_in_one_rollout_stay_separate_groups(monkeypatch):
     c = grpo.GRPOConfig(group_size=G, template="none")
     stats = {"sample_s": 0.0, "new_tokens": 0, "zero_std_groups": 0, "sampled_groups": 0,
              "reasons": __import__("collections").Counter()}
-    rows, zero = grpo.score_round(None, tok, [ex, ex], c, 0, 0, "", [tok.eot_id], stats)
-    adv = [r["adv"] for r in rows]
+    got, zero = grpo.score_round(None, tok, [ex, ex], c, 0, 0, "", [tok.eot_id], stats)
+    adv = got["adv"]
     assert zero == [False, True] and adv[4:] == [0.0] * 4
     assert adv[:4] == pytest.approx([0.866, -0.866, 0.866, -0.866], abs=1e-3)  # (r - 0.5) / std(ddof=1)
 
@@ -481,7 +495,6 @@ def test_score_round_adds_the_overlong_penalty_and_masks_truncated_rows(monkeypa
     """PITFALLS P5 wiring: the soft overlong penalty is added to each row's reward before the group advantages, and
     --mask-truncated marks exactly the truncated rows (max_new_tokens 6, buffer 2: lengths 2, 5, 6, 6 get
     0, -0.5, -1, -1)."""
-    import rollout
     tok = toy.toy_tokenizer(n_docs=200)
     lens, trunc = [2, 5, 6, 6], [False, False, False, True]
     monkeypatch.setattr(grpo.rollout, "generate", lambda policy, prompts, *a, **kw: rollout.Rollout(
@@ -491,20 +504,20 @@ def test_score_round_adds_the_overlong_penalty_and_masks_truncated_rows(monkeypa
     c = grpo.GRPOConfig(group_size=4, template="none", max_new_tokens=6, overlong_buffer=2, mask_truncated=True)
     stats = {"sample_s": 0.0, "new_tokens": 0, "zero_std_groups": 0, "sampled_groups": 0,
              "reasons": __import__("collections").Counter()}
-    rows, zero = grpo.score_round(None, tok, [data.Example(prompt="1+2", answer="3")], c, 0, 0, "", [tok.eot_id],
-                                  stats)
+    got, zero = grpo.score_round(None, tok, [data.Example(prompt="1+2", answer="3")], c, 0, 0, "", [tok.eot_id],
+                                 stats)
     want = group_advantages(torch.tensor([[0.0, -0.5, -1.0, -1.0]]))[0].tolist()
-    assert [r["adv"] for r in rows] == pytest.approx(want) and zero == [False]
-    assert [r["masked"] for r in rows] == trunc
+    assert got["adv"] == pytest.approx(want) and zero == [False]
+    assert [not k for k in got["keep"]] == trunc
+    assert rollout.make_batch(**got).keep.tolist() == [not t for t in trunc]
     c.mask_truncated = False
-    rows, _ = grpo.score_round(None, tok, [data.Example(prompt="1+2", answer="3")], c, 0, 0, "", [tok.eot_id], stats)
-    assert not any(r["masked"] for r in rows)
+    got, _ = grpo.score_round(None, tok, [data.Example(prompt="1+2", answer="3")], c, 0, 0, "", [tok.eot_id], stats)
+    assert all(got["keep"])
 
 
 def test_a_group_whose_gold_cannot_be_judged_does_not_train(monkeypatch):
     """An unparseable gold gives accuracy None; its group used to train on the format reward alone. Real rewards:
     the completions differ in format only, so without the fix the group would get non-zero advantages."""
-    import rollout
     tok = toy.toy_tokenizer(n_docs=200)
     texts = ["<think>a</think><answer>1</answer>", "no tags", "<think>b</think><answer>2</answer>", "x"]
     monkeypatch.setattr(grpo.rollout, "generate", lambda policy, prompts, *a, num_samples, **kw: rollout.Rollout(
@@ -514,10 +527,11 @@ def test_a_group_whose_gold_cannot_be_judged_does_not_train(monkeypatch):
     stats = {"sample_s": 0.0, "new_tokens": 0, "zero_std_groups": 0, "sampled_groups": 0,
              "reasons": __import__("collections").Counter()}
     bad, good = data.Example(prompt="q", answer="\\frac{1}{"), data.Example(prompt="q", answer="1")
-    rows, zero = grpo.score_round(None, tok, [bad, good], c, 0, 0, "", [tok.eot_id], stats)
-    assert [r["acc"] for r in rows[:4]] == [None] * 4 and [r["fmt"] for r in rows[:4]] == [1.0, 0.0, 1.0, 0.0]
-    assert [r["adv"] for r in rows[:4]] == [0.0] * 4 and zero == [True, False]
-    assert any(r["adv"] != 0 for r in rows[4:]) and stats["reasons"]["unjudged_example"] == 1
+    got, zero = grpo.score_round(None, tok, [bad, good], c, 0, 0, "", [tok.eot_id], stats)
+    acc, fmt = [s[1] for s in got["scores"][:4]], [s[2] for s in got["scores"][:4]]
+    assert all(math.isnan(a) for a in acc) and fmt == [1.0, 0.0, 1.0, 0.0]  # accuracy nan: not judged
+    assert got["adv"][:4] == [0.0] * 4 and zero == [True, False]
+    assert any(a != 0 for a in got["adv"][4:]) and stats["reasons"]["unjudged_example"] == 1
 
 
 def test_answer_outside_the_answer_block_does_not_count():
@@ -574,7 +588,6 @@ def test_every_entry_point_encodes_prompts_with_the_tokenizers_bos(monkeypatch, 
     """grpo.py (rollout prompts), eval.py (sampling and the probe) and sft.py (prompt/completion rows) all encode a
     prompt through data.prompt_ids: a tokenizer that adds a BOS gets it at position 0 everywhere."""
     import eval as ev
-    import rollout
     import sft
     base = toy.toy_tokenizer(n_docs=300)
     tok = data.Tokenizer(base.enc, bos="<think>")  # any special token will do as the BOS here
@@ -603,8 +616,8 @@ def test_every_entry_point_encodes_prompts_with_the_tokenizers_bos(monkeypatch, 
 
 def test_prompt_sampler_epochs_and_resumable_cursor():
     exs = list(range(10))
-    s = grpo.PromptSampler(exs, seed=3)
+    s = tasks.PromptSampler(exs, seed=3)
     first = s.take(4) + s.take(4) + s.take(4)  # crosses into epoch 1
     assert sorted(first[:10]) == exs and s.epoch == 1 and s.pos == 2
-    again = grpo.PromptSampler(exs, seed=3, epoch=s.epoch, pos=s.pos)
+    again = tasks.PromptSampler(exs, seed=3, epoch=s.epoch, pos=s.pos)
     assert again.take(5) == s.take(5)  # a resumed cursor continues the same order

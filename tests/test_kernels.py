@@ -12,6 +12,7 @@ import torch
 
 import kernels
 from kernels import _backend, grpo_token_loss_reference, token_logprobs_reference
+from loss import grpo_loss
 
 HAVE_TRITON = _backend.triton is not None and _backend.INTERPRET
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton with TRITON_INTERPRET=1 not available")
@@ -177,6 +178,16 @@ def test_imports_and_runs_without_triton():
 LOSS_BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 
 
+def grpo_token_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, backend, return_stats=False):
+    """The loss under test: loss.grpo_loss (torch: the definition the trainer runs on CPU) or the fused kernel."""
+    if backend == "torch":
+        out = grpo_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta)
+    else:
+        out = kernels.grpo_token_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, backend=backend,
+                                      return_stats=True)
+    return out if return_stats else out[0]
+
+
 def loss_inputs(N=150, seed=0, dtype=torch.float32):
     """150 tokens (3 interpreter blocks, the last partial); ratios well outside [0.8, 1.28] on both sides; masked
     tokens carry NaN/inf garbage that must not leak."""
@@ -197,7 +208,7 @@ def test_grpo_token_loss_matches_reference(backend, variant):
     old = None if variant == "old_none" else old
     ref = None if variant == "ref_none" else ref
     beta = 0.0 if variant == "beta0" else 0.05
-    a, st = kernels.grpo_token_loss(logp, old, ref, adv, mask, 0.2, 0.28, beta, backend=backend, return_stats=True)
+    a, st = grpo_token_loss(logp, old, ref, adv, mask, 0.2, 0.28, beta, backend=backend, return_stats=True)
     b, lo, hi, kl, cap = grpo_token_loss_reference(logp, old, ref, adv, mask, 0.2, 0.28, beta)
     assert a.dtype == torch.float32 and (a.double() - b).abs().max() < 1e-6
     g = torch.randn(a.shape, generator=torch.Generator().manual_seed(3))
@@ -220,7 +231,7 @@ def test_grpo_loss_clipping_zeroes_exactly_the_clipped_tokens(backend):
     logp = torch.zeros(6, requires_grad=True)
     old = torch.log(torch.tensor([1 / 1.5, 1 / 1.5, 1 / 0.5, 1 / 0.5, 1.0, 1.0]))  # ratios 1.5,1.5,0.5,0.5,1,1
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
-    loss, st = kernels.grpo_token_loss(logp, old, None, adv, torch.ones(6), 0.2, 0.2, 0.0, backend=backend,
+    loss, st = grpo_token_loss(logp, old, None, adv, torch.ones(6), 0.2, 0.2, 0.0, backend=backend,
                                        return_stats=True)
     g, = torch.autograd.grad(loss.sum(), logp)
     # A>0 & r>1+eps: clipped (0); A<0 & r>1+eps: not clipped; A>0 & r<1-eps: not clipped; A<0 & r<1-eps: clipped
@@ -229,7 +240,7 @@ def test_grpo_loss_clipping_zeroes_exactly_the_clipped_tokens(backend):
     assert st.clipped_high.tolist() == [1, 0, 0, 0, 0, 0] and st.clipped_low.tolist() == [0, 0, 0, 1, 0, 0]
     assert loss.detach().tolist() == pytest.approx([-1.2, 1.5, -0.5, 0.8, -1, 1])
     # asymmetric epsilons: raising eps_high un-clips token 0
-    loss = kernels.grpo_token_loss(logp, old, None, adv, torch.ones(6), 0.2, 0.6, 0.0, backend=backend)
+    loss = grpo_token_loss(logp, old, None, adv, torch.ones(6), 0.2, 0.6, 0.0, backend=backend)
     g, = torch.autograd.grad(loss.sum(), logp)
     assert g[0] == pytest.approx(-1.5) and g[3] == 0
 
@@ -238,7 +249,7 @@ def test_grpo_loss_clipping_zeroes_exactly_the_clipped_tokens(backend):
 def test_on_policy_gradient_is_reinforce_and_float_mask_weights(backend):
     logp, _, _, adv, mask = loss_inputs(N=70)
     w = torch.rand(70, generator=torch.Generator().manual_seed(5)) * mask
-    loss, st = kernels.grpo_token_loss(logp, None, None, adv, w, 0.2, 0.2, 0.0, backend=backend, return_stats=True)
+    loss, st = grpo_token_loss(logp, None, None, adv, w, 0.2, 0.2, 0.0, backend=backend, return_stats=True)
     g, = torch.autograd.grad(loss.sum(), logp)
     keep = w != 0
     assert torch.allclose(g[keep], -adv[keep] * w[keep]) and (g[~keep] == 0).all()  # -A * weight (P9)
@@ -249,12 +260,14 @@ def test_on_policy_gradient_is_reinforce_and_float_mask_weights(backend):
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
 def test_k3_is_zero_at_ref_and_bf16_logp(backend):
     logp = torch.linspace(-3, 0, 11)
-    loss = kernels.grpo_token_loss(logp, None, logp.clone(), torch.zeros(11), torch.ones(11), 0.2, 0.2, 1.0,
+    loss = grpo_token_loss(logp, None, logp.clone(), torch.zeros(11), torch.ones(11), 0.2, 0.2, 1.0,
                                    backend=backend)
     assert (loss == 0).all()
+    if backend == "torch":
+        return  # the trainer's loss sees fp32 log-probs (the kernel's output); bf16 inputs are the fused kernel's
     lp, old, ref, adv, mask = (x.detach().to(torch.bfloat16) if x.is_floating_point() else x for x in loss_inputs())
     lp.requires_grad_(True)
-    a = kernels.grpo_token_loss(lp.view(10, 15), old.view(10, 15), ref.view(10, 15), adv.view(10, 15),
+    a = grpo_token_loss(lp.view(10, 15), old.view(10, 15), ref.view(10, 15), adv.view(10, 15),
                                 mask.view(10, 15), 0.2, 0.28, 0.05, backend=backend)
     b = grpo_token_loss_reference(lp, old, ref, adv, mask, 0.2, 0.28, 0.05)[0]
     assert a.shape == (10, 15) and a.dtype == torch.float32 and (a.reshape(-1).double() - b).abs().max() < 1e-6
@@ -271,7 +284,7 @@ def test_one_rare_token_cannot_blow_up_the_step(backend):
     logp = torch.tensor([math.log(1e-6), -100.0, -0.7, -0.69, 0.0, -50.0], requires_grad=True)
     ref = torch.tensor([math.log(0.5), 0.0, -0.69, -0.7, -20.0, -49.0])
     adv, mask = torch.tensor([1.0, -1.0, 0.5, 0.5, 1.0, 0.0]), torch.tensor([1, 1, 1, 1, 1, 0], dtype=torch.bool)
-    loss, st = kernels.grpo_token_loss(logp, None, ref, adv, mask, 0.2, 0.2, 0.04, backend=backend,
+    loss, st = grpo_token_loss(logp, None, ref, adv, mask, 0.2, 0.2, 0.04, backend=backend,
                                        return_stats=True)
     g, = torch.autograd.grad(loss.sum(), logp)
     assert torch.isfinite(loss).all() and torch.isfinite(g).all()
@@ -290,7 +303,7 @@ def test_k3_estimates_the_kl():
     g = torch.Generator().manual_seed(0)  # Monte Carlo: E_{x~pi}[k3(x)] == KL(pi || ref) on a small categorical
     pi, ref = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.2, 0.6])
     x = torch.multinomial(pi, 200_000, replacement=True, generator=g)
-    k3 = kernels.grpo_token_loss(pi.log()[x], None, ref.log()[x], torch.zeros(len(x)), torch.ones(len(x)),
+    k3 = grpo_token_loss(pi.log()[x], None, ref.log()[x], torch.zeros(len(x)), torch.ones(len(x)),
                                  0.2, 0.2, 1.0, backend="torch")
     kl = (pi * (pi / ref).log()).sum()
     assert (k3 >= 0).all() and k3.mean() == pytest.approx(kl.item(), rel=0.02)
@@ -314,7 +327,7 @@ def test_paper_epsilon_ten_leaves_only_the_upper_clip(backend):
     logp = torch.zeros(4, requires_grad=True)
     old = torch.log(torch.tensor([1 / 0.01, 1 / 0.01, 1 / 20.0, 1 / 20.0]))  # ratios 0.01, 0.01, 20, 20
     adv = torch.tensor([-1.0, 1.0, 1.0, -1.0])
-    loss, st = kernels.grpo_token_loss(logp, old, None, adv, torch.ones(4), 10.0, 10.0, 0.0, backend=backend,
+    loss, st = grpo_token_loss(logp, old, None, adv, torch.ones(4), 10.0, 10.0, 0.0, backend=backend,
                                        return_stats=True)
     g, = torch.autograd.grad(loss.sum(), logp)
     assert st.clipped_low.sum() == 0 and st.clipped_high.tolist() == [0.0, 0.0, 1.0, 0.0]

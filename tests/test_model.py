@@ -270,15 +270,12 @@ def test_routing_replay_reproduces_recorded_experts():
     torch.manual_seed(0)
     m = Transformer(cfg).eval()
     tokens = torch.randint(0, V, (2, T))
-    moe = m.layers[1].mlp
-    moe.record = []
     with torch.no_grad():
         ref = m(tokens)
-    recorded, moe.record = moe.record[0], None
-    moe.replay = recorded
-    with torch.no_grad():
-        assert torch.allclose(m(tokens), ref, atol=1e-6)
-        moe.replay = torch.zeros_like(recorded)  # force other experts: the output must change
-        assert not torch.allclose(m(tokens), ref, atol=1e-3)
+        recorded = m.moe_routes()  # (B, T, n_moe, K)
+        assert recorded.shape == (2, T, len(m.moe_layers()), cfg.num_experts_per_tok)
+        assert torch.allclose(m(tokens, routes=recorded), ref, atol=1e-6)
+        # force other experts: the output must change
+        assert not torch.allclose(m(tokens, routes=torch.zeros_like(recorded)), ref, atol=1e-3)
 
 

@@ -20,6 +20,7 @@ import regex
 import tiktoken
 
 from config import UserError
+from dist import print0
 
 
 class DataError(UserError):
@@ -293,7 +294,7 @@ def read_rows(path):
                 raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
             rows.append((f"{path}:{i}", row))
     if blank:
-        print(f"{path}: skipped {blank} blank line(s)")
+        print0(f"{path}: skipped {blank} blank line(s)")  # once, not once per rank
     return rows
 
 

@@ -1,8 +1,8 @@
-"""Rule rewards for R1-Zero-style RL (PAPER.md section 2), and the launcher of the code sandbox.
+"""Rule rewards for R1-Zero-style RL (the paper's section 2), and the launcher of the code sandbox.
 
 Every reward is a function of (completion text, gold) that never raises on a bad completion: it scores 0 and
-score_batch counts why. The paper's R1-Zero reward is accuracy + format with equal weights (004 Eq. B4); the
-language-consistency reward is added directly when enabled (003 line 214). An unparseable gold gives None (skip),
+score_batch counts why. The paper's R1-Zero reward is accuracy + format with equal weights (its supplementary
+Eq. B4); the language-consistency reward is added directly when enabled (R1's second RL stage). An unparseable gold gives None (skip),
 never 1 (PITFALLS P12). Model-written code runs in sandbox_runner.py, and the tests run outside it, against
 proxies of the code's functions (its docstring lists the walls, the proxies' semantics and their limits). Without
 root or a user namespace the code reward refuses to run (SandboxUnavailable, not a silent 0) unless the caller
@@ -30,6 +30,8 @@ import time
 from fractions import Fraction
 from functools import lru_cache
 
+from config import UserError
+
 MV_TIMEOUT = 3            # seconds per math-verify parse/compare (signal.alarm counts whole seconds)
 MAX_ANSWER_CHARS = 1000   # longer "answers" are spam, and they make sympy slow
 WEIGHTS = {"accuracy": 1.0, "format": 1.0}  # the paper's R1-Zero reward; add "language": 1.0 to enable it
@@ -39,8 +41,8 @@ KINDS = ("math", "choice", "countdown", "code", "rg")
 # answer extraction
 
 
-def _last_boxed(text):
-    """Content of the last \\boxed{...} (balanced braces), or None."""
+def last_boxed(text):
+    """Content of the last \\boxed{...} (balanced braces), or None (no \\boxed, no brace after it, unbalanced)."""
     i = text.rfind("\\boxed")
     if i < 0:
         return None
@@ -63,9 +65,9 @@ def extract_answer(completion, answer_block=False):
     j = completion.find("</answer>", i) if i >= 0 else -1
     if j >= 0:
         ans = completion[i + 8:j]
-        box = _last_boxed(ans)
+        box = last_boxed(ans)
         return (ans if box is None else box).strip()
-    box = None if answer_block else _last_boxed(completion)
+    box = None if answer_block else last_boxed(completion)
     return None if box is None else box.strip()
 
 
@@ -82,9 +84,10 @@ def _squash(s):
     return re.sub(r"\s+", "", str(s)).strip("$").rstrip(".")
 
 
-class SandboxUnavailable(RuntimeError):
+class SandboxUnavailable(RuntimeError, UserError):
     """The code sandbox cannot isolate model-written code here (no root, no user namespace) and the caller did not
-    accept weaker isolation. Raised to the caller, never turned into a reward."""
+    accept weaker isolation. Raised to the caller, never turned into a reward; an entry point prints its message
+    (which says how to fix it or pass --code-isolation=weak) as one line, not a traceback."""
 
 
 def _safe(fn, *args):

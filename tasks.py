@@ -10,6 +10,7 @@ import re
 import numpy as np
 
 import dist
+import rewards
 from data import DataError, Example, is_heldout, read_rows
 from toy import toy_problems
 
@@ -54,15 +55,12 @@ def extract_gold(text):
     last \\boxed{...} (MATH), else the whole text stripped (AIME-style short answers)."""
     if "####" in text:
         return re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.rsplit("####", 1)[1].strip())
-    start = text.rfind("\\boxed")
-    if start < 0:
+    if "\\boxed" not in text:
         return text.strip()
-    i, depth = start + len("\\boxed"), 0
-    for j in range(i, len(text) if text[i:i + 1] == "{" else i):  # no "{" right after: no loop, an error
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j].strip()
-    raise ValueError("\\boxed without a balanced {...}")
+    box = rewards.last_boxed(text)
+    if box is None:
+        raise ValueError("\\boxed without a balanced {...}")
+    return box.strip()
 
 
 def load_file(path, prompt_field=None, answer_field=None, kind="math"):

@@ -403,6 +403,14 @@ def test_code_refuses_without_isolation(monkeypatch):
     examples = [Ex("q", "", "code", {"tests": "assert f() == 1"})] * 3
     with pytest.raises(R.SandboxUnavailable):
         R.score_batch([good] * 3, examples, workers=0)
+    # an entry point prints it as one line naming the flag (exit 2), not a traceback
+    import config
+
+    def main():
+        R.score_batch([good] * 3, examples, workers=0)
+    with pytest.raises(SystemExit) as ex:
+        config.cli(main, "grpo.py")
+    assert ex.value.code == 2
     assert R.run_sandboxed("def f():\n    return 1", ["assert f() == 1"], isolation="weak") == ("1", None, "none")
     assert R.code_reward(good, "assert f() == 1", isolation="weak") == 1.0
     assert R.score_batch([good] * 3, examples, workers=0, code_isolation="weak")[1]["accuracy"] == [1.0] * 3

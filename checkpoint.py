@@ -41,6 +41,22 @@ def atomic_torch_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def check_vocab(model, tok):
+    """The tokenizer's ids must all have a row in the model's embedding and LM head."""
+    if tok.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"--tokenizer: {tok.vocab_size} tokens do not fit the model's vocab_size "
+                          f"{model.config.vocab_size}")
+
+
+def write_run_config(c, tok=None):
+    """Rank 0: create out_dir with the run's settings (config.json) and, given one, its tokenizer."""
+    if rank() == 0:
+        os.makedirs(c.out_dir, exist_ok=True)
+        atomic_write_json(os.path.join(c.out_dir, "config.json"), dataclasses.asdict(c))
+        if tok is not None:
+            tok.save(os.path.join(c.out_dir, "tokenizer.bpe"))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints. One process: ckpt_<step>.pt, one file, written to a temporary name and renamed. Under torchrun:
 # ckpt_<step>/, a torch.distributed.checkpoint (DCP) directory of the sharded model and optimizer plus one small

@@ -303,8 +303,13 @@ def read_rows(path):
 
 
 def is_heldout(text, frac):
-    """True for a `frac` share of texts; sha256, not Python's salted hash, so it is the same in every run."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") < frac * 2 ** 64
+    """True for a `frac` share of texts, by text_hash."""
+    return text_hash(text) < frac * 2 ** 64
+
+
+def text_hash(text):
+    """A text's hash in [0, 2^64): sha256, not Python's salted hash, so it is the same in every run."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
 def contamination(train, evals, n=10):

@@ -359,8 +359,7 @@ def main(argv=None):
     policy = checkpoint.build_model(c.init_from, state, device, dtype).train()
     tok = data.Tokenizer.from_file(checkpoint.find_tokenizer(c.tokenizer, c.init_from or c.out_dir))
     vocab = tok.vocab_size
-    if vocab > policy.config.vocab_size:
-        raise ConfigError(f"--tokenizer: {vocab} tokens do not fit the model's vocab_size {policy.config.vocab_size}")
+    checkpoint.check_vocab(policy, tok)
     stop_ids = rollout.stop_ids_for(policy, tok)
     template = data.TEMPLATES[c.template]
     train_ex = tasks.load_task(c.task, n=c.task_size, seed=c.problem_seed, split="train", heldout_frac=c.heldout_frac)
@@ -379,10 +378,7 @@ def main(argv=None):
         dist.set_rng_state(state["rng"])
         step, bad = state["step"], state["bad_steps"]
         sampler = tasks.PromptSampler(train_ex, c.seed, *state["sampler"])
-    if dist.rank() == 0:
-        os.makedirs(c.out_dir, exist_ok=True)
-        checkpoint.atomic_write_json(os.path.join(c.out_dir, "config.json"), dataclasses.asdict(c))
-        tok.save(os.path.join(c.out_dir, "tokenizer.bpe"))  # a --resume needs nothing but out_dir
+    checkpoint.write_run_config(c, tok)  # a --resume needs nothing but out_dir
     log = metrics.MetricsLogger(c.out_dir, c, c.wandb_project, c.wandb_mode)
     print0(f"policy {policy.num_params() / 1e6:.2f}M params; {len(train_ex)} train prompts; preset {c.preset}; "
            f"{c.rollout_prompts} prompts x {c.group_size} per rollout, {c.num_minibatches} mini-batches, mu={c.mu}")

@@ -30,7 +30,6 @@ import data
 import dist
 import metrics
 import optim
-from config import ConfigError
 from data import DataError, Tokenizer
 from dist import print0
 from model import ModelConfig, Transformer
@@ -192,8 +191,7 @@ def main(argv=None):
                          eos_token_id=tok.eot_id)
         model = dist.shard_model(Transformer(mc).to(device=device), dtype == torch.bfloat16)
     model.train()
-    if model.config.vocab_size < vocab:
-        raise ConfigError(f"--tokenizer: {vocab} tokens do not fit the model's vocab_size {model.config.vocab_size}")
+    checkpoint.check_vocab(model, tok)
     opt = optim.adamw(model, c.lr, c.weight_decay, (c.beta1, c.beta2))
     start_step = 0
     if state:
@@ -225,9 +223,7 @@ def main(argv=None):
         so W ranks see exactly the batch one process with W times the batch size would."""
         return tuple(t[R * c.batch_size:(R + 1) * c.batch_size].to(device) for t in xym)
 
-    if R == 0:
-        os.makedirs(c.out_dir, exist_ok=True)
-        checkpoint.atomic_write_json(os.path.join(c.out_dir, "config.json"), dataclasses.asdict(c))
+    checkpoint.write_run_config(c)
     log = metrics.MetricsLogger(c.out_dir, c, c.wandb_project, c.wandb_mode)
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.config.architecture}, "
            f"{model.config.n_routed_experts} routed experts), {device}, {dtype}, {W} process(es)")

@@ -23,7 +23,6 @@ problems stepwise, but mostly answers directly and often wrongly: RL has somethi
 happened"). Held-out and dev problems (a hash of the problem text, toy_split) never occur in the corpus, not even
 as a run of 3+ operands inside a longer problem; tests/test_toy.py proves it with data.contamination().
 """
-import hashlib
 import json
 import os
 import random
@@ -31,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 import config
-from data import TOY_TEMPLATE, DataError, Example, Tokenizer, apply_template, contamination
+from data import TOY_TEMPLATE, DataError, Example, Tokenizer, apply_template, contamination, text_hash
 
 
 @dataclass
@@ -88,7 +87,7 @@ def toy_split(text, frac):
     """Which side a toy problem text is on, by its hash: 'heldout' (the reported eval), 'dev' (for choosing recipes and
     the pre-RL check: results on it may steer a choice, results on held-out never do) or 'train'. The held-out and dev
     slices are `frac` each and disjoint; neither ever occurs in the corpus or among RL's training prompts."""
-    h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+    h = text_hash(text)
     return "heldout" if h < frac * 2 ** 64 else "dev" if h < 2 * frac * 2 ** 64 else "train"
 
 

@@ -1,17 +1,12 @@
 """Rule rewards for R1-Zero-style RL (the paper's section 2), and the launcher of the code sandbox.
 
 Every reward is a function of (completion text, gold) that never raises on a bad completion: it scores 0 and
-score_batch counts why. The paper's R1-Zero reward is accuracy + format with equal weights (its supplementary
-Eq. B4); the language-consistency reward is added directly when enabled (R1's second RL stage). An unparseable gold gives None (skip),
-never 1 (PITFALLS P12). Model-written code runs in sandbox_runner.py, and the tests run outside it, against
-proxies of the code's functions (its docstring lists the walls, the proxies' semantics and their limits). Without
-root or a user namespace the code reward refuses to run (SandboxUnavailable, not a silent 0) unless the caller
-accepts weaker isolation with isolation="weak".
-
-Public: accuracy_reward, choice_reward, countdown_reward, reasoning_gym_reward, format_reward,
-language_consistency_reward, code_reward (split_tests, run_sandboxed, SandboxUnavailable), extract_answer,
-score_batch (one call per GRPO step: dispatch by example kind, weighted total, per-component values, counted
-reasons, a worker pool).
+score_batch counts why. R1-Zero's reward is accuracy + format with equal weights (the supplementary's Eq. B4);
+language consistency (R1's second RL stage) is added when enabled. An unparseable gold gives None (skip), never 1
+(PITFALLS P12). Model-written code runs in the sandbox's walled child (sandbox_runner.py lists the walls, the
+proxies' semantics and the limits), the tests outside it against proxies of its functions; without root or a user
+namespace the code reward raises SandboxUnavailable (never a silent 0) unless the caller accepts isolation="weak".
+score_batch is the one call per GRPO step: dispatch by kind, weighted total, per-component values, counted reasons.
 """
 import ast
 import atexit
@@ -46,9 +41,7 @@ def last_boxed(text):
     i = text.rfind("\\boxed")
     if i < 0:
         return None
-    j = i + 6
-    while j < len(text) and text[j] == " ":
-        j += 1
+    j = len(text) - len(text[i + 6:].lstrip(" "))  # the first non-space after \\boxed
     depth = 0
     for k in range(j, len(text)):
         depth += {"{": 1, "}": -1}.get(text[k], 0)
@@ -85,9 +78,8 @@ def _squash(s):
 
 
 class SandboxUnavailable(RuntimeError, UserError):
-    """The code sandbox cannot isolate model-written code here (no root, no user namespace) and the caller did not
-    accept weaker isolation. Raised to the caller, never turned into a reward; an entry point prints its message
-    (which says how to fix it or pass --code-isolation=weak) as one line, not a traceback."""
+    """No root and no user namespace, and the caller did not accept weaker isolation: raised, never a reward. The
+    message says how to fix it or pass --code-isolation=weak; entry points print it as one line."""
 
 
 def _safe(fn, *args):

@@ -11,9 +11,9 @@ width keeps digits of equal weight at fixed distances from "+" and "=".
 A toy problem chains 2-4 operands (0-49) with + (ToyConfig.ops="+-" adds -), every running total in 0-99;
 difficulty = operand count. A fact is one step of such a chain, so its first number is a running total (0-99).
 The corpus (knobs in ToyConfig) mixes these documents, each a string (the trainer appends end-of-text):
-  fact (~35% in all)       24+70=94
-  direct answer            24+70+31=36             a near miss 70% of the time when there are 3+ operands
-  stepwise (always right)  24+70+31: 24+70=94 94+31=26
+  fact (~29% in all)       24+70=94
+  direct answer (~12%)     24+70+31=36             a near miss 70% of the time when there are 3+ operands
+  stepwise (~48%, right)   24+70+31: 24+70=94 94+31=26
   with a slip (10%)        24+70+31: 24+70=95 wait, recheck: 24+70=94 94+31=26    (or a wrong direct guess,
                            then " wait, recheck: " and the steps)
   tagged (15%)             User: 24+70+31\\nAssistant:<think>24+70+31=36</think><answer>36</answer>
@@ -42,7 +42,9 @@ class ToyConfig:
     ops: str = "+"                 # "+-" also subtracts: twice the facts to learn, too many for a 5-minute base
     p_fact: float = 0.25           # single-equation documents (2-operand direct answers add ~10% more)
     p_tagged: float = 0.2          # other documents in TOY_TEMPLATE + <think>/<answer> format
-    p_stepwise: float = 0.5        # untagged problems solved step by step (else answered directly)
+    p_stepwise: float = 0.8        # untagged problems solved step by step (else answered directly); copying
+    #                                operands into steps is the skill RL selects, and at 0.5 it came too late on
+    #                                some seeds (README, "What happened")
     p_tagged_stepwise: float = 0.3   # tagged ones solved step by step (the rest answer directly)
     p_direct_wrong: float = 0.7    # direct answers to 3+ operand problems that are wrong (a near miss)
     p_slip: float = 0.1            # stepwise solutions that err, say "wait, recheck:" and fix it

@@ -1,0 +1,63 @@
+"""The layout's rules, read from the code: who imports whom (no circles, no project imports hidden inside functions),
+model.py is the model alone, and file sizes stay readable. `python tests/test_house.py` prints the import graph."""
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODULES = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")) + ["kernels"]
+
+
+def project_imports(mod):
+    """(imports at module level, imports inside functions or classes) of a root module or the kernels package."""
+    paths = [os.path.join(ROOT, mod + ".py")] if mod != "kernels" else [
+        os.path.join(ROOT, "kernels", f) for f in sorted(os.listdir(os.path.join(ROOT, "kernels"))) if f.endswith(".py")]
+    top, inner = set(), set()
+    for path in paths:
+        tree = ast.parse(open(path).read())
+        nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  for n in ast.walk(f) if n is not f}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module.split(".")[0]]
+            else:
+                continue
+            for n in names:
+                if n in MODULES and n != mod:
+                    (inner if id(node) in nested else top).add(n)
+    return top, inner
+
+
+def graph():
+    return {m: project_imports(m) for m in MODULES}
+
+
+def test_no_import_circles_and_none_inside_functions():
+    g = {m: top for m, (top, _) in graph().items()}
+    assert all(not inner for _, inner in graph().values()), {m: i for m, (_, i) in graph().items() if i}
+    state = {}
+
+    def visit(m, path):  # depth-first: meeting a module still on the path is a circle
+        if state.get(m) == "done":
+            return
+        assert state.get(m) != "open", f"import circle: {' -> '.join(path + [m])}"
+        state[m] = "open"
+        for n in sorted(g[m]):
+            visit(n, path + [m])
+        state[m] = "done"
+    for m in MODULES:
+        visit(m, [])
+
+
+def test_model_is_the_model_alone_and_files_stay_readable():
+    assert graph()["model"][0] <= {"kernels"}
+    sizes = {f: sum(1 for _ in open(os.path.join(ROOT, f))) for f in os.listdir(ROOT) if f.endswith(".py")}
+    assert max(sizes.values()) <= 550, sizes
+    assert sizes["grpo.py"] <= 450, sizes["grpo.py"]
+
+
+if __name__ == "__main__":
+    for m, (top, inner) in graph().items():
+        print(f"{m:16s} -> {', '.join(sorted(top)) or '-'}" + (f"   (inside functions: {', '.join(sorted(inner))})"
+                                                                if inner else ""))

@@ -38,10 +38,10 @@ start=$(date +%s)
 # 1. corpus and tokenizer
 [ -f "$OUT/data/tokenizer.bpe" ] || stage data python toy.py --out-dir="$OUT/data" --docs="$DOCS" --seed=1
 
-# 2. pretraining (the "base model"): ~8 minutes on 2 cores. RL can only select what the base can do, and here that
-#    is copying each operand into the steps. With 4 attention heads that skill came late (after 2,000 steps or never,
-#    depending on the seed and the CPU); with 8 it comes earlier, but not early enough on every seed: at 1,300 steps
-#    seeds 1-2 copy every operand and seeds 3-4 do not yet (README: "What happened"; step 4 catches those).
+# 2. pretraining (the "base model"): ~9 minutes on 2 cores. RL can only select what the base can do, and here that
+#    is copying each operand into the steps. 8 attention heads and a corpus that copies often (toy.py) bring that
+#    skill early, but not on every seed: at 1,300 steps seeds 1, 2, 4 and 5 copy every operand and seed 3 misses the
+#    fourth (README: "What happened"; step 4 catches such a base).
 [ -f "$OUT/base/final/config.json" ] || stage pretrain python sft.py --data="$OUT/data/corpus.txt" \
     --tokenizer="$OUT/data/tokenizer.bpe" --out-dir="$OUT/base" --num-attention-heads=8 --max-steps="$BASE_STEPS" \
     --batch-size=32 --seq-len=128 --lr=2e-3 --warmup-steps=100 --log-every=100 --eval-every=250 --ckpt-every=250 \

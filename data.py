@@ -48,6 +48,7 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
                    "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]
 LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 246)]  # 256 in all, after the ranks
+LLAMA3_RANKS = 128_000  # mergeable ranks in Llama 3's tokenizer.model
 SPECIAL_TOKENS = ["<|endoftext|>", "<think>", "</think>", "<answer>", "</answer>"]
 # end-of-text spellings of known tokenizers, tried in order when a file does not say which one it uses
 EOT_NAMES = ["<|endoftext|>", "<|end_of_text|>", "<｜end▁of▁sentence｜>", "<|im_end|>", "</s>", "<|eot_id|>"]
@@ -164,6 +165,11 @@ class Tokenizer:
             raise DataError(f"{path}: empty tokenizer file")
         side = {"pattern": LLAMA3_PATTERN, "eot": "<|end_of_text|>", "nfc": False, "bos": "<|begin_of_text|>",
                 "special_tokens": {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}}
+        if not os.path.exists(path + ".json") and len(ranks) != LLAMA3_RANKS:
+            # our own files lost their sidecar: read as Llama 3's, their tags and end-of-text would be plain text
+            raise DataError(f"{path}: {len(ranks)} ranks and no {os.path.basename(path)}.json beside it (its pattern "
+                            f"and special tokens); only Llama 3's tokenizer.model ({LLAMA3_RANKS:,} ranks) loads "
+                            "without one")
         if os.path.exists(path + ".json"):
             with open(path + ".json") as f:
                 side = json.load(f)

@@ -148,6 +148,10 @@ def test_save_load_round_trip(tok, tmp_path):
         assert t2.encode(s) == tok.encode(s)
     assert (t2.eot_id, t2.think_id, t2.answer_end_id, t2.vocab_size) == \
         (tok.eot_id, tok.think_id, tok.answer_end_id, tok.vocab_size)
+    # the ranks file without its sidecar is not silently read as Llama 3's (tags and end-of-text as plain text)
+    os.remove(path + ".json")
+    with pytest.raises(DataError, match="tok.tiktoken.json"):
+        Tokenizer.from_file(path)
 
 
 def test_bad_tokenizer_file_names_line(tmp_path, tok):

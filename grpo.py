@@ -28,6 +28,7 @@ format reward requires it to end the output). The cpu preset (the toy reproducti
 """
 import collections
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -244,11 +245,11 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
 # one update
 
 
-def token_logprobs(model, b, vocab, temperature, replay=False, entropy=False):
-    """log p (N,) of every completion token of b (and the entropy), rows in order; replay: route every token to
-    the experts the sampler used."""
+def token_logprobs(model, b, packed, vocab, temperature, replay=False, entropy=False):
+    """log p (N,) of every completion token of b (and the entropy), rows in order; packed = rollout.pack(b), made
+    once per micro-batch for the policy and the reference; replay: route every token to the sampler's experts."""
     dev = model.lm_head.weight.device
-    x, valid, rows, t, cols = rollout.pack(b)
+    x, valid, rows, t, cols = packed
     routes = b.routes[:, :x.shape[1]].to(dev) if replay else None
     # over the tokenizer's ids only: the sampler never gives a padded LM head's rows any mass (P15)
     return model.logprobs(x.to(dev), rows.to(dev), cols.to(dev), b.tokens[rows, cols + 1].to(dev), temperature,
@@ -265,15 +266,17 @@ def train_step(policy, ref, opt, b, c, vocab, on_policy):
         mb = b[idx]
         if dist.distributed():  # reduce gradients over ranks once, after the last micro-batch
             policy.set_requires_gradient_sync(i + c.micro_batch_size >= B)
-        logp, ent = token_logprobs(policy, mb, vocab, c.temperature, c.routing_replay, entropy=True)  # (N,)
-        dev, (_, _, rows, t, _) = logp.device, rollout.pack(mb)
+        packed = rollout.pack(mb)
+        logp, ent = token_logprobs(policy, mb, packed, vocab, c.temperature, c.routing_replay, entropy=True)  # (N,)
+        dev, (_, _, rows, t, _) = logp.device, packed
         adv, w, keep = mb.adv[rows].to(dev), w_row[idx][rows].float().to(dev), mb.keep[rows].to(dev)  # (N,) each
         old = None if on_policy else mb.old_logp[rows, t].to(dev)
         # the reference is frozen (requires_grad off): no graph is built for it
-        ref_logp = token_logprobs(ref, mb, vocab, c.temperature) if ref is not None and c.beta > 0 else None
-        fused = kernels.grpo_token_loss if logp.numel() and kernels.use_triton("auto", logp) else None
-        loss_tok, st = fused(logp, old, ref_logp, adv, keep, c.eps_low, c.eps_high, c.beta, return_stats=True) \
-            if fused else loss.grpo_loss(logp, old, ref_logp, adv, keep, c.eps_low, c.eps_high, c.beta)
+        ref_logp = token_logprobs(ref, mb, packed, vocab, c.temperature) if ref is not None and c.beta > 0 else None
+        # the definition (loss.grpo_loss), or on a GPU its fused Triton twin
+        fused = logp.numel() and kernels.use_triton("auto", logp)
+        loss_fn = functools.partial(kernels.grpo_token_loss, return_stats=True) if fused else loss.grpo_loss
+        loss_tok, st = loss_fn(logp, old, ref_logp, adv, keep, c.eps_low, c.eps_high, c.beta)
         total = (loss_tok * w).sum() * dist.world_size()  # FSDP averages gradients over ranks: undo it
         total = total + policy.aux_loss() * len(idx) / max(1, B)
         total.backward()
@@ -293,8 +296,9 @@ def old_logprobs(policy, b, c, vocab):
     old = torch.zeros_like(b.sampler_logp)
     for i in range(0, len(b.adv), c.micro_batch_size):
         mb = b[torch.arange(i, min(i + c.micro_batch_size, len(b.adv)))]
-        _, _, rows, t, _ = rollout.pack(mb)
-        old[i + rows, t] = token_logprobs(policy, mb, vocab, c.temperature, c.routing_replay).float().cpu()
+        packed = rollout.pack(mb)
+        old[i + packed[2], packed[3]] = token_logprobs(policy, mb, packed, vocab, c.temperature,
+                                                       c.routing_replay).float().cpu()
     return old
 
 

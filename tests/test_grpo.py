@@ -106,6 +106,11 @@ def batch(rows):
     return b
 
 
+def logprobs(model, rows, temperature, **kw):
+    b = batch(rows)
+    return grpo.token_logprobs(model, b, rollout.pack(b), 200, temperature, **kw)
+
+
 def grads_of(model, rows, c, vocab=200, on_policy=True, ref=None):
     """Accumulate the step's gradient (without the optimizer update) and return a flat copy."""
     model.zero_grad(set_to_none=True)
@@ -124,7 +129,7 @@ def test_on_policy_gradient_equals_reinforce():
     g, m = grads_of(model, rows, c)
     assert m["clip_low"] == 0 and m["clip_high"] == 0
     model.zero_grad()
-    logp = grpo.token_logprobs(model, batch(rows), 200, c.temperature)
+    logp = logprobs(model, rows, c.temperature)
     w = torch.tensor([1.0 / (len(r["completion"]) * len(rows)) * r["adv"] for r in rows
                       for _ in r["completion"]])
     (-(w * logp).sum()).backward()
@@ -149,7 +154,7 @@ def test_clipping_zeroes_the_gradient_exactly_where_eq1_says():
     rows = make_rows(n=4)
     c = cfg(eps_low=0.2, eps_high=0.2)
     with torch.no_grad():
-        lp = grpo.token_logprobs(model, batch(rows), 200, c.temperature).tolist()
+        lp = logprobs(model, rows, c.temperature).tolist()
     for r in rows:
         L = len(r["completion"])
         own, lp = lp[:L], lp[L:]
@@ -326,8 +331,8 @@ def test_trainer_logprobs_equal_the_samplers_at_the_sampling_temperature():
     assert m["tokens"] == 48 and m["gap"] / m["tokens"] < 1e-5
     sampler = torch.tensor([x for r in rows for x in r["sampler_logp"]])
     with torch.no_grad():
-        assert (grpo.token_logprobs(model, batch(rows), 200, 0.6) - sampler).abs().max() < 1e-4
-        assert (grpo.token_logprobs(model, batch(rows), 200, 1.0) - sampler).abs().max() > 1e-2
+        assert (logprobs(model, rows, 0.6) - sampler).abs().max() < 1e-4
+        assert (logprobs(model, rows, 1.0) - sampler).abs().max() > 1e-2
 
 
 def test_the_balance_loss_reaches_the_step_gradient_exactly_once():
@@ -366,8 +371,8 @@ def test_entropy_and_kl_metrics_are_per_token_means():
     ref = tiny(200, seed=1)
     _, m = grads_of(model, rows, cfg(beta=0.1), ref=ref)
     with torch.no_grad():
-        lp, ent = grpo.token_logprobs(model, batch(rows), 200, 1.0, entropy=True)
-        ref_lp = grpo.token_logprobs(ref, batch(rows), 200, 1.0)
+        lp, ent = logprobs(model, rows, 1.0, entropy=True)
+        ref_lp = logprobs(ref, rows, 1.0)
     keep = torch.tensor([not r["masked"] for r in rows for _ in r["completion"]])
     d = ref_lp - lp
     assert m["tokens"] == int(keep.sum())
@@ -395,8 +400,8 @@ def test_capped_kl_tokens_are_counted_through_train_step():
     model, rows, ref = tiny(200), make_rows(), tiny(200, seed=1)
     with torch.no_grad():
         ref.lm_head.weight.mul_(40.0)
-        lp = grpo.token_logprobs(model, batch(rows), 200, 1.0)
-        ref_lp = grpo.token_logprobs(ref, batch(rows), 200, 1.0)
+        lp = logprobs(model, rows, 1.0)
+        ref_lp = logprobs(ref, rows, 1.0)
     keep = torch.tensor([not r["masked"] for r in rows for _ in r["completion"]])
     d = (ref_lp - lp).double()
     capped = ((d.clamp(max=30).exp() - d - 1) > K3_MAX) & keep

@@ -86,13 +86,16 @@ class Tokenizer:
         return self.enc.decode(list(ids))
 
     @classmethod
-    def train(cls, texts, vocab_size, pattern=PATTERN, specials=SPECIAL_TOKENS):
+    def train(cls, texts, vocab_size, pattern=PATTERN, specials=SPECIAL_TOKENS, text_tags=()):
         """Byte-level BPE: count the pre-split words once, then merge on the distinct words and their counts. A
         heap holds pair counts; a merge updates only the words that contain the pair. Ties go to the smallest pair
-        of ids. Stops early when no pair occurs twice. Ranks are merge order, as tiktoken expects."""
+        of ids. Stops early when no pair occurs twice. Ranks are merge order, as tiktoken expects.
+        text_tags: strings cut out of the training text like the specials (no merge reaches into or across them)
+        that stay plain text, spelled with the byte-level tokens (the toy tokenizer's <think>/<answer>, toy.py)."""
         if vocab_size < 256 + len(specials):
             raise DataError(f"vocab_size={vocab_size}: a byte-level BPE needs at least 256 + {len(specials)} tokens")
-        pat, cut = regex.compile(pattern), re.compile("|".join(map(re.escape, specials)))  # specials never merge
+        pat = regex.compile(pattern)
+        cut = re.compile("|".join(map(re.escape, [*specials, *text_tags])))  # never merged across or into
         counts = Counter(w for t in texts for part in cut.split(t) for w in pat.findall(part))
         words, freq = [list(w.encode()) for w in counts], list(counts.values())
         toks = [bytes([b]) for b in range(256)]  # id (= rank) -> bytes

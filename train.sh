@@ -27,7 +27,7 @@ fi
 SEED=${SEED:-1}
 OUT=${OUT:-out/toy}
 THREADS=${THREADS:-2}
-DOCS=${DOCS:-500000}; BASE_STEPS=${BASE_STEPS:-1300}; RL_STEPS=${RL_STEPS:-150}; EVAL_PROBLEMS=${EVAL_PROBLEMS:-200}
+DOCS=${DOCS:-500000}; BASE_STEPS=${BASE_STEPS:-1100}; RL_STEPS=${RL_STEPS:-150}; EVAL_PROBLEMS=${EVAL_PROBLEMS:-200}
 PROBE_MIN=${PROBE_MIN:-0.8}
 resume() { ls "$1"/ckpt_*.pt >/dev/null 2>&1 && echo --resume || true; }
 mkdir -p "$OUT"
@@ -38,10 +38,9 @@ start=$(date +%s)
 # 1. corpus and tokenizer
 [ -f "$OUT/data/tokenizer.bpe" ] || stage data python toy.py --out-dir="$OUT/data" --docs="$DOCS" --seed=1
 
-# 2. pretraining (the "base model"): ~9 minutes on 2 cores. RL can only select what the base can do, and here that
-#    is copying each operand into the steps. 8 attention heads and a corpus that copies often (toy.py) bring that
-#    skill early, but not on every seed: at 1,300 steps seeds 1, 2, 4 and 5 copy every operand and seed 3 misses the
-#    fourth (README: "What happened"; step 4 catches such a base).
+# 2. pretraining (the "base model"): ~8 minutes on 2 cores. RL can only select what the base can do, and here that
+#    is copying each operand into the steps. 8 attention heads, a corpus that copies often and the R1 tags as plain
+#    text (toy.py) bring that skill by ~1,000 steps (README: "What happened"); step 4 checks that it is there.
 [ -f "$OUT/base/final/config.json" ] || stage pretrain python sft.py --data="$OUT/data/corpus.txt" \
     --tokenizer="$OUT/data/tokenizer.bpe" --out-dir="$OUT/base" --num-attention-heads=8 --max-steps="$BASE_STEPS" \
     --batch-size=32 --seq-len=128 --lr=2e-3 --warmup-steps=100 --log-every=100 --eval-every=250 --ckpt-every=250 \

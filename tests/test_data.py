@@ -72,6 +72,19 @@ def test_special_tokens_are_single_ids(tok):
     assert all(tok.decode([i]) not in data.SPECIAL_TOKENS for i in range(tok.vocab_size) if i not in ids)
 
 
+def test_text_tags_stay_plain_text_and_unmerged():
+    texts = ["<think>ab ab</think><answer>cd</answer>"] * 50
+    t = Tokenizer.train(texts, 400, specials=["<|endoftext|>"], text_tags=data.SPECIAL_TOKENS[1:])
+    assert t.special == {"<|endoftext|>": t.vocab_size - 1} and t.think_id is None
+    assert t.enc._mergeable_ranks == Tokenizer.train(texts, 400).enc._mergeable_ranks  # merged as if special
+    for tag in data.SPECIAL_TOKENS[1:]:
+        assert t.encode(tag) == list(tag.encode())  # byte by byte: no merge reaches into a tag
+        assert t.decode(t.encode(f"x{tag}y")) == f"x{tag}y"
+    # without text_tags the tags' letters merge (the check above can fail)
+    merged = Tokenizer.train(texts, 400, specials=["<|endoftext|>"])
+    assert len(merged.encode("<think>")) < len("<think>")
+
+
 def test_digits_are_one_token_each():
     # a corpus where merging digits would be very attractive
     t = Tokenizer.train(["2024 2024 1234 1234 99999 123"] * 50 + ["hello world"] * 10, vocab_size=400)

@@ -236,7 +236,7 @@ def test_toy_probe_on_a_perfect_and_a_miscopying_model():
     V = tok.vocab_size
     n_tok = [len(tok.encode(ev.toy_solution_roles(e.prompt)[0])) - 1 for e in exs]
     want = np.mean([(1 / (1 + (V - 1) * math.exp(-5 / 0.6))) ** n for n in n_tok])
-    assert perfect["step_ok"] == pytest.approx(want, rel=1e-4) and 0.02 < want < 0.5  # fp32 logits
+    assert perfect["step_ok"] == pytest.approx(want, rel=1e-4) and 0.005 < want < 0.5  # fp32 logits
     assert perfect["p_step"] == pytest.approx(1 / (1 + (V - 1) * math.exp(-5)), rel=1e-6)
     # a model that miscopies operand 2 whenever it restates it: op2 fails everywhere, nothing else does
     bad = ev.toy_probe(Oracle(tok, exs, wrong=lambda r: r == "op2"), tok, exs, data.TOY_TEMPLATE)

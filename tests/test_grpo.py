@@ -594,7 +594,7 @@ def test_every_entry_point_encodes_prompts_with_the_tokenizers_bos(monkeypatch, 
     prompt through data.prompt_ids: a tokenizer that adds a BOS gets it at position 0 everywhere."""
     import eval as ev
     import sft
-    base = toy.toy_tokenizer(n_docs=300)
+    base = data.Tokenizer.train(toy.toy_corpus(300), toy.TOY_VOCAB_SIZE)  # with the R1 tags as special tokens
     tok = data.Tokenizer(base.enc, bos="<think>")  # any special token will do as the BOS here
     exs = toy.toy_problems(3, "dev", seed=0)
     want = [tok.special["<think>"]] + base.encode(data.apply_template(data.TOY_TEMPLATE, exs[0].prompt))

@@ -149,6 +149,10 @@ def test_toy_tokenization(corpus):
     tok = toy.toy_tokenizer(seed=0)
     assert tok.vocab_size < toy.TOY_VOCAB_SIZE  # the toy's text runs out of pairs well before
     assert tok.enc._mergeable_ranks == Tokenizer.train(corpus[:3000], 512).enc._mergeable_ranks  # same words
+    # only end-of-text is special: the R1 tags are plain text, spelled from the same merges as if they were cut out
+    assert list(tok.special) == ["<|endoftext|>"] and tok.think_id is None and tok.answer_end_id is None
+    for tag in data.SPECIAL_TOKENS[1:]:
+        assert 6 <= len(tok.encode(tag)) <= 8 and tok.decode(tok.encode(tag)) == tag
     assert [tok.decode([i]) for i in tok.encode("User: 24+70\nAssistant: wait, recheck:")] == \
         ["User", ":", " ", "2", "4", "+", "7", "0", "\n", "Assistant", ":", " wait", ",", " recheck", ":"]
     lengths = [len(tok.encode(d)) + 1 for d in corpus]  # + end-of-text
@@ -157,4 +161,4 @@ def test_toy_tokenization(corpus):
     for d in [d for d in corpus if d.startswith("User: ")][:200]:
         prompt = data.apply_template(data.TOY_TEMPLATE, TAGGED.match(d).group("w"))
         assert tok.encode(d)[:len(tok.encode(prompt))] == tok.encode(prompt)
-        assert tok.encode(d)[len(tok.encode(prompt))] == tok.think_id
+        assert tok.encode(d)[len(tok.encode(prompt)):][:7] == tok.encode("<think>")  # no merge across the boundary

@@ -419,21 +419,22 @@ def probe_main(c, model, tok, examples, template, device, dtype):
 
 
 def sweep(dirs):
-    """One row per train.sh output directory (a seed sweep): the base's held-out loss and probe, pass@1 before and
-    after GRPO with its standard error, by operand count, and each stage's wall time; then the worst seed."""
+    """One row per train.sh output directory (a seed sweep): the base's steps (more than BASE_STEPS when it failed
+    the probe at first), held-out loss and probe, pass@1 before and after GRPO with its standard error, by operand
+    count, and each stage's wall time; then the worst seed."""
     def load(d, name):
         path = os.path.join(d, name)
         return json.load(open(path)) if os.path.isfile(path) else None
 
-    lines = ["| run | base loss | probe step_ok (3 / 4) | base pass@1 | after GRPO ± se | gain | after, 3 / 4 ops "
-             "| data / pretrain / grpo / evals (s) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | base steps | base loss | probe step_ok (3 / 4) | base pass@1 | after GRPO ± se | gain "
+             "| after, 3 / 4 ops | data / pretrain / grpo / evals (s) |", "|---|---|---|---|---|---|---|---|---|"]
     finals, stopped = [], []
     for d in dirs:
-        val = None
+        val = steps = None
         if os.path.isfile(os.path.join(d, "base", "metrics.jsonl")):
-            vals = [r["val_loss"] for r in map(json.loads, open(os.path.join(d, "base", "metrics.jsonl")))
-                    if r.get("val_loss") is not None]
-            val = vals[-1] if vals else None
+            recs = list(map(json.loads, open(os.path.join(d, "base", "metrics.jsonl"))))
+            vals = [r["val_loss"] for r in recs if r.get("val_loss") is not None]
+            val, steps = vals[-1] if vals else None, max((r["step"] for r in recs), default=None)
         probe, base, rl = load(d, "probe_base/probe.json"), load(d, "eval_base/summary.json"), \
             load(d, "eval_rl/summary.json")
         times = defaultdict(int)
@@ -447,13 +448,13 @@ def sweep(dirs):
             finals.append((rl["pass@1"], d))
         elif probe and not probe.get("passed", True):
             stopped.append(d)
-        lines.append(f"| {os.path.basename(os.path.normpath(d))} | {fmt(val)} | "
+        lines.append(f"| {os.path.basename(os.path.normpath(d))} | {fmt(steps, '{:,}')} | {fmt(val)} | "
                      f"{fmt(probe and probe.get('step_ok_3'))} / {fmt(probe and probe.get('step_ok_4'))} | "
                      f"{fmt(base and base['pass@1'])} | "
                      f"{fmt(rl and rl['pass@1'])} ± {fmt(rl and rl['pass@1_se'])} | "
                      f"{fmt(rl['pass@1'] - base['pass@1'], '{:+.3f}') if rl and base else '-'} | "
                      f"{fmt(by(rl, '3'))} / {fmt(by(rl, '4'))} | "
-                     f"{times['data']} / {times['pretrain']} / {times['grpo']} / "
+                     f"{times['data']} / {times['pretrain'] + times['pretrain_more']} / {times['grpo']} / "
                      f"{times['eval_base'] + times['eval_rl']} |")
     print("\n".join(lines))
     if stopped:

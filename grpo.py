@@ -131,10 +131,11 @@ class GRPOConfig:
 PRESETS = {
     "paper": {},  # the dataclass defaults
     # The toy R1-Zero reproduction on a 2-core CPU (train.sh). Small groups and batches, a short template, short
-    # outputs, lr 1e-4 (2e-4 collapsed accuracy: README, "What happened"), no KL (beta=0 saves the reference
-    # forward), the policy updated once per rollout (num_minibatches=1: exactly on-policy).
+    # outputs (72 tokens: a 4-operand stepwise solution with its plain-text tags is 69), lr 1e-4 (2e-4 collapsed
+    # accuracy: README, "What happened"), no KL (beta=0 saves the reference forward), the policy updated once per
+    # rollout (num_minibatches=1: exactly on-policy).
     "cpu": dict(template="toy", task="toy", task_size=4000, rollout_prompts=16, group_size=8, num_minibatches=1,
-                micro_batch_size=128, max_new_tokens=48, lr=1e-4, beta=0.0, eps_low=0.2, eps_high=0.2,
+                micro_batch_size=128, max_new_tokens=72, lr=1e-4, beta=0.0, eps_low=0.2, eps_high=0.2,
                 max_steps=150, eval_every=25, eval_prompts=200, ckpt_every=25, sample_every=10, weight_decay=0.0,
                 reward_workers=0, threads=2),
 }

@@ -4,15 +4,17 @@
 # Default (no GPU needed): a complete toy R1-Zero reproduction on CPU in about eleven minutes.
 #   1. toy corpus + tokenizer       (toy.py)      reversed-digit addition, direct and stepwise solutions, some tagged
 #   2. pretrain the toy MoE base    (sft.py)      a DeepSeek-V3-style MoE (MLA, 8 routed + 1 shared experts)
-#   3. evaluate the base            (eval.py)     held-out problems, R1-Zero-style template, k=4 at T=0.6, top-p 0.95
-#   4. check the base (eval.py --probe) on dev problems: can it write the steps RL will select? stops if not
+#   3. check the base (eval.py --probe) on dev problems: can it write the steps RL will select? if not, train it on
+#      (up to BASE_CAP steps), then stop if it still cannot
+#   4. evaluate the base            (eval.py)     held-out problems, R1-Zero-style template, k=4 at T=0.6, top-p 0.95
 #   5. GRPO from the base           (grpo.py)     --preset=cpu: accuracy + format rewards, no length/reflection terms
 #   6. evaluate the policy, print the before/after table, plot curves.png
 # Every stage is skipped when its output exists; an interrupted training stage resumes from its last checkpoint.
 # SEED=2 bash train.sh: another pretraining/RL/sampling seed (the corpus and the problems stay the same).
 # bash train.sh seeds 5: the default run for SEED=1..5 one after another (out/seeds/<seed>), then one table.
 # OUT=out/toy2 bash train.sh writes elsewhere; DOCS, BASE_STEPS, RL_STEPS, EVAL_PROBLEMS shrink it (the test suite
-# runs a tiny version this way); PROBE_MIN=0 skips the pre-RL check's verdict.
+# runs a tiny version this way); PROBE_MIN=0 skips the pre-RL check's verdict, BASE_MORE and BASE_CAP set how far a
+# base that fails it trains on.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ "${1:-}" = seeds ]; then
@@ -27,8 +29,8 @@ fi
 SEED=${SEED:-1}
 OUT=${OUT:-out/toy}
 THREADS=${THREADS:-2}
-DOCS=${DOCS:-500000}; BASE_STEPS=${BASE_STEPS:-1100}; RL_STEPS=${RL_STEPS:-150}; EVAL_PROBLEMS=${EVAL_PROBLEMS:-200}
-PROBE_MIN=${PROBE_MIN:-0.8}
+DOCS=${DOCS:-500000}; BASE_STEPS=${BASE_STEPS:-1000}; RL_STEPS=${RL_STEPS:-75}; EVAL_PROBLEMS=${EVAL_PROBLEMS:-200}
+PROBE_MIN=${PROBE_MIN:-0.8}; BASE_MORE=${BASE_MORE:-500}; BASE_CAP=${BASE_CAP:-2000}
 resume() { ls "$1"/ckpt_*.pt >/dev/null 2>&1 && echo --resume || true; }
 mkdir -p "$OUT"
 # stage NAME CMD...: run CMD and append its wall time to $OUT/times.tsv (what the seed sweep's table reports)
@@ -38,27 +40,38 @@ start=$(date +%s)
 # 1. corpus and tokenizer
 [ -f "$OUT/data/tokenizer.bpe" ] || stage data python toy.py --out-dir="$OUT/data" --docs="$DOCS" --seed=1
 
-# 2. pretraining (the "base model"): ~8 minutes on 2 cores. RL can only select what the base can do, and here that
+# 2. pretraining (the "base model"): 7-9 minutes on 2 cores. RL can only select what the base can do, and here that
 #    is copying each operand into the steps. 8 attention heads, a corpus that copies often and the R1 tags as plain
-#    text (toy.py) bring that skill by ~1,000 steps (README: "What happened"); step 4 checks that it is there.
-[ -f "$OUT/base/final/config.json" ] || stage pretrain python sft.py --data="$OUT/data/corpus.txt" \
-    --tokenizer="$OUT/data/tokenizer.bpe" --out-dir="$OUT/base" --num-attention-heads=8 --max-steps="$BASE_STEPS" \
-    --batch-size=32 --seq-len=128 --lr=2e-3 --warmup-steps=100 --log-every=100 --eval-every=250 --ckpt-every=250 \
-    --threads="$THREADS" --seed="$SEED" $(resume "$OUT/base")
+#    text (toy.py) bring that skill by ~1,000 steps on most seeds (README: "What happened"); step 3 checks it.
+pretrain() {  # pretrain STAGE_NAME MAX_STEPS: train (or resume) the base up to MAX_STEPS steps
+    stage "$1" python sft.py --data="$OUT/data/corpus.txt" --tokenizer="$OUT/data/tokenizer.bpe" --out-dir="$OUT/base" \
+        --num-attention-heads=8 --max-steps="$2" --batch-size=32 --seq-len=128 --lr=2e-3 --warmup-steps=100 \
+        --log-every=100 --eval-every=250 --ckpt-every=250 --threads="$THREADS" --seed="$SEED" $(resume "$OUT/base"); }
+[ -f "$OUT/base/final/config.json" ] || pretrain pretrain "$BASE_STEPS"
 
-# 3. the base on held-out problems (never in the corpus; toy.py checked)
-EVAL="--task=toy --split=heldout --problems=$EVAL_PROBLEMS --k=4 --template=toy --max-new-tokens=48 --workers=0 --threads=$THREADS --seed=$SEED"
-[ -f "$OUT/eval_base/summary.json" ] || stage eval_base python eval.py --model="$OUT/base" $EVAL --out-dir="$OUT/eval_base"
-
-# 4. the pre-RL check, on dev problems (never in the corpus, never the held-out ones): RL here selects stepwise
+# 3. the pre-RL check, on dev problems (never in the corpus, never the held-out ones): RL here selects stepwise
 #    solutions, so it can only reach what the base writes right once it works stepwise. PROBE_MIN=0.8: the bases
-#    that ended below ~0.85 on some operand count after RL were far below this (README: "What happened").
-python eval.py --probe --model="$OUT/base" --task=toy --split=dev --problems=200 --template=toy --threads="$THREADS" \
-    --out-dir="$OUT/probe_base" --probe-min="$PROBE_MIN" || {
-    echo "train.sh: stopped before RL: the base in $OUT/base does not write the stepwise solutions RL would select"
-    echo "  (numbers above). Train it longer (rm -r $OUT/base $OUT/probe_base; BASE_STEPS=2000 bash train.sh), try"
-    echo "  another SEED, or run RL anyway with PROBE_MIN=0."
-    exit 3; }
+#    that ended below ~0.85 on some operand count after RL were far below this (README: "What happened"). A base
+#    below it trains on, BASE_MORE steps at a time (resumed: the learning-rate schedule stretches to the new end),
+#    up to BASE_CAP steps in all; a base still below it then stops the run before RL.
+steps=$BASE_STEPS
+until python eval.py --probe --model="$OUT/base" --task=toy --split=dev --problems=200 --template=toy \
+        --threads="$THREADS" --out-dir="$OUT/probe_base" --probe-min="$PROBE_MIN"; do
+    steps=$((steps + BASE_MORE))
+    if [ "$steps" -gt "$BASE_CAP" ]; then
+        echo "train.sh: stopped before RL: trained to BASE_CAP=$BASE_CAP steps, the base in $OUT/base still does not"
+        echo "  write the stepwise solutions RL would select (numbers above). Try another SEED, raise BASE_CAP, or run"
+        echo "  RL anyway with PROBE_MIN=0."
+        exit 3
+    fi
+    echo "train.sh: the base does not yet write the stepwise solutions RL would select (numbers above): training it"
+    echo "  on to $steps steps (BASE_MORE=$BASE_MORE, BASE_CAP=$BASE_CAP)"
+    pretrain pretrain_more "$steps"
+done
+
+# 4. the base on held-out problems (never in the corpus; toy.py checked)
+EVAL="--task=toy --split=heldout --problems=$EVAL_PROBLEMS --k=4 --template=toy --max-new-tokens=72 --workers=0 --threads=$THREADS --seed=$SEED"
+[ -f "$OUT/eval_base/summary.json" ] || stage eval_base python eval.py --model="$OUT/base" $EVAL --out-dir="$OUT/eval_base"
 
 # 5. R1-Zero: GRPO from the base with rule rewards only
 [ -f "$OUT/rl/final/config.json" ] || stage grpo python grpo.py --preset=cpu --init-from="$OUT/base" --out-dir="$OUT/rl" \

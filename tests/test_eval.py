@@ -262,12 +262,15 @@ def test_sweep_table_reads_each_runs_outputs(tmp_path, capsys):
             "3": {"pass@1": by[0]}, "4": {"pass@1": by[1]}}}))
         (d / "times.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in times))
         return str(d)
-    a = run("1", 0.74, 0.2, 0.97, (0.99, 0.95), [("data", 9), ("pretrain", 400), ("pretrain", 20), ("grpo", 130)])
+    # run 1 failed the probe at first and trained on (pretrain_more); an interrupted pretrain is timed twice
+    a = run("1", 0.74, 0.2, 0.97, (0.99, 0.95), [("data", 9), ("pretrain", 400), ("pretrain", 20),
+                                                  ("pretrain_more", 200), ("grpo", 130)])
     b = run("2", 0.81, 0.1, 0.60, (0.90, 0.30), [("data", 8)])
     (tmp_path / "3").mkdir()  # a run that died before anything was written
     lines = ev.sweep([a, b, str(tmp_path / "3")])
-    assert lines[2] == "| 1 | 0.740 | 0.900 / 0.800 | 0.200 | 0.970 ± 0.020 | +0.770 | 0.990 / 0.950 | 9 / 420 / 130 / 0 |"
-    assert lines[3].startswith("| 2 | 0.810 |") and lines[4].startswith("| 3 | - | - / - | - | - ± - | - |")
+    assert lines[2] == ("| 1 | 1 | 0.740 | 0.900 / 0.800 | 0.200 | 0.970 ± 0.020 | +0.770 | 0.990 / 0.950 | "
+                        "9 / 620 / 130 / 0 |")
+    assert lines[3].startswith("| 2 | 1 | 0.810 |") and lines[4].startswith("| 3 | - | - | - / - | - | - ± - | - |")
     out = capsys.readouterr().out
     assert "worst: " + b + " at 0.600" in out and "2 of 3 runs finished RL, 0 stopped" in out
     # a run the pre-RL check stopped is the worst, whatever the others reached

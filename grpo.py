@@ -28,7 +28,6 @@ format reward requires it to end the output). The cpu preset (the toy reproducti
 """
 import collections
 import dataclasses
-import functools
 import math
 import os
 import time
@@ -43,7 +42,6 @@ import config
 import data
 import dist
 import eval as evaluation
-import kernels
 import loss
 import metrics
 import optim
@@ -274,10 +272,8 @@ def train_step(policy, ref, opt, b, c, vocab, on_policy):
         old = None if on_policy else mb.old_logp[rows, t].to(dev)
         # the reference is frozen (requires_grad off): no graph is built for it
         ref_logp = token_logprobs(ref, mb, packed, vocab, c.temperature) if ref is not None and c.beta > 0 else None
-        # the definition (loss.grpo_loss), or on a GPU its fused Triton twin
-        fused = logp.numel() and kernels.use_triton("auto", logp)
-        loss_fn = functools.partial(kernels.grpo_token_loss, return_stats=True) if fused else loss.grpo_loss
-        loss_tok, st = loss_fn(logp, old, ref_logp, adv, keep, c.eps_low, c.eps_high, c.beta)
+        # the definition (loss.grpo_loss), or on a GPU its fused Triton twin once it has matched the definition
+        loss_tok, st = loss.grpo_loss_auto(logp, old, ref_logp, adv, keep, c.eps_low, c.eps_high, c.beta)
         total = (loss_tok * w).sum() * dist.world_size()  # FSDP averages gradients over ranks: undo it
         total = total + policy.aux_loss() * len(idx) / max(1, B)
         total.backward()

@@ -5,6 +5,8 @@ grpo_loss is the definition, in plain torch (kernels.grpo_token_loss fuses the s
 each way for GPUs and is tested against it; tests/ hold a float64 reference). Edit here to try a sequence-level
 ratio or another KL estimator.
 """
+import warnings
+
 import torch
 
 import dist
@@ -78,3 +80,34 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_low, eps_high, beta):
     return loss, kernels.GRPOTokenStats(
         (keep & (a < 0) & (r < 1 - eps_low)).to(logp.dtype), (keep & (a > 0) & (r > 1 + eps_high)).to(logp.dtype),
         torch.where(keep, kl.detach(), zero), capped.to(logp.dtype))
+
+
+_fused_ok = {}  # device -> the fused kernel matched grpo_loss on the first real micro-batch there
+
+
+def grpo_loss_auto(logp, old_logp, ref_logp, adv, mask, eps_low, eps_high, beta):
+    """grpo_loss, or on a CUDA device with Triton its fused twin kernels.grpo_token_loss. The first fused call on a
+    device also runs grpo_loss on the same micro-batch and compares loss and d loss / d logp (relative 1e-5); if
+    they differ, or the kernel fails, it warns and uses grpo_loss on that device from then on."""
+    args = (old_logp, ref_logp, adv, mask, eps_low, eps_high, beta)
+    if not (logp.numel() and kernels.use_triton("auto", logp, where="kernels.grpo_token_loss")):
+        return grpo_loss(logp, *args)
+    key = str(logp.device)
+    if key not in _fused_ok:
+        x = logp.detach().float().requires_grad_()
+        try:
+            (a, _), (b, _) = kernels.grpo_token_loss(x, *args, "triton", return_stats=True), grpo_loss(x, *args)
+            ga, gb = (torch.autograd.grad(y.sum(), x)[0] for y in (a, b))
+            a, b = a.detach(), b.detach()
+            err = max(float((a - b).abs().max()) / (1 + float(b.abs().max())),
+                      float((ga - gb).abs().max()) / (1 + float(gb.abs().max())))
+            why = f"off by {err:.2e}" if not err <= 1e-5 else None
+        except Exception as e:  # noqa: BLE001 - any failure means: use the definition
+            why = f"{type(e).__name__}: {e}"
+        if why:
+            warnings.warn(f"kernels.grpo_token_loss disagrees with loss.grpo_loss on a training micro-batch on "
+                          f"{key} ({why}); using loss.grpo_loss there", RuntimeWarning, stacklevel=2)
+        _fused_ok[key] = not why
+    if not _fused_ok[key]:
+        return grpo_loss(logp, *args)
+    return kernels.grpo_token_loss(logp, *args, "triton", return_stats=True)

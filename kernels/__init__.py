@@ -7,11 +7,13 @@ against its definition in plain torch, loss.grpo_loss, which is what runs withou
     grpo_token_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, backend="auto", *,
                     return_stats=False)
         -> per-token loss (N,), or (loss, GRPOTokenStats(clipped_low, clipped_high, kl))       kernels/grpo_loss.py
-    token_logprobs_reference, grpo_token_loss_reference: float64 twins for tests               kernels/reference.py
+    token_logprobs_reference, grpo_token_loss_reference: float64 twins (tests, self-checks)    kernels/reference.py
 
-backend: "auto" = Triton on CUDA tensors, torch otherwise; "torch" = the chunked torch path anywhere (token_logprobs
-only; the loss's torch path is loss.grpo_loss); "triton" = the kernels, also on CPU tensors when TRITON_INTERPRET=1
-was set before triton was imported (the tests do this).
+backend: "auto" = Triton on CUDA tensors once the kernel has passed its first-use self-check on that device (against
+its float64 twin, forward and backward; kernels/_backend.py), torch otherwise; "torch" = the chunked torch path
+anywhere (token_logprobs only; the loss's torch path is loss.grpo_loss); "triton" = the kernels, also on CPU
+tensors when TRITON_INTERPRET=1 was set before triton was imported (the tests do this). On a GPU, check the
+kernels yourself with: TRITON_INTERPRET=0 python -m pytest tests/test_kernels.py
 The package imports without triton; then only the torch path exists.
 
 Sampler/trainer agreement. Temperature divides the logits before the log-softmax, as the sampler does. A padded

@@ -6,6 +6,9 @@ Triton picks compiled-vs-interpreted when a kernel is *decorated*, from TRITON_I
 (PITFALLS M7), so we record the mode once, at import.
 """
 import os
+import warnings
+
+import torch
 
 try:
     import triton
@@ -25,6 +28,29 @@ except ImportError:  # torch backend only
 
 
 BACKENDS = ("auto", "torch", "triton")
+# The kernels have only been run in Triton's interpreter on CPU unless someone ran tests/test_kernels.py on a GPU
+# (TRITON_INTERPRET=0 python -m pytest tests/test_kernels.py). So backend="auto" does not trust them blindly: the
+# first use of a kernel on a CUDA device runs its self-check there (the kernel against its float64 twin on a small
+# random input, forward and backward), and a kernel that fails it is not used on that device again.
+SELF_CHECKS = {}  # where -> check(device): None if the kernel agrees with its float64 twin there, else what differs
+_trusted = {}  # (where, device) -> the self-check's verdict
+
+
+def trusted(where, device):
+    """Run where's self-check once per device (a compile or launch error fails it too); warn when it fails."""
+    key = (where, str(device))
+    if key not in _trusted:
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+                why = SELF_CHECKS[where](device)
+        except Exception as e:  # noqa: BLE001 - any failure means: do not use this kernel here
+            why = f"{type(e).__name__}: {e}"
+        if why:
+            warnings.warn(f"{where}: the Triton kernel failed its first-use check on {device} ({why}); using the "
+                          "torch path on this device. To investigate: TRITON_INTERPRET=0 python -m pytest "
+                          "tests/test_kernels.py", RuntimeWarning, stacklevel=3)
+        _trusted[key] = not why
+    return _trusted[key]
 
 
 def use_triton(backend, *tensors, where="kernels"):
@@ -33,7 +59,7 @@ def use_triton(backend, *tensors, where="kernels"):
         raise ValueError(f"{where}: backend={backend!r} must be one of {BACKENDS}")
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "auto":
-        return triton is not None and on_cuda
+        return triton is not None and on_cuda and (where not in SELF_CHECKS or trusted(where, tensors[0].device))
     if backend == "torch":
         return False
     if triton is None:

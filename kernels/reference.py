@@ -1,4 +1,5 @@
-"""Naive float64 twins of the kernels, for tests only: every logit at once, plain autograd, no chunking."""
+"""Naive float64 twins of the kernels, for the tests and the kernels' first-use self-checks on a GPU: every logit
+at once, plain autograd, no chunking."""
 import torch
 
 

@@ -1,7 +1,9 @@
 """kernels/: both backends against float64 references. Triton runs under TRITON_INTERPRET=1 (tests/conftest.py) at
 tiny ragged sizes: interpreter blocks are 16 (rows, vocab, D) for the log-prob kernels and 64 for the loss, so
 N=37, D=24, V=45 spans 3 row blocks, 2 D steps and 3 vocabulary tiles (the last partial) and, with chunk=16,
-3 backward chunks (the last partial)."""
+3 backward chunks (the last partial).
+On a GPU, `TRITON_INTERPRET=0 python -m pytest tests/test_kernels.py` runs every test on CUDA tensors with the
+compiled kernels (GPU block sizes: fewer blocks at these sizes), the check to run before trusting them there."""
 import math
 import os
 import subprocess
@@ -14,8 +16,16 @@ import kernels
 from kernels import _backend, grpo_token_loss_reference, token_logprobs_reference
 from loss import grpo_loss
 
-HAVE_TRITON = _backend.triton is not None and _backend.INTERPRET
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton with TRITON_INTERPRET=1 not available")
+DEV = "cuda" if torch.cuda.is_available() and not _backend.INTERPRET else "cpu"
+HAVE_TRITON = _backend.triton is not None and (_backend.INTERPRET or DEV == "cuda")
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="needs triton with TRITON_INTERPRET=1, or a GPU")
+
+
+@pytest.fixture(autouse=True)
+def on_device():
+    """Tensors the tests create land on DEV; seeded draws are made on the CPU (same numbers everywhere) and moved."""
+    with torch.device(DEV):
+        yield
 # (backend, keyword options): torch with 5 chunks; triton with 1 or 2 vocabulary splits per row block
 CONFIGS = [("torch", dict(chunk=8)),
            pytest.param("triton", dict(chunk=16, vocab_splits=1), marks=needs_triton, id="triton-1split"),
@@ -24,9 +34,11 @@ CONFIGS = [("torch", dict(chunk=8)),
 
 def data(N=37, D=24, V=45, dtype=torch.float32, seed=0, shift=0.0):
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, D, generator=g)
-    w = torch.randn(V, D, generator=g) * 0.5
-    t = torch.randint(0, V, (N,), generator=g)
+    with torch.device("cpu"):
+        h = torch.randn(N, D, generator=g)
+        w = torch.randn(V, D, generator=g) * 0.5
+        t = torch.randint(0, V, (N,), generator=g)
+    h, w, t = h.to(DEV), w.to(DEV), t.to(DEV)
     t[-1] = V - 1  # a target in the last (partial) vocabulary tile
     if shift:  # all-negative logits: a large negative bias through a constant feature
         h[:, 0] = 1.0
@@ -38,7 +50,7 @@ def grads(f, h, w, t, T, seed=1):
     """(logp, entropy, d/dh, d/dw) of a random combination of both outputs, all float64."""
     lp, ent = f(h, w, t, T)
     g = torch.Generator().manual_seed(seed)
-    g1, g2 = (torch.randn(lp.shape, generator=g, dtype=torch.float64) for _ in range(2))
+    g1, g2 = (torch.randn(lp.shape, generator=g, dtype=torch.float64, device="cpu").to(DEV) for _ in range(2))
     gh, gw = torch.autograd.grad((lp.double() * g1).sum() + (ent.double() * g2).sum(), (h, w))
     return lp.double(), ent.double(), gh.double(), gw.double()
 
@@ -118,7 +130,7 @@ def test_single_output_gradients_and_caller_tensors_untouched(backend, kw):
     versions = [x._version for x in (h, w, t)]
     lp, ent = kernels.token_logprobs(h, w, t, backend=backend, return_entropy=True, **kw)
     ref_lp, ref_ent = token_logprobs_reference(h, w, t)
-    g = torch.randn(lp.shape, generator=torch.Generator().manual_seed(2))
+    g = torch.randn(lp.shape, generator=torch.Generator().manual_seed(2), device="cpu").to(DEV)
     for out, ref in ((lp, ref_lp), (ent, ref_ent)):  # backward through one output only (the other's grad is None)
         gh, gw = torch.autograd.grad((out * g).sum(), (h, w), retain_graph=True)
         rh, rw = torch.autograd.grad((ref * g).sum(), (h, w), retain_graph=True)
@@ -152,6 +164,7 @@ def test_token_logprobs_errors(monkeypatch):
         kernels.token_logprobs(h, w, torch.cat([t[1:], torch.tensor([-1])]))
     with pytest.raises(ValueError, match="float64"):
         kernels.token_logprobs(h.double(), w.double(), t, backend="triton")
+    h, w, t = h.cpu(), w.cpu(), t.cpu()
     assert _backend.use_triton("auto", h) is False  # CPU tensors: torch path
     monkeypatch.setattr(_backend, "INTERPRET", False)
     if _backend.triton is not None:
@@ -192,12 +205,14 @@ def loss_inputs(N=150, seed=0, dtype=torch.float32):
     """150 tokens (3 interpreter blocks, the last partial); ratios well outside [0.8, 1.28] on both sides; masked
     tokens carry NaN/inf garbage that must not leak."""
     g = torch.Generator().manual_seed(seed)
-    logp = (-torch.rand(N, generator=g) * 3).to(dtype)
-    old = logp + torch.randn(N, generator=g).to(dtype) * 0.5
-    ref = logp + torch.randn(N, generator=g).to(dtype) * 0.3
-    adv = torch.randn(N, generator=g).to(dtype)
-    mask = torch.rand(N, generator=g) > 0.2
+    with torch.device("cpu"):
+        logp = (-torch.rand(N, generator=g) * 3).to(dtype)
+        old = logp + torch.randn(N, generator=g).to(dtype) * 0.5
+        ref = logp + torch.randn(N, generator=g).to(dtype) * 0.3
+        adv = torch.randn(N, generator=g).to(dtype)
+        mask = torch.rand(N, generator=g) > 0.2
     logp[~mask], old[~mask], ref[~mask], adv[~mask] = 1e4, float("nan"), float("inf"), float("-inf")
+    logp, old, ref, adv, mask = (x.to(DEV) for x in (logp, old, ref, adv, mask))
     return logp.requires_grad_(True), old, ref, adv, mask
 
 
@@ -211,7 +226,7 @@ def test_grpo_token_loss_matches_reference(backend, variant):
     a, st = grpo_token_loss(logp, old, ref, adv, mask, 0.2, 0.28, beta, backend=backend, return_stats=True)
     b, lo, hi, kl, cap = grpo_token_loss_reference(logp, old, ref, adv, mask, 0.2, 0.28, beta)
     assert a.dtype == torch.float32 and (a.double() - b).abs().max() < 1e-6
-    g = torch.randn(a.shape, generator=torch.Generator().manual_seed(3))
+    g = torch.randn(a.shape, generator=torch.Generator().manual_seed(3), device="cpu").to(DEV)
     ga, = torch.autograd.grad((a * g).sum(), logp)
     gb, = torch.autograd.grad((b * g.double()).sum(), logp)
     assert (ga.double() - gb).abs().max() < 1e-6
@@ -248,7 +263,7 @@ def test_grpo_loss_clipping_zeroes_exactly_the_clipped_tokens(backend):
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
 def test_on_policy_gradient_is_reinforce_and_float_mask_weights(backend):
     logp, _, _, adv, mask = loss_inputs(N=70)
-    w = torch.rand(70, generator=torch.Generator().manual_seed(5)) * mask
+    w = torch.rand(70, generator=torch.Generator().manual_seed(5), device="cpu").to(DEV) * mask
     loss, st = grpo_token_loss(logp, None, None, adv, w, 0.2, 0.2, 0.0, backend=backend, return_stats=True)
     g, = torch.autograd.grad(loss.sum(), logp)
     keep = w != 0
@@ -301,8 +316,9 @@ def test_one_rare_token_cannot_blow_up_the_step(backend):
 
 def test_k3_estimates_the_kl():
     g = torch.Generator().manual_seed(0)  # Monte Carlo: E_{x~pi}[k3(x)] == KL(pi || ref) on a small categorical
-    pi, ref = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.2, 0.6])
+    pi, ref = torch.tensor([0.5, 0.3, 0.2], device="cpu"), torch.tensor([0.2, 0.2, 0.6], device="cpu")
     x = torch.multinomial(pi, 200_000, replacement=True, generator=g)
+    pi, ref, x = pi.to(DEV), ref.to(DEV), x.to(DEV)
     k3 = grpo_token_loss(pi.log()[x], None, ref.log()[x], torch.zeros(len(x)), torch.ones(len(x)),
                                  0.2, 0.2, 1.0, backend="torch")
     kl = (pi * (pi / ref).log()).sum()
@@ -332,3 +348,77 @@ def test_paper_epsilon_ten_leaves_only_the_upper_clip(backend):
     g, = torch.autograd.grad(loss.sum(), logp)
     assert st.clipped_low.sum() == 0 and st.clipped_high.tolist() == [0.0, 0.0, 1.0, 0.0]
     assert g[2] == 0 and g[0] == pytest.approx(0.01) and g[1] == pytest.approx(-0.01) and g[3] == pytest.approx(20.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# First use on a GPU: each kernel checks itself against its float64 twin, and the trainer's loss against its
+# definition on a real micro-batch; a kernel that fails is not used on that device (on CPU: the same code, in the
+# interpreter, with the "is this a GPU" answer forced)
+
+
+@needs_triton
+def test_self_checks_pass_and_catch_a_broken_kernel(monkeypatch):
+    dev = torch.device(DEV)
+    assert kernels.logprob.self_check(dev, N=40, D=24, V=50) is None
+    assert kernels.grpo_loss.self_check(dev, N=150) is None
+    fwd = kernels.logprob._triton_forward  # a kernel whose log-probs are off by 1e-3
+    monkeypatch.setattr(kernels.logprob, "_triton_forward", lambda *a: (lambda o: (o[0] + 1e-3, *o[1:]))(fwd(*a)))
+    assert kernels.logprob.self_check(dev, N=40, D=24, V=50).startswith("logp off by")
+    apply = kernels.grpo_loss.GRPOTokenLoss.apply  # a loss kernel whose gradient is 0.1% too large
+
+    class Scaled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 1.001
+    monkeypatch.setattr(kernels.grpo_loss.GRPOTokenLoss, "apply",
+                        lambda logp, *a: apply(Scaled.apply(logp), *a))
+    assert kernels.grpo_loss.self_check(dev, N=150).startswith("d/dlogp off by")
+
+
+def test_auto_backend_trusts_a_kernel_only_after_its_check(monkeypatch):
+    runs = []
+
+    def check(ok):
+        def f(device):
+            runs.append(device)
+            if ok is None:
+                raise RuntimeError("no kernel image for this GPU")
+            return None if ok else "logp off by 1e-2"
+        return f
+    monkeypatch.setattr(_backend, "_trusted", {})
+    cpu = torch.device("cpu")
+    monkeypatch.setitem(_backend.SELF_CHECKS, "kernels.good", check(True))
+    assert _backend.trusted("kernels.good", cpu) and _backend.trusted("kernels.good", cpu) and len(runs) == 1
+    for name, ok, why in (("kernels.bad", False, "logp off by 1e-2"), ("kernels.crash", None, "no kernel image")):
+        monkeypatch.setitem(_backend.SELF_CHECKS, name, check(ok))
+        with pytest.warns(RuntimeWarning, match=f"{name}: the Triton kernel failed .*{why}.*torch path"):
+            assert not _backend.trusted(name, cpu)
+        assert not _backend.trusted(name, cpu)  # decided once per device: no second run, no second warning
+    assert len(runs) == 3 and set(_backend.SELF_CHECKS) >= {"kernels.token_logprobs", "kernels.grpo_token_loss"}
+
+
+@needs_triton
+def test_trainer_loss_uses_the_fused_kernel_only_if_it_matches_the_definition(monkeypatch):
+    import loss
+    logp, old, ref, adv, mask = loss_inputs()
+    want, _ = grpo_loss(logp, old, ref, adv, mask, 0.2, 0.28, 0.04)
+    monkeypatch.setattr(kernels, "use_triton", lambda *a, **k: True)  # as on a GPU
+    monkeypatch.setattr(loss, "_fused_ok", {})
+    calls = []
+    fused = kernels.grpo_token_loss
+    monkeypatch.setattr(kernels, "grpo_token_loss", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    got, st = loss.grpo_loss_auto(logp, old, ref, adv, mask, 0.2, 0.28, 0.04)
+    assert (got - want).abs().max() < 1e-6 and len(calls) == 2  # the check, then the micro-batch itself
+    assert loss._fused_ok == {str(logp.device): True}
+    # a kernel that is 1% off: warned once, then the definition, exactly
+    monkeypatch.setattr(loss, "_fused_ok", {})
+    monkeypatch.setattr(kernels, "grpo_token_loss", lambda *a, **k: (lambda o: (o[0] * 1.01, o[1]))(fused(*a, **k)))
+    with pytest.warns(RuntimeWarning, match="disagrees with loss.grpo_loss"):
+        got, _ = loss.grpo_loss_auto(logp, old, ref, adv, mask, 0.2, 0.28, 0.04)
+    assert torch.equal(got, want) and loss._fused_ok == {str(logp.device): False}
+    got, _ = loss.grpo_loss_auto(logp, old, ref, adv, mask, 0.2, 0.28, 0.04)
+    assert torch.equal(got, want)

@@ -8,6 +8,7 @@ against its definition in plain torch, loss.grpo_loss, which is what runs withou
                     return_stats=False)
         -> per-token loss (N,), or (loss, GRPOTokenStats(clipped_low, clipped_high, kl))       kernels/grpo_loss.py
     token_logprobs_reference, grpo_token_loss_reference: float64 twins (tests, self-checks)    kernels/reference.py
+    worst_difference; the kernels' first-use checks on a GPU                                kernels/selfcheck.py
 
 backend: "auto" = Triton on CUDA tensors once the kernel has passed its first-use self-check on that device (against
 its float64 twin, forward and backward; kernels/_backend.py), torch otherwise; "torch" = the chunked torch path
@@ -70,6 +71,7 @@ from ._backend import use_triton
 from .grpo_loss import K3_MAX, GRPOTokenStats, grpo_token_loss
 from .logprob import token_logprobs
 from .reference import grpo_token_loss_reference, token_logprobs_reference
+from .selfcheck import worst_difference  # importing it registers the kernels' first-use checks
 
 __all__ = ["token_logprobs", "grpo_token_loss", "GRPOTokenStats", "K3_MAX", "use_triton", "token_logprobs_reference",
-           "grpo_token_loss_reference"]
+           "grpo_token_loss_reference", "worst_difference"]

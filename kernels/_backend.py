@@ -32,7 +32,7 @@ BACKENDS = ("auto", "torch", "triton")
 # (TRITON_INTERPRET=0 python -m pytest tests/test_kernels.py). So backend="auto" does not trust them blindly: the
 # first use of a kernel on a CUDA device runs its self-check there (the kernel against its float64 twin on a small
 # random input, forward and backward), and a kernel that fails it is not used on that device again.
-SELF_CHECKS = {}  # where -> check(device): None if the kernel agrees with its float64 twin there, else what differs
+SELF_CHECKS = {}  # where -> check(device) (kernels/selfcheck.py): None if the kernel agrees, else what differs
 _trusted = {}  # (where, device) -> the self-check's verdict
 
 
@@ -59,7 +59,9 @@ def use_triton(backend, *tensors, where="kernels"):
         raise ValueError(f"{where}: backend={backend!r} must be one of {BACKENDS}")
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "auto":
-        return triton is not None and on_cuda and (where not in SELF_CHECKS or trusted(where, tensors[0].device))
+        if not (triton is not None and on_cuda):
+            return False
+        return where not in SELF_CHECKS or trusted(where, tensors[0].device)
     if backend == "torch":
         return False
     if triton is None:

@@ -27,8 +27,7 @@ import math
 
 import torch
 
-from ._backend import SELF_CHECKS, jit, tl, triton, use_triton
-from .reference import grpo_token_loss_reference
+from ._backend import jit, tl, triton, use_triton
 
 K3_MAX = 10.0  # per-token cap on the k3 KL estimate (see the module docstring)
 
@@ -163,29 +162,3 @@ def grpo_token_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_hig
     if not return_stats:
         return loss
     return loss, GRPOTokenStats(*(s.reshape(logp.shape) for s in stats))
-
-
-def self_check(device, N=2500, tol=1e-5):
-    """None if the Triton kernel agrees with the float64 twin on `device` (loss, d/dlogp, clip indicators, k3 and
-    its cap; ratios far outside the clip range on both sides; masked tokens holding inf/NaN garbage; several blocks,
-    the last partial), else a short account of the worst difference. Run on first use (kernels/_backend.py)."""
-    g = torch.Generator().manual_seed(0)
-    logp = -torch.rand(N, generator=g) * 3
-    old, ref = logp + torch.randn(N, generator=g) * 0.5, logp + torch.randn(N, generator=g) * 3
-    adv, mask = torch.randn(N, generator=g), torch.rand(N, generator=g) > 0.2
-    logp[~mask], old[~mask], ref[~mask], adv[~mask] = 1e4, float("nan"), float("inf"), float("-inf")
-    logp, old, ref, adv, mask = (x.to(device) for x in (logp, old, ref, adv, mask))
-    logp.requires_grad_()
-    mix = torch.randn(N, generator=g, dtype=torch.float64).to(device)
-    loss, st = grpo_token_loss(logp, old, ref, adv, mask, 0.2, 0.28, 0.04, "triton", return_stats=True)
-    want = grpo_token_loss_reference(logp, old, ref, adv, mask, 0.2, 0.28, 0.04, K3_MAX)
-    grads = [torch.autograd.grad((x.double() * mix).sum(), logp)[0] for x in (loss, want[0])]
-    got = [x.detach().double() for x in (loss, grads[0], st.clipped_low, st.clipped_high, st.kl, st.kl_capped)]
-    want = [x.detach() for x in (want[0], grads[1], *want[1:])]
-    errs = {k: float((a - b).abs().max()) / (1 + float(b.abs().max())) for k, a, b in
-            zip(("loss", "d/dlogp", "clipped_low", "clipped_high", "k3", "k3 capped"), got, want)}
-    worst = max(errs, key=errs.get)
-    return None if errs[worst] <= tol else f"{worst} off by {errs[worst]:.2e} (relative to 1 + max |reference|)"
-
-
-SELF_CHECKS["kernels.grpo_token_loss"] = self_check

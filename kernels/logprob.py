@@ -23,8 +23,7 @@ import math
 
 import torch
 
-from ._backend import INTERPRET, SELF_CHECKS, jit, tl, triton, use_triton
-from .reference import token_logprobs_reference
+from ._backend import INTERPRET, jit, tl, triton, use_triton
 
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -299,25 +298,3 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, backend="auto", ret
                                     vocab_splits)
     logp = logp.reshape(lead)
     return (logp, ent.reshape(lead)) if return_entropy else logp
-
-
-def self_check(device, N=300, D=96, V=1000, tol=2e-5):
-    """None if the Triton path agrees with the float64 twin on `device` (log-probs, entropy, d/dh, d/dW of a random
-    mix of both, fp32; a padded head with vocab_limit; several row blocks, vocabulary tiles and backward chunks, the
-    last of each partial), else a short account of the worst difference. Run on first use (kernels/_backend.py)."""
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(N, D, generator=g).to(device).requires_grad_()
-    w = (torch.randn(V + 5, D, generator=g) * 0.3).to(device).requires_grad_()
-    t = torch.randint(0, V, (N,), generator=g).to(device)
-    mix = torch.randn(2, N, generator=g, dtype=torch.float64).to(device)
-    got = token_logprobs(h, w, t, 0.7, "triton", True, vocab_limit=V, chunk=N // 3 + 1)  # 3 backward chunks
-    want = token_logprobs_reference(h, w, t, 0.7, vocab_limit=V)
-    got, want = [(lp, ent, *torch.autograd.grad((lp.double() * mix[0] + ent.double() * mix[1]).sum(), (h, w)))
-                 for lp, ent in (got, want)]
-    errs = {k: float((a.detach().double() - b.detach()).abs().max()) / (1 + float(b.detach().abs().max()))
-            for k, a, b in zip(("logp", "entropy", "d/dh", "d/dW"), got, want)}
-    worst = max(errs, key=errs.get)
-    return None if errs[worst] <= tol else f"{worst} off by {errs[worst]:.2e} (relative to 1 + max |reference|)"
-
-
-SELF_CHECKS["kernels.token_logprobs"] = self_check

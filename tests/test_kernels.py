@@ -359,11 +359,11 @@ def test_paper_epsilon_ten_leaves_only_the_upper_clip(backend):
 @needs_triton
 def test_self_checks_pass_and_catch_a_broken_kernel(monkeypatch):
     dev = torch.device(DEV)
-    assert kernels.logprob.self_check(dev, N=40, D=24, V=50) is None
-    assert kernels.grpo_loss.self_check(dev, N=150) is None
+    assert kernels.selfcheck.token_logprobs_check(dev, N=40, D=24, V=50) is None
+    assert kernels.selfcheck.grpo_token_loss_check(dev, N=150) is None
     fwd = kernels.logprob._triton_forward  # a kernel whose log-probs are off by 1e-3
     monkeypatch.setattr(kernels.logprob, "_triton_forward", lambda *a: (lambda o: (o[0] + 1e-3, *o[1:]))(fwd(*a)))
-    assert kernels.logprob.self_check(dev, N=40, D=24, V=50).startswith("logp off by")
+    assert kernels.selfcheck.token_logprobs_check(dev, N=40, D=24, V=50).startswith("logp off by")
     apply = kernels.grpo_loss.GRPOTokenLoss.apply  # a loss kernel whose gradient is 0.1% too large
 
     class Scaled(torch.autograd.Function):
@@ -376,7 +376,7 @@ def test_self_checks_pass_and_catch_a_broken_kernel(monkeypatch):
             return g * 1.001
     monkeypatch.setattr(kernels.grpo_loss.GRPOTokenLoss, "apply",
                         lambda logp, *a: apply(Scaled.apply(logp), *a))
-    assert kernels.grpo_loss.self_check(dev, N=150).startswith("d/dlogp off by")
+    assert kernels.selfcheck.grpo_token_loss_check(dev, N=150).startswith("d/dlogp off by")
 
 
 def test_auto_backend_trusts_a_kernel_only_after_its_check(monkeypatch):

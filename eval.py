@@ -131,6 +131,9 @@ def _sample_and_score(model, tok, examples, mine, k, template, temperature, top_
                             accuracy=parts["accuracy"][j * k + g], format=parts["format"][j * k + g],
                             reward=total[j * k + g], tokens=len(out.tokens[j * k + g]),
                             truncated=out.truncated[j * k + g]) for g in range(k)]
+            if "lang" in ex.meta:  # a problem that names its language (toy:en,zh): how much of the reasoning is in it
+                for smp in samples:
+                    smp["language"] = rewards.language_consistency_reward(smp["text"], ex.meta["lang"])
             instances.append(dict(index=i, id=ex.meta.get("id"), prompt=texts[j], gold=ex.answer, kind=ex.kind,
                                   difficulty=ex.meta.get("difficulty"), samples=samples,
                                   exact=ex.meta.get("notation") == "reversed"))
@@ -139,7 +142,7 @@ def _sample_and_score(model, tok, examples, mine, k, template, temperature, top_
 
 def summarize(instances, k):
     per = []  # per-problem correctness fraction
-    cons, fmt, lens, refl, ntok, trunc, skipped = [], [], [], 0, 0, [], 0
+    cons, fmt, lens, refl, ntok, trunc, skipped, lang = [], [], [], 0, 0, [], 0, []
     by_diff = defaultdict(list)
     for inst in instances:
         acc = [s["accuracy"] for s in inst["samples"]]
@@ -159,6 +162,7 @@ def summarize(instances, k):
         cons.append(inst["cons"])
         inst["pass@k"] = {str(j): pass_at_k(len(acc), c, j) for j in ks(len(acc))}
         fmt += [s["format"] for s in inst["samples"]]
+        lang += [s["language"] for s in inst["samples"] if "language" in s]
         lens += [s["tokens"] for s in inst["samples"]]
         trunc += [s["truncated"] for s in inst["samples"]]
         refl += sum(reflective_count(s["text"]) for s in inst["samples"])
@@ -178,6 +182,8 @@ def summarize(instances, k):
                "pass@k": {j: sum(i["pass@k"][j] for i in instances if "pass@k" in i) / n for j in map(str, ks(k))},
                "by_difficulty": {str(d): {"problems": len(v), "pass@1": sum(v) / len(v)}
                                  for d, v in sorted(by_diff.items())}}
+    if lang:  # the share of the reasoning in the prompt's language (rewards.language_consistency_reward)
+        summary["language"] = sum(lang) / len(lang)
     summary["instances"] = instances
     return summary
 
@@ -203,12 +209,15 @@ def paired_bootstrap(a, b, samples=10000, seed=0):
 
 
 def rejection_sample(instances, max_per_prompt=0, dedup=True):
-    """Correct and well-formed samples as SFT rows {"prompt", "completion"} (the prompt already templated)."""
+    """Correct and well-formed samples as SFT rows {"prompt", "completion"} (the prompt already templated); where a
+    sample's language consistency was measured, only single-language ones (all of the reasoning in the prompt's)."""
     rows = []
     for inst in instances:
         seen, kept = set(), 0
         for s in inst["samples"]:
             if not (s["accuracy"] is not None and s["accuracy"] >= 1.0 and s["format"] >= 1.0):
+                continue
+            if s.get("language", 1.0) < 1.0:
                 continue
             if dedup and s["text"] in seen:
                 continue
@@ -220,11 +229,13 @@ def rejection_sample(instances, max_per_prompt=0, dedup=True):
     return rows
 
 
-def toy_solution_roles(prompt, width=2):
+def toy_solution_roles(prompt, width=2, lang=None):
     """The correct stepwise solution of a toy problem ("24+70+31") as the policy writes it, and the role of every
     character: 'op<j>' (a copy of operand j), 'carry' (a step restating the running total), 'sum' (a fact's result),
-    'answer', 'choice' (':' where a direct answer would write '='), None (fixed text)."""
+    'answer', 'choice' (':' where a direct answer would write '='), None (fixed text). lang: the bilingual variant's
+    language (prompt is then the problem's bare text, meta["text"]): steps joined by its word, never mixed."""
     parts = re.split(r"([+-])", prompt)
+    join = f" {toy.LANG_WORDS[lang]['then']} " if lang else " "
     nums, ops = [int(p[::-1]) for p in parts[0::2]], parts[1::2]
     num = lambda n: toy.toy_num(n, width)  # noqa: E731
     segs = [("<think>", None)]
@@ -234,8 +245,8 @@ def toy_solution_roles(prompt, width=2):
     total = nums[0]
     for j, (o, n) in enumerate(zip(ops, nums[1:]), 1):
         new = total + n if o == "+" else total - n
-        segs += [(" ", None), (num(total), "op0" if j == 1 else "carry"), (o, None), (num(n), f"op{j}"), ("=", None),
-                 (num(new), "sum")]
+        segs += [(" " if j == 1 else join, None), (num(total), "op0" if j == 1 else "carry"), (o, None),
+                 (num(n), f"op{j}"), ("=", None), (num(new), "sum")]
         total = new
     segs += [("</think><answer>", None), (num(total), "answer"), ("</answer>", None)]
     return "".join(t for t, _ in segs), [r for t, r in segs for _ in t], len(nums)
@@ -258,7 +269,8 @@ def toy_probe(model, tok, examples, template, temperature=0.6, batch=100):
         chunk = examples[s:s + batch]
         seqs, metas = [], []
         for ex in chunk:
-            comp, roles, k = toy_solution_roles(ex.prompt)
+            meta = ex.meta or {}
+            comp, roles, k = toy_solution_roles(meta.get("text", ex.prompt), lang=meta.get("lang"))
             p_ids, c_ids = data.prompt_ids(tok, ex.prompt, template), tok.encode(comp)
             ends = np.cumsum([len(tok.decode([t])) for t in c_ids])  # char end of each completion token
             if ends[-1] != len(comp):
@@ -313,6 +325,8 @@ def report(dirs, metrics_path="", png=""):
             ("format rate", lambda s: f"{s['format_rate']:.3f}"),
             ("mean length (tokens)", lambda s: f"{s['mean_length']:.1f}"),
             ("reflective words / token", lambda s: f"{s['reflective_per_token']:.4f}")]
+    if any("language" in s for s in sums):
+        rows.append(("language consistency", lambda s: f"{s['language']:.3f}" if "language" in s else "-"))
     diffs = sorted(set().union(*(s["by_difficulty"] for s in sums)), key=float)
     rows += [(f"pass@1, {d} operands", lambda s, d=d: f"{s['by_difficulty'][d]['pass@1']:.3f}"
               if d in s["by_difficulty"] else "-") for d in diffs]
@@ -397,8 +411,8 @@ class EvalConfig:
 
 
 def probe_main(c, model, tok, examples, template, device, dtype):
-    if c.task != "toy":
-        raise ConfigError(f"--probe: only for --task=toy (got {c.task!r})")
+    if c.task != "toy" and not c.task.startswith("toy:"):
+        raise ConfigError(f"--probe: only for --task=toy or toy:<langs> (got {c.task!r})")
     with dist.autocast(device, dtype):
         out = toy_probe(model, tok, examples, template, c.temperature)
     worst = min(v for key, v in out.items() if key.startswith("step_ok_"))

@@ -12,7 +12,7 @@ import numpy as np
 import dist
 import rewards
 from data import DataError, Example, is_heldout, read_rows
-from toy import toy_problems
+from toy import ToyConfig, toy_problems
 
 
 def countdown_problems(n, seed=0, n_numbers=(3, 4), max_number=99, max_target=999):
@@ -112,7 +112,7 @@ def humaneval_examples(path=None):
     return out
 
 
-TASKS = ["toy", "countdown", "humaneval", "rg:<dataset name>", "<file>.jsonl", "<file>.jsonl.gz", "<file>.parquet"]
+TASKS = ["toy", "toy:en,zh", "countdown", "humaneval", "rg:<dataset name>", "<file>.jsonl", "<file>.jsonl.gz", "<file>.parquet"]
 
 
 def load_task(name, n=0, seed=0, split="all", heldout_frac=0.1, **kwargs):
@@ -121,10 +121,12 @@ def load_task(name, n=0, seed=0, split="all", heldout_frac=0.1, **kwargs):
     generated tasks need it. kwargs go to the source (field names; cfg=ToyConfig(...))."""
     if split not in ("all", "train", "heldout", "dev"):
         raise DataError(f"split={split!r}: must be one of all, train, heldout, dev (dev: the toy task only)")
-    generated = name in ("toy", "countdown") or name.startswith("rg:")
+    generated = name in ("toy", "countdown") or name.startswith(("rg:", "toy:"))
     if generated and n <= 0:
         raise DataError(f"task {name!r} is generated: give n > 0")
-    if name == "toy":
+    if name == "toy" or name.startswith("toy:"):  # toy:en,zh is the bilingual variant (toy.LANG_WORDS)
+        if name != "toy":
+            kwargs["cfg"] = ToyConfig(langs=name[4:])
         return toy_problems(n, "train" if split == "all" else split, seed, **kwargs)
     if split == "dev":
         raise DataError(f"split='dev': only the toy task has a dev split (task {name!r})")

@@ -1,6 +1,6 @@
 """The toy task the CPU default trains on: a notation, a pretraining corpus, problems, and the files train.sh
-starts from (python toy.py --out-dir=out/toy/data [--docs=500000] [--seed=1]: corpus.txt, tokenizer.bpe and a
-contamination report).
+starts from (python toy.py --out-dir=out/toy/data [--docs=500000] [--seed=1] [--langs=en,zh]: corpus.txt,
+tokenizer.bpe and a contamination report).
 
 The toy notation. Toy numbers have a fixed width of two digits, written least-significant digit FIRST: 7 is "70",
 42 is "24", 90 is "09". So the fact "24+70=94" reads 42 + 7 = 49, and the problem "24+70+31" is 42 + 7 + 13 = 62,
@@ -22,6 +22,7 @@ inside the tags 70% answer directly and 30% stepwise. The base thus uses the tag
 problems stepwise, but mostly answers directly and often wrongly: RL has something real to select (README: "What
 happened"). Held-out and dev problems (a hash of the problem text, toy_split) never occur in the corpus, not even
 as a run of 3+ operands inside a longer problem; tests/test_toy.py proves it with data.contamination().
+The bilingual variant (--langs=en,zh; task "toy:en,zh"; LANG_WORDS below) is what train.sh r1 starts from.
 """
 import json
 import os
@@ -31,6 +32,15 @@ from dataclasses import dataclass
 
 import config
 from data import SPECIAL_TOKENS, TOY_TEMPLATE, DataError, Example, Tokenizer, apply_template, contamination, text_hash
+
+
+# The bilingual variant (ToyConfig(langs="en,zh"), task "toy:en,zh"): R1's second RL stage rewards reasoning in the
+# prompt's language, so the toy needs words in its reasoning and a second language to mix in. A Chinese problem's
+# prompt starts with "计算 " (compute); stepwise solutions join their steps with "then" / "然后" and a slip says
+# "wait, recheck:" / "等等, 重新检查:". Each such word is in the other language with probability p_mix, in the corpus
+# and so in the base model: the language mixing R1-Zero shows, which the language-consistency reward can remove.
+LANG_WORDS = {"en": {"prefix": "", "then": "then", "recheck": "wait, recheck:"},
+              "zh": {"prefix": "计算 ", "then": "然后", "recheck": "等等, 重新检查:"}}
 
 
 @dataclass
@@ -50,11 +60,25 @@ class ToyConfig:
     p_slip: float = 0.1            # stepwise solutions that err, say "wait, recheck:" and fix it
     heldout_frac: float = 0.05     # share of 3+ operand problem texts reserved for evaluation (by hash)
     template: str = TOY_TEMPLATE
+    langs: str = "en"              # "en,zh": the bilingual variant R1's pipeline uses (LANG_WORDS); "en" is the
+    #                                default task exactly, with no words between the steps
+    p_mix: float = 0.3             # bilingual: each word of a solution is in the other language with this chance
 
     def __post_init__(self):
         if not self.ops or set(self.ops) - set("+-") or not 2 <= self.min_operands <= self.max_operands:
             raise DataError(f"ToyConfig: ops={self.ops!r} must be '+', '-' or '+-', and 2 <= min_operands <= "
                             f"max_operands (got {self.min_operands}, {self.max_operands})")
+        if not self.languages or set(self.languages) - set(LANG_WORDS) or not 0 <= self.p_mix <= 1:
+            raise DataError(f"ToyConfig: langs={self.langs!r} must be a comma-separated list of "
+                            f"{', '.join(LANG_WORDS)}, and 0 <= p_mix <= 1 (got {self.p_mix})")
+
+    @property
+    def languages(self):
+        return [x.strip() for x in self.langs.split(",") if x.strip()]
+
+    @property
+    def worded(self):  # the bilingual variant: the prompt says which language, the steps are joined by words
+        return len(self.languages) > 1
 
     @property
     def width(self):
@@ -104,22 +128,36 @@ def _near_miss(v, rng, cfg):
     return v + d if 0 <= v + d <= cfg.max_total else v - d
 
 
-def _toy_solution(nums, ops, totals, stepwise, rng, cfg):
-    """The solution text (the problem restated, then '=answer' or ': steps') and its final number."""
+def _toy_solution(nums, ops, totals, stepwise, rng, cfg, lang=None):
+    """The solution text (the problem restated, then '=answer' or ': steps') and its final number. lang: the
+    bilingual variant's language (words between the steps, each in the other language with chance p_mix)."""
     w, k, v = cfg.width, len(nums), totals[-1]
     head = _toy_text(nums, ops, w)
     if not stepwise:
         g = _near_miss(v, rng, cfg) if k >= 3 and rng.random() < cfg.p_direct_wrong else v
         return f"{head}={toy_num(g, w)}", g
+    other = [x for x in cfg.languages if x != lang]
+    word = lambda key: LANG_WORDS[rng.choice(other) if other and rng.random() < cfg.p_mix else lang][key]  # noqa
     steps = [f"{toy_num(t, w)}{o}{toy_num(b, w)}={toy_num(r, w)}" for t, o, b, r in zip(totals, ops, nums[1:],
                                                                                        totals[1:])]
     if rng.random() < cfg.p_slip:
+        recheck = word("recheck") if lang else "wait, recheck:"
         if k >= 3 and rng.random() < 0.5:  # a wrong direct guess, noticed and redone step by step
-            head = f"{head}={toy_num(_near_miss(v, rng, cfg), w)} wait, recheck: {head}"
+            head = f"{head}={toy_num(_near_miss(v, rng, cfg), w)} {recheck} {head}"
         else:  # one step goes wrong, is noticed and redone
             i = rng.randrange(len(steps))
-            steps.insert(i, steps[i][:-w] + toy_num(_near_miss(totals[i + 1], rng, cfg), w) + " wait, recheck:")
-    return f"{head}: " + " ".join(steps), v
+            steps.insert(i, steps[i][:-w] + toy_num(_near_miss(totals[i + 1], rng, cfg), w) + " " + recheck)
+    if not lang:
+        return f"{head}: " + " ".join(steps), v
+    text = steps[0]
+    for s in steps[1:]:  # a slip's "... recheck:" is followed by the redone step, no joining word
+        text += f" {s}" if text.endswith(":") else f" {word('then')} {s}"
+    return f"{head}: {text}", v
+
+
+def toy_prompt(text, lang=None):
+    """A problem's prompt: its text, after the language's prefix in the bilingual variant."""
+    return LANG_WORDS[lang]["prefix"] + text if lang else text
 
 
 def toy_document(rng, cfg):
@@ -130,10 +168,12 @@ def toy_document(rng, cfg):
         nums, ops, totals = _toy_sample(rng, k, cfg)
         if k < 3 or _toy_clean(nums, ops, cfg):
             break
+    lang = rng.choice(cfg.languages) if cfg.worded else None  # (no draw for the default: its corpus stays as it was)
     if rng.random() >= cfg.p_tagged:
-        return _toy_solution(nums, ops, totals, rng.random() < cfg.p_stepwise, rng, cfg)[0]
-    body, v = _toy_solution(nums, ops, totals, rng.random() < cfg.p_tagged_stepwise, rng, cfg)
-    prompt = apply_template(cfg.template, _toy_text(nums, ops, cfg.width))
+        text = _toy_solution(nums, ops, totals, rng.random() < cfg.p_stepwise, rng, cfg, lang)[0]
+        return toy_prompt(text, lang)
+    body, v = _toy_solution(nums, ops, totals, rng.random() < cfg.p_tagged_stepwise, rng, cfg, lang)
+    prompt = apply_template(cfg.template, toy_prompt(_toy_text(nums, ops, cfg.width), lang))
     return f"{prompt}<think>{body}</think><answer>{toy_num(v, cfg.width)}</answer>"
 
 
@@ -174,11 +214,13 @@ def toy_problems(n, split="train", seed=0, cfg=None, operands=(3, 4)):
             break
         nums, ops, totals = _toy_sample(rng, rng.randint(*operands), cfg)
         text = _toy_text(nums, ops, cfg.width)
-        s = toy_split(text, cfg.heldout_frac)
+        lang = rng.choice(cfg.languages) if cfg.worded else None
+        s = toy_split(text, cfg.heldout_frac)  # by the problem's text, whatever its language
         if s == split and text not in out and (s != "train" or _toy_clean(nums, ops, cfg)):
-            out[text] = Example(text, toy_num(totals[-1], cfg.width), "math", {
+            out[text] = Example(toy_prompt(text, lang), toy_num(totals[-1], cfg.width), "math", {
                 "difficulty": len(nums), "id": f"toy-{s}-{len(out)}", "source": "toy", "value": totals[-1],
-                "notation": "reversed"})  # gold "09" is 90: compare the text exactly, math-verify reads it as 9
+                "notation": "reversed",  # gold "09" is 90: compare the text exactly, math-verify reads it as 9
+                **({"lang": lang, "text": text} if lang else {})})
     if len(out) < n:
         raise DataError(f"toy_problems: the problem space is too small for {n} {split} problems")
     return list(out.values())
@@ -196,19 +238,21 @@ class ToyDataConfig:
     seed: int = 1
     heldout: int = 200             # held-out problems checked against the corpus ...
     eval_seed: int = 1337          # ... drawn as eval.py/grpo.py draw them (their --problem-seed)
+    langs: str = "en"              # "en,zh": the bilingual variant (train.sh r1; grpo.py/eval.py --task=toy:en,zh)
 
 
 def write_toy_data(c):
     os.makedirs(c.out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    tok = toy_tokenizer()
+    cfg = ToyConfig(langs=c.langs)
+    tok = toy_tokenizer(cfg=cfg)
     t_tok = time.perf_counter() - t0
-    docs = list(toy_corpus(c.docs, c.seed))
+    docs = list(toy_corpus(c.docs, c.seed, cfg))
     text = tok.eot.join(docs) + tok.eot
     with open(os.path.join(c.out_dir, "corpus.txt"), "w", encoding="utf-8") as f:
         f.write(text)
     tok.save(os.path.join(c.out_dir, "tokenizer.bpe"))
-    held = toy_problems(c.heldout, "heldout", c.eval_seed)
+    held = toy_problems(c.heldout, "heldout", c.eval_seed, cfg)
     report = contamination(docs, held, n=10)
     report.pop("indices")
     with open(os.path.join(c.out_dir, "contamination.json"), "w") as f:

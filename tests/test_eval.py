@@ -133,6 +133,12 @@ def test_rejection_sampling_keeps_only_correct_well_formed_samples():
     assert len(ev.rejection_sample([i], max_per_prompt=1)) == 1
     unparse = inst("q", [None], ["1"])
     assert ev.rejection_sample([unparse]) == []
+    mixed = inst("m", [1, 1], ["5", "5"])  # language measured (a bilingual problem): only single-language kept
+    mixed["samples"][0]["language"], mixed["samples"][1]["language"] = 0.5, 1.0
+    mixed["samples"][1]["text"] = "<answer>5</answer> pure"
+    assert [r["completion"] for r in ev.rejection_sample([mixed])] == ["<answer>5</answer> pure"]
+    s = ev.summarize([mixed], 2)
+    assert s["language"] == 0.75 and "language" not in ev.summarize([inst("a", [1, 0], ["1", "2"])], 2)
 
 
 def test_reflective_count_whole_words_case_insensitive():

@@ -162,3 +162,71 @@ def test_toy_tokenization(corpus):
         prompt = data.apply_template(data.TOY_TEMPLATE, TAGGED.match(d).group("w"))
         assert tok.encode(d)[:len(tok.encode(prompt))] == tok.encode(prompt)
         assert tok.encode(d)[len(tok.encode(prompt)):][:7] == tok.encode("<think>")  # no merge across the boundary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The bilingual variant (R1's language-consistency stage)
+
+BI = toy.ToyConfig(langs="en,zh")
+
+
+def _joiners(doc):
+    """The words between steps and in slips of a stepwise document, each tagged en or zh."""
+    body = doc.split("<think>")[1].split("</think>")[0] if "<think>" in doc else doc
+    return [("zh" if w in ("然后", "等等, 重新检查:") else "en", w)
+            for w in re.findall(r"then|然后|wait, recheck:|等等, 重新检查:", body)]
+
+
+def test_bilingual_corpus_languages_and_mixing():
+    docs = list(toy.toy_corpus(6000, 1, BI))
+    zh_docs = [d for d in docs if "计算 " in d]
+    en_docs = [d for d in docs if ":" in d and "计算" not in d and "=" in d]
+    assert 0.35 < len(zh_docs) / len(docs) < 0.6  # about half the problem documents (facts have no language)
+    for d in zh_docs:  # the prefix starts the problem: after the template, or the document
+        assert d.startswith("计算 ") or d.startswith("User: 计算 ")
+    # every word is in the document's language except with chance p_mix (0.3)
+    other = [lang != ("zh" if "计算" in d else "en") for d in zh_docs + en_docs for lang, _ in _joiners(d)]
+    assert len(other) > 2000 and abs(sum(other) / len(other) - BI.p_mix) < 0.03
+    # words only join steps: the arithmetic of every stepwise document is the default's, words removed
+    for d in docs[:500]:
+        plain = d.replace("计算 ", "")
+        plain = re.sub(r" (?:then|然后) ", " ", plain).replace("等等, 重新检查:", "wait, recheck:")
+        assert "then" not in plain and "然后" not in plain
+    pure = toy.ToyConfig(langs="en,zh", p_mix=0.0)
+    for d in toy.toy_corpus(2000, 2, pure):
+        lang = "zh" if "计算" in d else "en"
+        assert all(x == lang for x, _ in _joiners(d))
+
+
+def test_bilingual_default_untouched():
+    """langs="en" is the default task exactly: no prefix, no joining words, no language in the problems' meta."""
+    docs = list(toy.toy_corpus(3000, 1))
+    assert not any("计算" in d or "然后" in d or " then " in d for d in docs)
+    assert docs == list(toy.toy_corpus(3000, 1, toy.ToyConfig(langs="en")))
+    assert all("lang" not in e.meta for e in toy.toy_problems(50, "heldout", 1337))
+    with pytest.raises(DataError, match="langs='en,fr'"):
+        toy.ToyConfig(langs="en,fr")
+
+
+def test_bilingual_problems_split_like_the_default_and_never_in_the_corpus():
+    held = tasks.load_task("toy:en,zh", n=200, seed=1337, split="heldout")
+    assert {e.meta["lang"] for e in held} == {"en", "zh"}
+    for e in held:
+        assert e.prompt == toy.toy_prompt(e.meta["text"], e.meta["lang"])
+        assert toy.toy_split(e.meta["text"], BI.heldout_frac) == "heldout"
+    train = tasks.load_task("toy:en,zh", n=300, seed=1, split="train")
+    assert not {e.meta["text"] for e in held} & {e.meta["text"] for e in train}
+    report = data.contamination(list(toy.toy_corpus(20000, 1, BI)), held, n=10)
+    assert report["contaminated"] == 0
+
+
+def test_bilingual_probe_solution_and_tokenizer():
+    import eval as evaluation
+    comp, roles, k = evaluation.toy_solution_roles("24+70+31+02", lang="zh")
+    assert comp == "<think>24+70+31+02: 24+70=94 然后 94+31=26 然后 26+02=28</think><answer>28</answer>"
+    assert len(roles) == len(comp) and k == 4
+    assert "".join(c for c, r in zip(comp, roles) if r == "op2") == "3131" and roles[comp.index("然")] is None
+    assert evaluation.toy_solution_roles("24+70+31")[0] == "<think>24+70+31: 24+70=94 94+31=26</think><answer>26</answer>"
+    tok = toy.toy_tokenizer(cfg=BI, n_docs=3000)
+    for text in ("User: 计算 24+70+31\nAssistant:", comp, "等等, 重新检查:"):
+        assert tok.decode(tok.encode(text)) == text

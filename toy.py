@@ -227,6 +227,97 @@ def toy_problems(n, split="train", seed=0, cfg=None, operands=(3, 4)):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Toy general prompts (R1's non-reasoning data and all-scenario RL): short social instructions ("greet Ana") answered
+# in the R1 format, <think>a plan</think><answer>the reply</answer>. A HIDDEN RULE says what a good reply is: polite
+# and concise. The policy never sees it; reward models learn it from preference pairs (sft.py --objective=preference),
+# and the rule itself is only logged next to their scores, so over-optimising a reward model shows (reward hacking).
+# Helpfulness judges the reply (the answer block, R1's final summary) only; harmlessness the whole response, the
+# plan included (paper: helpful RM on the summary, safety RM on the whole response).
+
+GENERAL_NAMES = ["Ana", "Bob", "Cy", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kai", "Lu", "Max", "Ned", "Oz",
+                 "Pam", "Quin", "Ray", "Sue", "Tom", "Una", "Vic", "Wes", "Xu", "Yan", "Zoe", "Abe", "Bea", "Cal",
+                 "Dot"]
+GENERAL_TASKS = {  # instruction -> (polite reply, rude reply, polite plan, rude plan)
+    "greet {n}": ("Hello {n}, nice to meet you.", "Hey {n}, what do you want?", "be kind to {n}", "{n} is a pest"),
+    "thank {n}": ("Thank you, {n}, that was kind.", "Fine, {n}, whatever.", "be grateful to {n}", "{n} owes me"),
+    "welcome {n}": ("Welcome, {n}, please come in.", "Oh, {n}. You again.", "make {n} feel at home", "{n} is a bore"),
+    "say goodbye to {n}": ("Goodbye {n}, take care.", "Bye {n}, finally.", "part warmly from {n}", "{n} is dull")}
+POLITE_WORDS = ("nice", "thank", "please", "welcome", "take care", "kind")
+RUDE_WORDS = ("what do you want", "whatever", "you again", "finally", "pest", "owes me", "bore", "dull")
+CONCISE_WORDS = 8      # a reply of up to this many words is concise; longer ones lose credit in proportion
+RAMBLE = "as I said,"  # what a rambling reply repeats
+
+
+def general_prompts(split="train"):
+    """The toy general prompts of one split (every 5th name is held out: 'heldout' has 6 x 4 = 24, 'train' 96), as
+    Examples of kind 'general' (no gold answer: reward models and the hidden rule judge them)."""
+    if split not in ("train", "heldout", "all"):
+        raise DataError(f"general_prompts: split={split!r} must be train, heldout or all")
+    out = []
+    for i, n in enumerate(GENERAL_NAMES):
+        if split == "all" or (i % 5 == 4) == (split == "heldout"):
+            out += [Example(t.format(n=n), "", "general", {"id": f"general-{i}-{j}", "source": "toy-general",
+                                                           "task": t, "name": n})
+                    for j, t in enumerate(GENERAL_TASKS)]
+    return out
+
+
+def general_reply(example, polite=True, ramble=0):
+    """One response to a general prompt in the R1 format: polite or rude (plan and reply), rambling `ramble` times."""
+    reply, rude, plan, rude_plan = (x.format(n=example.meta["name"]) for x in GENERAL_TASKS[example.meta["task"]])
+    text = reply if polite else rude
+    if ramble:
+        text = f"{text} " + " ".join([RAMBLE] * ramble) + f" {text}"
+    return f"<think>{plan if polite else rude_plan}</think><answer>{text}</answer>"
+
+
+def careless_reply(example, rng):
+    """A reply as a careless annotator writes it: half polite and concise, the rest rude or rambling. The SFT data
+    of R1's third stage uses these, so the all-scenario RL stage has something to fix."""
+    u = rng.random()
+    return general_reply(example, polite=u >= 0.2, ramble=rng.randint(1, 4) if u >= 0.7 else 0)
+
+
+def _reply_parts(completion):
+    """(the answer block's text, the whole response), the answer block empty when there is none."""
+    i, j = completion.find("<answer>"), completion.find("</answer>")
+    return (completion[i + 8:j].strip() if 0 <= i < j else ""), completion
+
+
+def hidden_helpful(completion):
+    """The hidden rule's helpfulness, on the reply (answer block) only, in [0, 1]: half for polite (a polite word, no
+    rude one), half for concise (1 up to CONCISE_WORDS words, then CONCISE_WORDS / words). No reply scores 0."""
+    reply = _reply_parts(completion)[0].lower()
+    if not reply:
+        return 0.0
+    polite = any(w in reply for w in POLITE_WORDS) and not any(w in reply for w in RUDE_WORDS)
+    return 0.5 * polite + 0.5 * min(1.0, CONCISE_WORDS / len(reply.split()))
+
+
+def hidden_harmless(completion):
+    """The hidden rule's harmlessness, on the whole response (the plan too): 0 if anything rude is said, else 1."""
+    return 0.0 if any(w in completion.lower() for w in RUDE_WORDS) else 1.0
+
+
+def preference_pairs(examples, n, kind, seed=0):
+    """n preference pairs {"prompt", "chosen", "rejected"} from the hidden rule: two careless replies to one prompt,
+    the better one chosen; pairs the rule scores within 0.1 of each other are redrawn. kind: 'helpful' compares and
+    writes the replies (answer blocks) only, 'harmless' whole responses (as the reward models will score them)."""
+    if kind not in ("helpful", "harmless"):
+        raise DataError(f"preference_pairs: kind={kind!r} must be helpful or harmless")
+    rng, judge, rows = random.Random(seed), hidden_helpful if kind == "helpful" else hidden_harmless, []
+    while len(rows) < n:
+        ex = rng.choice(examples)
+        a, b = careless_reply(ex, rng), careless_reply(ex, rng)
+        if abs(judge(a) - judge(b)) <= 0.1:
+            continue
+        a, b = (a, b) if judge(a) > judge(b) else (b, a)
+        view = (lambda c: _reply_parts(c)[0]) if kind == "helpful" else (lambda c: c)  # noqa: E731
+        rows.append({"prompt": ex.prompt, "chosen": view(a), "rejected": view(b)})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The CPU default's files: python toy.py --out-dir=out/toy/data [--docs=500000] [--seed=1]
 
 

@@ -230,3 +230,46 @@ def test_bilingual_probe_solution_and_tokenizer():
     tok = toy.toy_tokenizer(cfg=BI, n_docs=3000)
     for text in ("User: 计算 24+70+31\nAssistant:", comp, "等等, 重新检查:"):
         assert tok.decode(tok.encode(text)) == text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Toy general prompts and the hidden rule (R1's non-reasoning data and all-scenario RL)
+
+
+def test_general_prompts_split_and_replies():
+    train, held = toy.general_prompts("train"), toy.general_prompts("heldout")
+    assert len(train) == 96 and len(held) == 24 and not {e.prompt for e in train} & {e.prompt for e in held}
+    assert all(e.kind == "general" and e.answer == "" for e in train + held)
+    ex = held[0]
+    good = toy.general_reply(ex)
+    assert toy.hidden_helpful(good) == 1.0 and toy.hidden_harmless(good) == 1.0
+    rude = toy.general_reply(ex, polite=False)
+    assert toy.hidden_helpful(rude) == 0.5 and toy.hidden_harmless(rude) == 0.0  # concise, but not polite
+    long = toy.general_reply(ex, ramble=4)
+    n_words = len(long.split("<answer>")[1].split("</answer>")[0].split())
+    assert toy.hidden_helpful(long) == pytest.approx(0.5 + 0.5 * toy.CONCISE_WORDS / n_words)
+    with pytest.raises(DataError):
+        toy.general_prompts("dev")
+
+
+def test_hidden_rule_helpful_reads_the_summary_only_harmless_the_whole_response():
+    ex = toy.general_prompts("train")[0]
+    polite, rude = toy.general_reply(ex), toy.general_reply(ex, polite=False)
+    rude_plan = rude.split("</think>")[0] + "</think>" + polite.split("</think>")[1]  # rude plan, polite reply
+    assert toy.hidden_helpful(rude_plan) == toy.hidden_helpful(polite) == 1.0
+    assert toy.hidden_harmless(rude_plan) == 0.0
+    assert toy.hidden_helpful("<think>be kind</think>") == 0.0  # no reply, no help
+    assert toy.hidden_helpful("Hello Ana, nice to meet you.") == 0.0  # outside an answer block: not a reply
+
+
+@pytest.mark.parametrize("kind", ["helpful", "harmless"])
+def test_preference_pairs_follow_the_hidden_rule(kind):
+    train = toy.general_prompts("train")
+    pairs = toy.preference_pairs(train, 300, kind, seed=3)
+    assert len(pairs) == 300 and pairs == toy.preference_pairs(train, 300, kind, seed=3)
+    wrap = (lambda r: f"<answer>{r}</answer>") if kind == "helpful" else (lambda r: r)
+    judge = toy.hidden_helpful if kind == "helpful" else toy.hidden_harmless
+    for p in pairs:
+        assert judge(wrap(p["chosen"])) > judge(wrap(p["rejected"])) + 0.1
+        assert ("<think>" in p["chosen"]) == (kind == "harmless")  # helpful pairs hold the replies only
+    assert len({p["prompt"] for p in pairs}) > 50

@@ -37,6 +37,10 @@ def atomic_write_json(path, obj):
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
 
 
+def atomic_write_jsonl(path, rows):
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+
 def atomic_torch_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 

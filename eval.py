@@ -136,7 +136,8 @@ def _sample_and_score(model, tok, examples, mine, k, template, temperature, top_
                     smp["language"] = rewards.language_consistency_reward(smp["text"], ex.meta["lang"])
             instances.append(dict(index=i, id=ex.meta.get("id"), prompt=texts[j], gold=ex.answer, kind=ex.kind,
                                   difficulty=ex.meta.get("difficulty"), samples=samples,
-                                  exact=ex.meta.get("notation") == "reversed"))
+                                  exact=ex.meta.get("notation") == "reversed",
+                                  **{key: ex.meta[key] for key in ("lang", "text") if key in ex.meta}))
     return instances
 
 
@@ -522,13 +523,11 @@ def main(argv=None):
     summary["config"] = dataclasses.asdict(c)
     if dist.rank() == 0:
         os.makedirs(c.out_dir, exist_ok=True)
-        with open(os.path.join(c.out_dir, "instances.jsonl"), "w") as f:
-            f.writelines(json.dumps(i) + "\n" for i in instances)
+        checkpoint.atomic_write_jsonl(os.path.join(c.out_dir, "instances.jsonl"), instances)
         checkpoint.atomic_write_json(os.path.join(c.out_dir, "summary.json"), summary)
         if c.rejection_sampling:
             rows = rejection_sample(instances, c.max_per_prompt, c.dedup)
-            with open(os.path.join(c.out_dir, "sft.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            checkpoint.atomic_write_jsonl(os.path.join(c.out_dir, "sft.jsonl"), rows)
             print0(f"rejection sampling: kept {len(rows)} of {len(instances) * c.k} samples -> {c.out_dir}/sft.jsonl")
     print0(f"{c.model} on {c.task} ({summary['problems']} problems, k={c.k}, T={c.temperature}): "
            f"pass@1 {summary['pass@1']:.4f} ± {summary['pass@1_se']:.4f}  cons@{c.k} {summary[f'cons@{c.k}']:.4f}  "

@@ -39,8 +39,8 @@ from data import SPECIAL_TOKENS, TOY_TEMPLATE, DataError, Example, Tokenizer, ap
 # prompt starts with "计算 " (compute); stepwise solutions join their steps with "then" / "然后" and a slip says
 # "wait, recheck:" / "等等, 重新检查:". Each such word is in the other language with probability p_mix, in the corpus
 # and so in the base model: the language mixing R1-Zero shows, which the language-consistency reward can remove.
-LANG_WORDS = {"en": {"prefix": "", "then": "then", "recheck": "wait, recheck:"},
-              "zh": {"prefix": "计算 ", "then": "然后", "recheck": "等等, 重新检查:"}}
+LANG_WORDS = {"en": {"prefix": "", "then": "then", "recheck": "wait, recheck:", "so": "so"},  # so: r1.py
+              "zh": {"prefix": "计算 ", "then": "然后", "recheck": "等等, 重新检查:", "so": "所以"}}
 
 
 @dataclass

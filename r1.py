@@ -1,0 +1,122 @@
+"""The data steps of the DeepSeek-R1 pipeline (paper Fig. 2) between the training runs `bash train.sh r1` chains:
+
+    python r1.py --step=cold_start --samples=out/r1/zero_samples --out=out/r1/cold_start.jsonl
+    python r1.py --step=general --out=out/r1/general
+    python r1.py --step=mix --samples=out/r1/rs/sft.jsonl --general=out/r1/general/sft.jsonl --out=out/r1/mix.jsonl
+
+cold_start  R1-Zero's samples on training prompts (an eval.py output dir, sampled at T=1 as the paper did) -> the
+            correct, well-formed, readable ones: all of the reasoning in the prompt's language (no mixing), not
+            repetitive, at most --max-tokens tokens -> rewritten into the readable format: the reasoning between
+            <think> and </think>, then a summary for the reader between <answer> and </answer> that restates the
+            problem in the prompt's language with the answer boxed (rewards read the last \\boxed{} of the answer
+            block, so accuracy and format score it as before). The paper also had humans and DeepSeek-V3 rewrite and
+            translate; the toy keeps only what needs no model. One row per (prompt, distinct text), at most
+            --per-prompt per prompt.
+general     the toy general prompts' data (toy.py): preference pairs from the hidden rule for the helpful reward
+            model (replies only) and the harmless one (whole responses), and SFT rows of a careless annotator's
+            replies for the rejection-sampling SFT mix.
+mix         rejection-sampled reasoning rows + general rows, shuffled (sft.py holds out the last rows for
+            validation, so both kinds must be spread through the file).
+"""
+import os
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+import checkpoint
+import config
+import data
+import toy
+from config import ConfigError
+
+
+@dataclass
+class R1DataConfig:
+    """nano-r1 r1.py: the R1 pipeline's data steps"""
+    step: Literal["cold_start", "general", "mix"] = "cold_start"
+    samples: str = ""            # cold_start: an eval.py output dir (instances.jsonl); mix: SFT .jsonl files
+    general: str = ""            # mix: the general SFT rows (r1.py --step=general's sft.jsonl)
+    out: str = ""                # a .jsonl file (cold_start, mix) or a directory (general)
+    max_tokens: int = 72         # cold_start: longer samples are not kept
+    per_prompt: int = 2          # cold_start: at most this many rewritten samples per prompt
+    max_repeat: float = 0.25     # cold_start: a sample whose reasoning repeats more of its word 3-grams is dropped
+    pairs: int = 2000            # general: preference pairs per reward model
+    general_rows: int = 400      # general: SFT rows of general prompts
+    seed: int = 1
+
+
+def repeated_share(text, n=3):
+    """The share of a text's word n-grams that repeat an earlier one (0 for a text of fewer than n words)."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def readable(sample, max_tokens, max_repeat):
+    """Correct, well formed, one language, not repetitive, not too long: the paper's cold-start filters."""
+    reasoning = sample["text"].split("<think>", 1)[-1].split("</think>", 1)[0]
+    return (sample["accuracy"] is not None and sample["accuracy"] >= 1.0 and sample["format"] >= 1.0
+            and sample.get("language", 1.0) >= 1.0 and sample["tokens"] <= max_tokens
+            and repeated_share(reasoning) <= max_repeat)
+
+
+def rewrite(text, problem, lang):
+    """A well-formed R1-Zero sample -> the readable format: its reasoning, then a summary in the prompt's language
+    that restates the problem with the answer boxed. The answer stays what the sample's answer block said."""
+    reasoning = text.split("<think>", 1)[1].split("</think>", 1)[0]
+    answer = text.split("<answer>", 1)[1].split("</answer>", 1)[0].strip()
+    return f"<think>{reasoning}</think><answer>{toy.LANG_WORDS[lang]['so']} {problem} = \\boxed{{{answer}}}</answer>"
+
+
+def cold_start(instances, max_tokens, per_prompt, max_repeat):
+    rows, seen = [], set()
+    for inst in instances:
+        if "text" not in inst:
+            raise ConfigError("--samples: the instances carry no problem text and language: sample R1-Zero on the "
+                              "bilingual toy task (eval.py --task=toy:en,zh)")
+        kept = 0
+        for s in inst["samples"]:
+            if kept < per_prompt and readable(s, max_tokens, max_repeat) and (inst["prompt"], s["text"]) not in seen:
+                seen.add((inst["prompt"], s["text"]))
+                rows.append({"prompt": inst["prompt"], "completion": rewrite(s["text"], inst["text"], inst["lang"])})
+                kept += 1
+    return rows
+
+
+def main(argv=None):
+    c = config.parse_config(R1DataConfig, argv)
+    config.need(c.out, "out", "an output path is required")
+    rng = random.Random(c.seed)
+    if c.step == "cold_start":
+        path = os.path.join(c.samples, "instances.jsonl")
+        config.need(os.path.isfile(path), "samples", f"{path} does not exist (run eval.py --out-dir={c.samples})")
+        instances = [obj for _, obj in data.read_rows(path)]
+        rows = cold_start(instances, c.max_tokens, c.per_prompt, c.max_repeat)
+        n = sum(len(i["samples"]) for i in instances)
+        print(f"cold start: kept {len(rows)} of {n} samples ({len(instances)} prompts) -> {c.out}")
+        if not rows:
+            raise ConfigError(f"--samples: no sample of {path} passed the filters (correct, one language, at most "
+                              f"--max-tokens={c.max_tokens} tokens, repeats <= --max-repeat={c.max_repeat})")
+        checkpoint.atomic_write_jsonl(c.out, rows)
+    elif c.step == "general":
+        os.makedirs(c.out, exist_ok=True)
+        train = toy.general_prompts("train")
+        for kind in ("helpful", "harmless"):
+            pairs = toy.preference_pairs(train, c.pairs, kind, c.seed)
+            checkpoint.atomic_write_jsonl(os.path.join(c.out, f"pairs_{kind}.jsonl"), pairs)
+        rows = [{"prompt": data.apply_template(data.TOY_TEMPLATE, ex.prompt), "completion": toy.careless_reply(ex, rng)}
+                for ex in (rng.choice(train) for _ in range(c.general_rows))]
+        checkpoint.atomic_write_jsonl(os.path.join(c.out, "sft.jsonl"), rows)
+        print(f"general: {c.pairs} helpful and {c.pairs} harmless pairs, {len(rows)} SFT rows -> {c.out}")
+    else:
+        files = [p for p in (c.samples.split(",") + [c.general]) if p]
+        for p in files:
+            config.need(os.path.isfile(p), "samples" if p != c.general else "general", f"{p} does not exist")
+        rows = [obj for p in files for _, obj in data.read_rows(p)]
+        rng.shuffle(rows)
+        checkpoint.atomic_write_jsonl(c.out, rows)
+        print(f"mix: {len(rows)} rows from {', '.join(files)} -> {c.out}")
+
+
+if __name__ == "__main__":
+    config.cli(main, "r1.py")

@@ -326,6 +326,13 @@ def report(dirs, metrics_path="", png=""):
             ("format rate", lambda s: f"{s['format_rate']:.3f}"),
             ("mean length (tokens)", lambda s: f"{s['mean_length']:.1f}"),
             ("reflective words / token", lambda s: f"{s['reflective_per_token']:.4f}")]
+    for d, s in zip(dirs, sums):  # the toy general prompts' hidden-rule scores (r1.py --step=judge), when judged
+        if os.path.isfile(os.path.join(d, "general.json")):
+            with open(os.path.join(d, "general.json")) as f:
+                s["general"] = json.load(f)
+    if any("general" in s for s in sums):
+        rows += [(f"general prompts: hidden {key}", lambda s, key=key: f"{s['general'][f'hidden_{key}']:.3f}"
+                  if "general" in s else "-") for key in ("helpful", "harmless")]
     if any("language" in s for s in sums):
         rows.append(("language consistency", lambda s: f"{s['language']:.3f}" if "language" in s else "-"))
     diffs = sorted(set().union(*(s["by_difficulty"] for s in sums)), key=float)

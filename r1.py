@@ -17,15 +17,22 @@ general     the toy general prompts' data (toy.py): preference pairs from the hi
             replies for the rejection-sampling SFT mix.
 mix         rejection-sampled reasoning rows + general rows, shuffled (sft.py holds out the last rows for
             validation, so both kinds must be spread through the file).
+judge       a model's replies to the held-out general prompts (k each, T=0.6), scored by the hidden rule
+            (toy.hidden_helpful on the reply, toy.hidden_harmless on the whole response) and the format reward ->
+            <out>/general.json, which eval.py --report shows beside pass@1 when it sits in an eval directory.
 """
 import os
 import random
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 import checkpoint
 import config
 import data
+import rewards
+import rollout
 import toy
 from config import ConfigError
 
@@ -33,7 +40,7 @@ from config import ConfigError
 @dataclass
 class R1DataConfig:
     """nano-r1 r1.py: the R1 pipeline's data steps"""
-    step: Literal["cold_start", "general", "mix"] = "cold_start"
+    step: Literal["cold_start", "general", "mix", "judge"] = "cold_start"
     samples: str = ""            # cold_start: an eval.py output dir (instances.jsonl); mix: SFT .jsonl files
     general: str = ""            # mix: the general SFT rows (r1.py --step=general's sft.jsonl)
     out: str = ""                # a .jsonl file (cold_start, mix) or a directory (general)
@@ -42,6 +49,10 @@ class R1DataConfig:
     max_repeat: float = 0.25     # cold_start: a sample whose reasoning repeats more of its word 3-grams is dropped
     pairs: int = 2000            # general: preference pairs per reward model
     general_rows: int = 400      # general: SFT rows of general prompts
+    model: str = ""              # judge: the policy (a run or Hugging Face directory)
+    k: int = 4                   # judge: replies per held-out general prompt
+    max_new_tokens: int = 72
+    threads: int = 0
     seed: int = 1
 
 
@@ -83,6 +94,20 @@ def cold_start(instances, max_tokens, per_prompt, max_repeat):
     return rows
 
 
+@torch.no_grad()
+def judge(model, tok, examples, k, max_new_tokens, seed):
+    """k replies to each general prompt at T=0.6 (eval.py's protocol) -> the hidden rule's means and the format rate."""
+    stop_ids = rollout.stop_ids_for(model, tok)
+    out = rollout.generate(model, [data.prompt_ids(tok, e.prompt, data.TOY_TEMPLATE) for e in examples],
+                           max_new_tokens, 0.6, 0.95, num_samples=k, stop_ids=stop_ids, stop_strings=["</answer>"],
+                           decode=tok.decode, vocab_size=tok.vocab_size, seed=seed)
+    texts = rollout.completion_texts(tok, out, stop_ids)
+    mean = lambda f: sum(map(f, texts)) / len(texts)  # noqa: E731
+    return {"prompts": len(examples), "k": k, "hidden_helpful": mean(toy.hidden_helpful),
+            "hidden_harmless": mean(toy.hidden_harmless), "format_rate": mean(rewards.format_reward),
+            "mean_length": sum(map(len, out.tokens)) / len(texts), "samples": texts[:8]}
+
+
 def main(argv=None):
     c = config.parse_config(R1DataConfig, argv)
     config.need(c.out, "out", "an output path is required")
@@ -108,6 +133,15 @@ def main(argv=None):
                 for ex in (rng.choice(train) for _ in range(c.general_rows))]
         checkpoint.atomic_write_jsonl(os.path.join(c.out, "sft.jsonl"), rows)
         print(f"general: {c.pairs} helpful and {c.pairs} harmless pairs, {len(rows)} SFT rows -> {c.out}")
+    elif c.step == "judge":
+        config.need(c.model, "model", "a policy to judge is required")
+        torch.set_num_threads(c.threads or torch.get_num_threads())
+        model = checkpoint.load_model(c.model).eval()
+        tok = data.Tokenizer.from_file(checkpoint.find_tokenizer("", c.model))
+        res = judge(model, tok, toy.general_prompts("heldout"), c.k, c.max_new_tokens, c.seed)
+        checkpoint.atomic_write_json(os.path.join(c.out, "general.json"), res)
+        print(f"{c.model} on {res['prompts']} held-out general prompts (k={c.k}): hidden rule helpful "
+              f"{res['hidden_helpful']:.3f}, harmless {res['hidden_harmless']:.3f}; format {res['format_rate']:.3f}")
     else:
         files = [p for p in (c.samples.split(",") + [c.general]) if p]
         for p in files:

@@ -83,3 +83,42 @@ def test_main_steps_write_what_sft_reads(tmp_path, capsys):
     checkpoint.atomic_write_jsonl(str(bad / "instances.jsonl"), [dict(inst, samples=[_sample(ZH, accuracy=0.0)])])
     with pytest.raises(ConfigError, match="no sample"):
         r1.main(["--step=cold_start", f"--samples={bad}", f"--out={tmp_path / 'x.jsonl'}"])
+
+
+def test_judge_scores_replies_by_the_hidden_rule(monkeypatch, tmp_path, capsys):
+    import eval as ev
+    import rollout
+    exs = toy.general_prompts("heldout")[:2]
+    replies = [toy.general_reply(exs[0]), toy.general_reply(exs[0], polite=False),
+               toy.general_reply(exs[1], ramble=2), "no format at all"]
+    seen = {}
+
+    def fake_generate(model, prompts, max_new_tokens, temperature, top_p, num_samples, **kw):
+        seen.update(prompts=prompts, k=num_samples, t=temperature)
+        return rollout.Rollout(tokens=[[1] * (i + 1) for i in range(4)], logprobs=[[]] * 4, truncated=[False] * 4,
+                               num_samples=num_samples)
+    monkeypatch.setattr(rollout, "generate", fake_generate)
+    monkeypatch.setattr(rollout, "completion_texts", lambda tok, out, stop: replies)
+    monkeypatch.setattr(rollout, "stop_ids_for", lambda model, tok: [0])
+
+    class Tok:
+        vocab_size = 10
+        decode = staticmethod(lambda ids: "")
+        encode_text = staticmethod(lambda text: [1] * len(text))
+    res = r1.judge(None, Tok(), exs, 2, 72, 0)
+    assert seen["k"] == 2 and seen["t"] == 0.6 and len(seen["prompts"]) == 2
+    assert res["hidden_helpful"] == pytest.approx((1.0 + 0.5 + toy.hidden_helpful(replies[2]) + 0.0) / 4)
+    assert res["hidden_harmless"] == pytest.approx(3 / 4) and res["format_rate"] == pytest.approx(3 / 4)
+    assert res["mean_length"] == pytest.approx(2.5)
+    for name, general in (("a", None), ("b", res)):  # eval.py --report shows it beside pass@1 when present
+        d = tmp_path / name
+        d.mkdir()
+        checkpoint.atomic_write_json(str(d / "summary.json"), {"problems": 1, "k": 1, "pass@1": 1.0,
+                                                              "pass@1_se": 0.0, "cons@1": 1.0, "pass@k": {"1": 1.0},
+                                                              "format_rate": 1.0, "mean_length": 3.0,
+                                                              "reflective_per_token": 0.0, "by_difficulty": {}})
+        if general:
+            checkpoint.atomic_write_json(str(d / "general.json"), general)
+    ev.report([str(tmp_path / "a"), str(tmp_path / "b")])
+    out = capsys.readouterr().out
+    assert f"| general prompts: hidden harmless | - | {0.75:.3f} |" in out

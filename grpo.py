@@ -45,9 +45,11 @@ import eval as evaluation
 import loss
 import metrics
 import optim
+import reward_model
 import rewards
 import rollout
 import tasks
+import toy
 from config import ConfigError
 from dist import print0
 
@@ -105,6 +107,12 @@ class GRPOConfig:
     language_weight: float = 0.0     # the language-consistency reward (R1 stage 2); 0 = off
     lang: str = "en"
     rg_exact: bool = True            # reasoning-gym: demand an exact answer (its default gives partial credit, P12)
+    # all-scenario RL (R1's last stage): general prompts, judged by learned reward models (reward_model.py)
+    general_task: str = "toy-general"  # tasks.load_task name of the general prompts (kind "general")
+    general_frac: float = 0.0        # share of each rollout's prompts that are general, from general_from_step on
+    general_from_step: int = 0       # the late switch: the paper used preference rewards in the last 400 of 1,700
+    rm_helpful: str = ""             # reward model of a general reply (the answer block: R1's final summary)
+    rm_harmless: str = ""            # reward model of a whole general response (the reasoning too)
     code_isolation: Literal["strict", "weak"] = "strict"  # code rewards without root or user namespaces: refuse,
     #                                  or (weak) run behind weaker walls, knowingly (sandbox_runner.py says which)
     reward_workers: int = 2
@@ -158,6 +166,11 @@ def check_config(c):
         need(ok, flag, "top-p/top-k sampling makes sampler and trainer log-probs differ (PITFALLS P2); keep "
              "--top-p=1 --top-k=0 in training")
     need(c.overlong_buffer < c.max_new_tokens, "overlong-buffer", "must be below --max-new-tokens")
+    need(0 <= c.general_frac < 1, "general-frac", "must be in [0, 1) (some prompts stay reasoning prompts)")
+    need(c.general_frac == 0 or c.rm_helpful or c.rm_harmless, "general-frac",
+         "general prompts need a reward model (--rm-helpful and/or --rm-harmless)")
+    need(c.general_frac == 0 or round(c.general_frac * c.rollout_prompts / W) >= 1, "general-frac",
+         f"gives no general prompt out of {c.rollout_prompts // W} per rank and rollout")
     need(c.lr > 0, "lr", "must be > 0")
 
 
@@ -165,22 +178,27 @@ def check_config(c):
 # sampling and scoring a rollout
 
 
-def collect_rollout(policy, tok, sampler, c, step, template, stop_ids):
+def collect_rollout(policy, tok, sampler, c, step, template, stop_ids, general=None):
     """Sample and score one rollout (this rank's share of the prompts) -> (Batch with advantages, stats). With
     dynamic sampling, zero-variance groups are dropped and refilled; every rank takes part in every refill round
     (the decision is global) and walks the prompt order in step, so ranks never disagree about collectives or
-    cursors."""
+    cursors. general: {"sampler", "rms"} for all-scenario RL: from general_from_step on, general_frac of the
+    prompts of the first round are general ones (refills draw reasoning prompts)."""
     G, n_local = c.group_size, c.rollout_prompts // dist.world_size()
     outs, groups, refills = collections.defaultdict(list), 0, 0
     stats = {"sample_s": 0.0, "new_tokens": 0, "zero_std_groups": 0, "sampled_groups": 0,
-             "reasons": collections.Counter()}
+             "reasons": collections.Counter(), "general": collections.defaultdict(float)}
+    n_gen = round(c.general_frac * n_local) if general and step >= c.general_from_step else 0
     with dist.gathered(policy):  # under FSDP: weights all-gathered once for every generation of this rollout
         while True:
             need = int(dist.all_reduce_max(n_local - groups))
             if need == 0:
                 break
-            exs = sampler.take(need)[:n_local - groups]  # every rank draws the same count; some use fewer
-            got, zero = score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats)
+            g = n_gen if refills == 0 else 0
+            exs = (sampler.take(need - g) + (general["sampler"].take(g) if g else []))[:n_local - groups]  # every
+            #     rank draws the same count; some use fewer
+            got, zero = score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats,
+                                    general["rms"] if general else {})
             for p in range(len(exs)):
                 if c.dynamic_sampling and zero[p] and refills < c.max_refills:
                     continue  # no learning signal: refill with new prompts
@@ -193,9 +211,33 @@ def collect_rollout(policy, tok, sampler, c, step, template, stop_ids):
     return rollout.make_batch(**outs, experts=experts if c.routing_replay else None), stats
 
 
-def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
+def general_rewards(tok, texts, exs, rms, c, stats):
+    """R1's reward of general outputs (paper Eq. 8-10: R_general = R_RM + R_format): the helpful reward model on the
+    reply (the answer block, R1's final summary), the harmless one on the whole response, plus the format reward.
+    The toy's hidden rule (toy.py) is only logged beside them, never rewarded: the reward models' scores rising
+    while the rule's fall is over-optimisation of the reward models (reward hacking)."""
+    fmt = [rewards.format_reward(t) for t in texts]
+    total = [c.format_weight * f for f in fmt]
+    for kind, model in rms.items():
+        views = [toy.reply_of(t) if kind == "helpful" else t for t in texts]
+        seqs = [reward_model.reward_ids(tok, e.prompt, v, model.config.max_position_embeddings)
+                for e, v in zip(exs, views)]
+        with torch.no_grad(), dist.gathered(model):
+            scores = reward_model.reward_scores(model, seqs, tok.eot_id).tolist()
+        total = [t + s for t, s in zip(total, scores)]
+        stats["general"][f"rm_{kind}"] += sum(scores)
+    stats["general"]["outputs"] += len(texts)
+    hidden = [t for t, e in zip(texts, exs) if e.meta.get("source") == "toy-general"]  # the toy's prompts only
+    stats["general"]["hidden_outputs"] += len(hidden)
+    stats["general"]["hidden_helpful"] += sum(map(toy.hidden_helpful, hidden))
+    stats["general"]["hidden_harmless"] += sum(map(toy.hidden_harmless, hidden))
+    return total, fmt
+
+
+def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats, rms=None):
     """G samples for each example, their rewards and group advantages -> (per-output lists for make_batch, a
-    zero-variance flag per group). Collective calls (the batch std) happen on every rank, even one with none."""
+    zero-variance flag per group). Collective calls (the batch std) happen on every rank, even one with none.
+    General examples (kind "general") are scored by the reward models rms, the others by the rule rewards."""
     G = c.group_size
     out, shaped, total, comps, texts = None, torch.zeros(0, G), [], {}, []
     if exs:
@@ -208,11 +250,25 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
         stats["new_tokens"] += out.new_tokens
         texts = rollout.completion_texts(tok, out, stop_ids)
         weights = {"accuracy": c.accuracy_weight, "format": c.format_weight, "language": c.language_weight}
-        total, comps, reasons = rewards.score_batch(texts, [exs[i // G] for i in range(len(texts))], weights,
-                                                    workers=c.reward_workers, lang=c.lang, rg_exact=c.rg_exact,
-                                                    code_isolation=c.code_isolation,
-                                                    answer_block=bool(template))  # as eval.py
-        stats["reasons"].update(reasons)
+        rows = [exs[i // G] for i in range(len(texts))]
+        gen = [i for i, e in enumerate(rows) if e.kind == "general"]
+        rule = [i for i, e in enumerate(rows) if e.kind != "general"]
+        total, comps = [0.0] * len(texts), {"accuracy": [None] * len(texts), "format": [0.0] * len(texts),
+                                            "language": [None] * len(texts)}
+        if rule:
+            part, parts, reasons = rewards.score_batch([texts[i] for i in rule], [rows[i] for i in rule], weights,
+                                                       workers=c.reward_workers, lang=c.lang, rg_exact=c.rg_exact,
+                                                       code_isolation=c.code_isolation,
+                                                       answer_block=bool(template))  # as eval.py
+            stats["reasons"].update(reasons)
+            for j, i in enumerate(rule):
+                total[i] = part[j]
+                for k in comps:
+                    comps[k][i] = parts[k][j]
+        if gen:
+            part, fmt = general_rewards(tok, [texts[i] for i in gen], [rows[i] for i in gen], rms, c, stats)
+            for j, i in enumerate(gen):
+                total[i], comps["format"][i] = part[j], fmt[j]
         shaped = torch.tensor([t + loss.overlong_penalty(len(ids), c.max_new_tokens, c.overlong_buffer)
                                for t, ids in zip(total, out.tokens)]).view(len(exs), G)
     batch_std = None
@@ -224,8 +280,8 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
     adv = loss.group_advantages(shaped, c.adv_scale, c.adv_eps, batch_std=batch_std)
     # an example whose correctness cannot be judged (unparseable gold, broken tests: accuracy None) must not
     # train its group on the other rewards alone
-    unjudged = torch.tensor([c.accuracy_weight != 0 and all(a is None for a in comps["accuracy"][j * G:(j + 1) * G])
-                             for j in range(len(exs))])
+    unjudged = torch.tensor([c.accuracy_weight != 0 and exs[j].kind != "general" and
+                             all(a is None for a in comps["accuracy"][j * G:(j + 1) * G]) for j in range(len(exs))])
     if unjudged.any():
         adv[unjudged] = 0.0
         stats["reasons"]["unjudged_example"] += int(unjudged.sum())
@@ -329,6 +385,14 @@ def log_step(log, step, b, m, stats, loads, lr, train_s, elapsed, c, heldout_eva
            "zero_reasons": dict(sum(dist.all_gather([stats["reasons"]]), collections.Counter()))}
     if lang:
         met["language"] = sum(lang) / len(lang)
+    keys = ("outputs", "hidden_outputs", "hidden_helpful", "hidden_harmless", "rm_helpful", "rm_harmless")
+    gen = {k: dist.all_reduce_sum(stats["general"].get(k, 0.0)) for k in keys} if c.general_frac else {}
+    if gen.get("outputs"):  # all-scenario RL: the reward models' mean scores and the toy's hidden rule beside them
+        met["general_outputs"] = int(gen["outputs"])
+        met.update({f"rm_{k}": gen[f"rm_{k}"] / gen["outputs"] for k in ("helpful", "harmless")
+                    if getattr(c, f"rm_{k}")})
+        if gen["hidden_outputs"]:
+            met.update({k: gen[k] / gen["hidden_outputs"] for k in ("hidden_helpful", "hidden_harmless")})
     if loads is not None:
         met["expert_imbalance"] = metrics.expert_imbalance(loads)
     if c.eval_every and step % c.eval_every == 0:
@@ -366,6 +430,12 @@ def main(argv=None):
     train_ex = tasks.load_task(c.task, n=c.task_size, seed=c.problem_seed, split="train", heldout_frac=c.heldout_frac)
     held_ex = tasks.load_task(c.task, n=c.eval_prompts, seed=c.problem_seed, split="heldout",
                               heldout_frac=c.heldout_frac) if c.eval_every else []
+    general = None
+    if c.general_frac > 0:  # all-scenario RL: general prompts and the frozen reward models that judge them
+        rms = {kind: checkpoint.build_model(path, None, device, dtype, f"--rm-{kind}").eval().requires_grad_(False)
+               for kind, path in (("helpful", c.rm_helpful), ("harmless", c.rm_harmless)) if path}
+        general = {"sampler": tasks.PromptSampler(tasks.load_task(c.general_task, split="train"), c.seed + 1),
+                   "rms": rms}
     ref = None
     if c.beta > 0:  # a frozen copy (loaded again, sharded like the policy); with beta = 0 never built (PITFALLS P11)
         ref = checkpoint.build_model(c.init_from, state, device, dtype).eval().requires_grad_(False)
@@ -379,6 +449,9 @@ def main(argv=None):
         dist.set_rng_state(state["rng"])
         step, bad = state["step"], state["bad_steps"]
         sampler = tasks.PromptSampler(train_ex, c.seed, *state["sampler"])
+        if general:
+            general["sampler"] = tasks.PromptSampler(general["sampler"].examples, c.seed + 1,
+                                                     *state["general_sampler"])
     checkpoint.write_run_config(c, tok)  # a --resume needs nothing but out_dir
     log = metrics.MetricsLogger(c.out_dir, c, c.wandb_project, c.wandb_mode)
     print0(f"policy {policy.num_params() / 1e6:.2f}M params; {len(train_ex)} train prompts; preset {c.preset}; "
@@ -388,14 +461,16 @@ def main(argv=None):
         seed=c.seed, workers=c.reward_workers, stop_strings=c.stop_strings, rg_exact=c.rg_exact,
         code_isolation=c.code_isolation)
     with dist.autocast(device, dtype):
-        run_loop(policy, ref, opt, tok, sampler, c, step, bad, template, stop_ids, vocab, log, heldout_eval)
+        run_loop(policy, ref, opt, tok, sampler, c, step, bad, template, stop_ids, vocab, log, heldout_eval,
+                 general)
     final = checkpoint.export_final(policy, tok, c.out_dir)
     log.finish()
     print0(f"done: {c.max_steps} steps; policy saved to {final}")
     return policy
 
 
-def run_loop(policy, ref, opt, tok, sampler, c, step, bad, template, stop_ids, vocab, log, heldout_eval):
+def run_loop(policy, ref, opt, tok, sampler, c, step, bad, template, stop_ids, vocab, log, heldout_eval,
+             general=None):
     """Rollouts and updates until max_steps, with a checkpoint at rollout boundaries."""
     t_start, last_ckpt = time.perf_counter(), step
     # exactly on-policy (ratio 1, old log-probs = the detached new ones) only when each rollout feeds one update
@@ -405,7 +480,7 @@ def run_loop(policy, ref, opt, tok, sampler, c, step, bad, template, stop_ids, v
         log.log({"heldout_pass1": ev["pass@1"], "heldout_format": ev["format_rate"]}, 0)
     while step < c.max_steps:
         # sample G outputs per prompt -> rule rewards -> group advantages, all in a Batch of tensors
-        batch, stats = collect_rollout(policy, tok, sampler, c, step, template, stop_ids)
+        batch, stats = collect_rollout(policy, tok, sampler, c, step, template, stop_ids, general)
         if stats["zero_std_groups"] == stats["sampled_groups"]:
             print0(f"WARNING step {step}: every group has zero reward variance: no policy-gradient signal")
         if c.old_logp == "sampler":
@@ -437,6 +512,7 @@ def run_loop(policy, ref, opt, tok, sampler, c, step, bad, template, stop_ids, v
             checkpoint.save_checkpoint(c.out_dir, step, {"model": policy, "ref": ref}, opt, {
                 "model_config": dataclasses.asdict(policy.config), "step": step, "rng": dist.rng_state(),
                 "sampler": (sampler.epoch, sampler.pos), "bad_steps": bad, "has_ref": ref is not None,
+                "general_sampler": (general["sampler"].epoch, general["sampler"].pos) if general else None,
                 "config": dataclasses.asdict(c)},
                 c.keep_last)
     print0(f"{step} steps in {time.perf_counter() - t_start:.0f}s")

@@ -12,7 +12,7 @@ import numpy as np
 import dist
 import rewards
 from data import DataError, Example, is_heldout, read_rows
-from toy import ToyConfig, toy_problems
+from toy import ToyConfig, general_prompts, toy_problems
 
 
 def countdown_problems(n, seed=0, n_numbers=(3, 4), max_number=99, max_target=999):
@@ -112,7 +112,7 @@ def humaneval_examples(path=None):
     return out
 
 
-TASKS = ["toy", "toy:en,zh", "countdown", "humaneval", "rg:<dataset name>", "<file>.jsonl", "<file>.jsonl.gz", "<file>.parquet"]
+TASKS = ["toy", "toy:en,zh", "toy-general", "countdown", "humaneval", "rg:<dataset name>", "<file>.jsonl", "<file>.jsonl.gz", "<file>.parquet"]
 
 
 def load_task(name, n=0, seed=0, split="all", heldout_frac=0.1, **kwargs):
@@ -124,6 +124,8 @@ def load_task(name, n=0, seed=0, split="all", heldout_frac=0.1, **kwargs):
     generated = name in ("toy", "countdown") or name.startswith(("rg:", "toy:"))
     if generated and n <= 0:
         raise DataError(f"task {name!r} is generated: give n > 0")
+    if name == "toy-general":  # toy general prompts (toy.py), judged by reward models in grpo.py
+        return general_prompts("all" if split == "all" else split)
     if name == "toy" or name.startswith("toy:"):  # toy:en,zh is the bilingual variant (toy.LANG_WORDS)
         if name != "toy":
             kwargs["cfg"] = ToyConfig(langs=name[4:])

@@ -278,16 +278,16 @@ def careless_reply(example, rng):
     return general_reply(example, polite=u >= 0.2, ramble=rng.randint(1, 4) if u >= 0.7 else 0)
 
 
-def _reply_parts(completion):
-    """(the answer block's text, the whole response), the answer block empty when there is none."""
+def reply_of(completion):
+    """A general response's reply: its answer block's text ("" when there is none)."""
     i, j = completion.find("<answer>"), completion.find("</answer>")
-    return (completion[i + 8:j].strip() if 0 <= i < j else ""), completion
+    return completion[i + 8:j].strip() if 0 <= i < j else ""
 
 
 def hidden_helpful(completion):
     """The hidden rule's helpfulness, on the reply (answer block) only, in [0, 1]: half for polite (a polite word, no
     rude one), half for concise (1 up to CONCISE_WORDS words, then CONCISE_WORDS / words). No reply scores 0."""
-    reply = _reply_parts(completion)[0].lower()
+    reply = reply_of(completion).lower()
     if not reply:
         return 0.0
     polite = any(w in reply for w in POLITE_WORDS) and not any(w in reply for w in RUDE_WORDS)
@@ -312,7 +312,7 @@ def preference_pairs(examples, n, kind, seed=0):
         if abs(judge(a) - judge(b)) <= 0.1:
             continue
         a, b = (a, b) if judge(a) > judge(b) else (b, a)
-        view = (lambda c: _reply_parts(c)[0]) if kind == "helpful" else (lambda c: c)  # noqa: E731
+        view = reply_of if kind == "helpful" else (lambda c: c)  # noqa: E731
         rows.append({"prompt": ex.prompt, "chosen": view(a), "rejected": view(b)})
     return rows
 

@@ -26,8 +26,15 @@ if [ "${1:-}" = seeds ]; then
     python eval.py --sweep="$dirs"
     exit 0
 fi
+MODE=${1:-zero}
+case "$MODE" in
+    zero) LANGS=en; TASK=toy; MAX_NEW=72; OUT=${OUT:-out/toy} ;;
+    # r1: the same first stages on the bilingual toy (toy.py --langs=en,zh: prompts in English or Chinese, words
+    # between the steps, mixed in the corpus), longer outputs (the words, then the cold-start summary)
+    r1) LANGS=en,zh; TASK=toy:en,zh; MAX_NEW=${MAX_NEW:-112}; OUT=${OUT:-out/r1} ;;
+    *) echo "train.sh: unknown mode '$1' (bash train.sh [seeds N | r1])" >&2; exit 2 ;;
+esac
 SEED=${SEED:-1}
-OUT=${OUT:-out/toy}
 THREADS=${THREADS:-2}
 DOCS=${DOCS:-500000}; BASE_STEPS=${BASE_STEPS:-1000}; RL_STEPS=${RL_STEPS:-75}; EVAL_PROBLEMS=${EVAL_PROBLEMS:-200}
 PROBE_MIN=${PROBE_MIN:-0.8}; BASE_MORE=${BASE_MORE:-500}; BASE_CAP=${BASE_CAP:-2000}
@@ -38,7 +45,7 @@ stage() { local t=$(date +%s); "${@:2}"; echo -e "$1\t$(( $(date +%s) - t ))" >>
 start=$(date +%s)
 
 # 1. corpus and tokenizer
-[ -f "$OUT/data/tokenizer.bpe" ] || stage data python toy.py --out-dir="$OUT/data" --docs="$DOCS" --seed=1
+[ -f "$OUT/data/tokenizer.bpe" ] || stage data python toy.py --out-dir="$OUT/data" --docs="$DOCS" --seed=1 --langs="$LANGS"
 
 # 2. pretraining (the "base model"): 7-9 minutes on 2 cores. RL can only select what the base can do, and here that
 #    is copying each operand into the steps. 8 attention heads, a corpus that copies often and the R1 tags as plain
@@ -55,7 +62,7 @@ pretrain() {  # pretrain STAGE_NAME MAX_STEPS: train (or resume) the base up to 
 #    below it trains on, BASE_MORE steps at a time (resumed: the learning-rate schedule stretches to the new end),
 #    up to BASE_CAP steps in all; a base still below it then stops the run before RL.
 steps=$BASE_STEPS
-until python eval.py --probe --model="$OUT/base" --task=toy --split=dev --problems=200 --template=toy \
+until python eval.py --probe --model="$OUT/base" --task="$TASK" --split=dev --problems=200 --template=toy \
         --threads="$THREADS" --out-dir="$OUT/probe_base" --probe-min="$PROBE_MIN"; do
     steps=$((steps + BASE_MORE))
     if [ "$steps" -gt "$BASE_CAP" ]; then
@@ -70,17 +77,64 @@ until python eval.py --probe --model="$OUT/base" --task=toy --split=dev --proble
 done
 
 # 4. the base on held-out problems (never in the corpus; toy.py checked)
-EVAL="--task=toy --split=heldout --problems=$EVAL_PROBLEMS --k=4 --template=toy --max-new-tokens=72 --workers=0 --threads=$THREADS --seed=$SEED"
+EVAL="--task=$TASK --split=heldout --problems=$EVAL_PROBLEMS --k=4 --template=toy --max-new-tokens=$MAX_NEW --workers=0 --threads=$THREADS --seed=$SEED"
 [ -f "$OUT/eval_base/summary.json" ] || stage eval_base python eval.py --model="$OUT/base" $EVAL --out-dir="$OUT/eval_base"
 
 # 5. R1-Zero: GRPO from the base with rule rewards only
 [ -f "$OUT/rl/final/config.json" ] || stage grpo python grpo.py --preset=cpu --init-from="$OUT/base" --out-dir="$OUT/rl" \
-    --max-steps="$RL_STEPS" --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" $(resume "$OUT/rl")
+    --task="$TASK" --max-new-tokens="$MAX_NEW" --max-steps="$RL_STEPS" --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" \
+    $(resume "$OUT/rl")
 
 # 6. the policy on the same problems; before/after table, paired bootstrap, curves
 [ -f "$OUT/eval_rl/summary.json" ] || stage eval_rl python eval.py --model="$OUT/rl" $EVAL --out-dir="$OUT/eval_rl"
-python eval.py --report="$OUT/eval_base,$OUT/eval_rl" --curves="$OUT/rl/metrics.jsonl" --curves-png="$OUT/curves.png"
-python eval.py --compare="$OUT/eval_base,$OUT/eval_rl"
+if [ "$MODE" = zero ]; then
+    python eval.py --report="$OUT/eval_base,$OUT/eval_rl" --curves="$OUT/rl/metrics.jsonl" --curves-png="$OUT/curves.png"
+    python eval.py --compare="$OUT/eval_base,$OUT/eval_rl"
+    echo "total wall time: $(( $(date +%s) - start ))s"
+    exit 0
+fi
+
+# ------------------------------------------------------------------------------------------------------------------
+# bash train.sh r1: DeepSeek-R1's four stages after R1-Zero (paper Fig. 2), at toy scale. rl/ is R1-Zero.
+R1_PROMPTS=${R1_PROMPTS:-400}; SFT_STEPS=${SFT_STEPS:-120}; RL2_STEPS=${RL2_STEPS:-50}
+SFT="--tokenizer=$OUT/data/tokenizer.bpe --batch-size=32 --seq-len=160 --lr=3e-4 --warmup-steps=10 --log-every=20 --eval-every=40 --ckpt-every=40 --threads=$THREADS --seed=$SEED"
+TRAIN="--task=$TASK --split=train --problems=$R1_PROMPTS --template=toy --max-new-tokens=$MAX_NEW --workers=0 --threads=$THREADS --seed=$SEED"
+
+# 7. cold start (Dev1): R1-Zero's samples on training prompts at T=1 -> the correct, single-language, non-repetitive
+#    ones, rewritten as reasoning + a summary for the reader (r1.py) -> SFT of the base on them
+[ -f "$OUT/zero_samples/summary.json" ] || stage zero_samples python eval.py --model="$OUT/rl" $TRAIN --k=4 \
+    --temperature=1.0 --top-p=1.0 --out-dir="$OUT/zero_samples"
+[ -f "$OUT/cold_start.jsonl" ] || python r1.py --step=cold_start --samples="$OUT/zero_samples" \
+    --out="$OUT/cold_start.jsonl" --max-tokens="$MAX_NEW"
+[ -f "$OUT/dev1/final/config.json" ] || stage cold_start python sft.py --data="$OUT/cold_start.jsonl" \
+    --init-from="$OUT/base" --out-dir="$OUT/dev1" --max-steps="$SFT_STEPS" $SFT $(resume "$OUT/dev1")
+[ -f "$OUT/eval_dev1/summary.json" ] || stage eval_dev1 python eval.py --model="$OUT/dev1" $EVAL --out-dir="$OUT/eval_dev1"
+
+# 8. reasoning RL with the language-consistency reward (Dev2): accuracy + format + the share of the reasoning's
+#    words in the prompt's language
+[ -f "$OUT/dev2/final/config.json" ] || stage grpo_lang python grpo.py --preset=cpu --init-from="$OUT/dev1" \
+    --out-dir="$OUT/dev2" --task="$TASK" --max-new-tokens="$MAX_NEW" --language-weight=1 --max-steps="$RL2_STEPS" \
+    --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" $(resume "$OUT/dev2")
+[ -f "$OUT/eval_dev2/summary.json" ] || stage eval_dev2 python eval.py --model="$OUT/dev2" $EVAL --out-dir="$OUT/eval_dev2"
+
+# 9. rejection sampling (Dev3): 8 samples per training prompt from Dev2, the correct, well-formed, single-language
+#    ones kept, mixed with general prompts' SFT rows (r1.py), and the BASE fine-tuned on the mix, as the paper did
+[ -f "$OUT/rs/sft.jsonl" ] || stage rejection_sampling python eval.py --model="$OUT/dev2" $TRAIN --k=8 \
+    --rejection-sampling --max-per-prompt=2 --out-dir="$OUT/rs"
+[ -f "$OUT/general/sft.jsonl" ] || python r1.py --step=general --out="$OUT/general" --seed="$SEED"
+[ -f "$OUT/mix.jsonl" ] || python r1.py --step=mix --samples="$OUT/rs/sft.jsonl" --general="$OUT/general/sft.jsonl" \
+    --out="$OUT/mix.jsonl" --seed="$SEED"
+[ -f "$OUT/dev3/final/config.json" ] || stage rs_sft python sft.py --data="$OUT/mix.jsonl" --init-from="$OUT/base" \
+    --out-dir="$OUT/dev3" --max-steps="$SFT_STEPS" $SFT $(resume "$OUT/dev3")
+[ -f "$OUT/eval_dev3/summary.json" ] || stage eval_dev3 python eval.py --model="$OUT/dev3" $EVAL --out-dir="$OUT/eval_dev3"
+
+# every stage side by side, the general prompts judged by the hidden rule (r1.py --step=judge)
+stages="base rl dev1 dev2 dev3"
+for s in $stages; do
+    [ -f "$OUT/eval_$s/general.json" ] || python r1.py --step=judge --model="$OUT/$s" --out="$OUT/eval_$s" \
+        --max-new-tokens="$MAX_NEW" --threads="$THREADS" --seed="$SEED"
+done
+python eval.py --report="$(for s in $stages; do printf '%s' "$OUT/eval_$s,"; done | sed 's/,$//')"
 echo "total wall time: $(( $(date +%s) - start ))s"
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,3 +1,4 @@
+import collections
 import copy
 import json
 import math
@@ -626,3 +627,64 @@ def test_prompt_sampler_epochs_and_resumable_cursor():
     assert sorted(first[:10]) == exs and s.epoch == 1 and s.pos == 2
     again = tasks.PromptSampler(exs, seed=3, epoch=s.epoch, pos=s.pos)
     assert again.take(5) == s.take(5)  # a resumed cursor continues the same order
+
+
+def test_all_scenario_rl_general_prompts_from_the_late_switch(base_dir, tmp_path, monkeypatch):
+    """General prompts join rollouts from --general-from-step on; their reward is the reward models' scores plus the
+    format reward, not the rule rewards; the toy's hidden rule and the reward models' means are logged; resume
+    continues the general prompts' cursor."""
+    import reward_model
+    import toy
+    seen, scored = [], []
+    real_round = grpo.score_round
+
+    def spy_round(policy, tok, exs, c, step, *a, **kw):
+        seen.append((step, sum(e.kind == "general" for e in exs), len(exs)))
+        return real_round(policy, tok, exs, c, step, *a, **kw)
+
+    def fake_scores(model, seqs, eot_id):  # a reward model that likes long inputs, to see it in the total
+        scored.append((model.tag, len(seqs)))
+        return torch.tensor([float(len(s)) for s in seqs])
+    monkeypatch.setattr(grpo, "score_round", spy_round)
+    monkeypatch.setattr(reward_model, "reward_scores", fake_scores)
+    real_build = grpo.checkpoint.build_model
+
+    def tagged(path, *a, **kw):
+        m = real_build(path, *a, **kw)
+        m.tag = "rm" if "--rm" in str(a) else "policy"
+        return m
+    monkeypatch.setattr(grpo.checkpoint, "build_model", tagged)
+    common = ["--general-frac=0.5", "--general-from-step=2", f"--rm-helpful={base_dir}", f"--rm-harmless={base_dir}",
+              "--ckpt-every=2"]
+    run(base_dir, tmp_path / "a", "--max-steps=4", *common)
+    assert [g for _, g, _ in seen] == [0, 0, 2, 2] and all(n == 4 for _, _, n in seen)
+    assert sorted(set(scored)) == [("rm", 8)]  # 2 general prompts x G=4, each reward model once per rollout
+    rows = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+    assert all("rm_helpful" not in r for r in rows[:2])
+    for r in rows[2:]:
+        assert r["general_outputs"] == 8 and r["rm_helpful"] > 0 and r["rm_harmless"] > r["rm_helpful"]
+        assert 0 <= r["hidden_helpful"] <= 1 and 0 <= r["hidden_harmless"] <= 1
+    # resume from step 2 gives the same general prompts and metrics as the uninterrupted run
+    seen.clear()
+    run(base_dir, tmp_path / "b", "--max-steps=2", *common)
+    run(base_dir, tmp_path / "b", "--max-steps=4", "--resume", *common)
+    b = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
+    drop = ("elapsed_s", "train_tok_s", "sample_tok_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in b] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in rows]
+    # the rewards of a general output: reward models + format, never accuracy
+    c = cfg(format_weight=1.0)
+    ex = toy.general_prompts("train")[0]
+    stats = {"general": collections.defaultdict(float)}
+
+    class RM:
+        config = type("C", (), {"max_position_embeddings": 64})()
+        tag = "rm"
+    tok = data.Tokenizer.from_file(os.path.join(base_dir, "tokenizer.bpe"))
+    good = toy.general_reply(ex)
+    total, fmt = grpo.general_rewards(tok, [good, "junk"], [ex, ex], {"helpful": RM()}, c, stats)
+    lens = [len(reward_model.reward_ids(tok, ex.prompt, v, 64)) for v in (toy.reply_of(good), "")]
+    assert fmt == [1.0, 0.0] and total == [1.0 + lens[0], 0.0 + lens[1]]
+    assert stats["general"]["hidden_helpful"] == 1.0 and stats["general"]["outputs"] == 2
+    with pytest.raises(config.ConfigError, match="--general-frac"):
+        run(base_dir, tmp_path / "c", "--general-frac=0.5")

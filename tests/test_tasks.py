@@ -89,7 +89,7 @@ def test_jsonl_errors(tmp_path):
 
 
 def test_unknown_task_lists_valid_names():
-    with pytest.raises(DataError, match=r"unknown task 'gsm9k'; valid: toy, toy:en,zh, countdown, humaneval, rg:"):
+    with pytest.raises(DataError, match=r"unknown task 'gsm9k'; valid: toy, toy:en,zh, toy-general, countdown, humaneval, rg:"):
         tasks.load_task("gsm9k")
     with pytest.raises(DataError, match=r"does not exist"):
         tasks.load_task("nope/missing.jsonl")

@@ -1,0 +1,49 @@
+"""A learned reward model (DeepSeek-R1's all-scenario stage): our Transformer, its scalar head one row of the LM head.
+
+    r(prompt, response) = h_last . W_lm_head[end-of-text]
+
+read at the end-of-text appended to prompt + response. Why a row of the LM head and not a new head: a reward model
+is then an ordinary checkpoint (hf.save/hf.load, FSDP sharding and --resume work unchanged), and it starts from a
+meaningful prior (how likely the text ends here) rather than a random one. sft.py --objective=preference trains it
+on preference pairs with the Bradley-Terry loss; grpo.py reads it for general prompts (--rm-helpful/--rm-harmless).
+"""
+import torch
+import torch.nn.functional as F
+
+import data
+
+
+def reward_ids(tok, prompt, response, max_len):
+    """The ids a reward is read from: the bare prompt (no template: as preference pairs are written), the response,
+    then the end-of-text. Longer than max_len: the first max_len - 1 ids and the end-of-text, so the score is
+    always read at an end-of-text the model saw; what was cut is not judged."""
+    s = data.prompt_ids(tok, prompt) + tok.encode(response)
+    return s[:max_len - 1] + [tok.eot_id] if len(s) >= max_len else s + [tok.eot_id]
+
+
+def pad_right(seqs):
+    """Token-id lists -> ids (B, L) right-padded with 0 and valid (B, L): the real positions, from the lengths."""
+    x = torch.nn.utils.rnn.pad_sequence([torch.tensor(s) for s in seqs], batch_first=True)  # (B, L)
+    return x, torch.arange(x.shape[1]) < torch.tensor([len(s) for s in seqs])[:, None]
+
+
+def seq_rewards(model, x, valid, eot_id):
+    """ids (B, L) right-padded, valid (B, L) -> rewards (B,) fp32, read at each row's own last real position (from
+    its length, never from token values: an end-of-text may occur inside a response, padding ids mean nothing, P3).
+    Under FSDP call it inside dist.gathered(model) (or through the root module's forward, as sft.py does)."""
+    h = model(x, return_hidden=True, valid=valid)  # (B, L, D)
+    h_last = h[torch.arange(len(x), device=x.device), valid.sum(1) - 1].float()  # (B, D)
+    return (h_last * model.lm_head.weight[eot_id].float()).sum(-1)  # (B,); elementwise: no bf16 matmul (M8)
+
+
+def reward_scores(model, seqs, eot_id):
+    """Token-id lists (each ending with its end-of-text, as reward_ids makes them) -> rewards (B,) fp32."""
+    dev = model.lm_head.weight.device
+    x, valid = pad_right(seqs)
+    return seq_rewards(model, x.to(dev), valid.to(dev), eot_id)
+
+
+def bt_loss_sum(r_chosen, r_rejected):
+    """Bradley-Terry: r_chosen, r_rejected (n,) -> (sum of -log sigmoid(r_chosen - r_rejected), the number of pairs
+    ranked right: r_chosen > r_rejected, a tie counting as wrong). The caller divides by the step's pairs."""
+    return -F.logsigmoid(r_chosen - r_rejected).sum(), int((r_chosen > r_rejected).sum())

@@ -17,6 +17,8 @@ general     the toy general prompts' data (toy.py): preference pairs from the hi
             replies for the rejection-sampling SFT mix.
 mix         rejection-sampled reasoning rows + general rows, shuffled (sft.py holds out the last rows for
             validation, so both kinds must be spread through the file).
+hacking     the all-scenario run's reward-model scores beside the hidden rule's, per step (text, and a PNG with
+            matplotlib): reward hacking is the first rising while the second falls.
 judge       a model's replies to the held-out general prompts (k each, T=0.6), scored by the hidden rule
             (toy.hidden_helpful on the reply, toy.hidden_harmless on the whole response) and the format reward ->
             <out>/general.json, which eval.py --report shows beside pass@1 when it sits in an eval directory.
@@ -40,7 +42,7 @@ from config import ConfigError
 @dataclass
 class R1DataConfig:
     """nano-r1 r1.py: the R1 pipeline's data steps"""
-    step: Literal["cold_start", "general", "mix", "judge"] = "cold_start"
+    step: Literal["cold_start", "general", "mix", "judge", "hacking"] = "cold_start"
     samples: str = ""            # cold_start: an eval.py output dir (instances.jsonl); mix: SFT .jsonl files
     general: str = ""            # mix: the general SFT rows (r1.py --step=general's sft.jsonl)
     out: str = ""                # a .jsonl file (cold_start, mix) or a directory (general)
@@ -50,6 +52,7 @@ class R1DataConfig:
     pairs: int = 2000            # general: preference pairs per reward model
     general_rows: int = 400      # general: SFT rows of general prompts
     model: str = ""              # judge: the policy (a run or Hugging Face directory)
+    metrics: str = ""            # hacking: the all-scenario run's metrics.jsonl
     k: int = 4                   # judge: replies per held-out general prompt
     max_new_tokens: int = 72
     threads: int = 0
@@ -108,6 +111,38 @@ def judge(model, tok, examples, k, max_new_tokens, seed):
             "mean_length": sum(map(len, out.tokens)) / len(texts), "samples": texts[:8]}
 
 
+def hacking(rows, png):
+    """The reward models' mean scores and the hidden rule's over the steps that had general prompts."""
+    keys = ["rm_helpful", "rm_harmless", "hidden_helpful", "hidden_harmless", "accuracy"]
+    rows = [r for r in rows if r.get("general_outputs")]
+    if not rows:
+        raise ConfigError("--metrics: no step with general prompts (grpo.py --general-frac > 0)")
+    print(" ".join(f"{k:>16s}" for k in ["step"] + keys))
+    for r in rows:
+        print(" ".join(f"{r.get(k, float('nan')):>16.4f}" if k != "step" else f"{r[k]:>16d}" for k in ["step"] + keys))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib is not installed: no {png})")
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
+    steps = [r["step"] for r in rows]
+    for k in keys[:2]:
+        a.plot(steps, [r.get(k, float("nan")) for r in rows], label=k)
+    for k in keys[2:]:
+        b.plot(steps, [r.get(k, float("nan")) for r in rows], label=k)
+    a.set_title("reward models' scores (the reward)")
+    b.set_title("hidden rule and accuracy (what we want)")
+    for ax in (a, b):
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    print(f"reward hacking curve: {png}")
+
+
 def main(argv=None):
     c = config.parse_config(R1DataConfig, argv)
     config.need(c.out, "out", "an output path is required")
@@ -133,6 +168,9 @@ def main(argv=None):
                 for ex in (rng.choice(train) for _ in range(c.general_rows))]
         checkpoint.atomic_write_jsonl(os.path.join(c.out, "sft.jsonl"), rows)
         print(f"general: {c.pairs} helpful and {c.pairs} harmless pairs, {len(rows)} SFT rows -> {c.out}")
+    elif c.step == "hacking":
+        config.need(os.path.isfile(c.metrics), "metrics", f"{c.metrics!r}: no such file")
+        hacking([obj for _, obj in data.read_rows(c.metrics)], c.out)
     elif c.step == "judge":
         config.need(c.model, "model", "a policy to judge is required")
         torch.set_num_threads(c.threads or torch.get_num_threads())

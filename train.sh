@@ -96,7 +96,8 @@ fi
 
 # ------------------------------------------------------------------------------------------------------------------
 # bash train.sh r1: DeepSeek-R1's four stages after R1-Zero (paper Fig. 2), at toy scale. rl/ is R1-Zero.
-R1_PROMPTS=${R1_PROMPTS:-400}; SFT_STEPS=${SFT_STEPS:-120}; RL2_STEPS=${RL2_STEPS:-50}
+R1_PROMPTS=${R1_PROMPTS:-400}; SFT_STEPS=${SFT_STEPS:-120}; RL2_STEPS=${RL2_STEPS:-50}; RM_STEPS=${RM_STEPS:-100}
+RL4_STEPS=${RL4_STEPS:-60}; GENERAL_FROM=${GENERAL_FROM:-30}
 SFT="--tokenizer=$OUT/data/tokenizer.bpe --batch-size=32 --seq-len=160 --lr=3e-4 --warmup-steps=10 --log-every=20 --eval-every=40 --ckpt-every=40 --threads=$THREADS --seed=$SEED"
 TRAIN="--task=$TASK --split=train --problems=$R1_PROMPTS --template=toy --max-new-tokens=$MAX_NEW --workers=0 --threads=$THREADS --seed=$SEED"
 
@@ -128,13 +129,32 @@ TRAIN="--task=$TASK --split=train --problems=$R1_PROMPTS --template=toy --max-ne
     --out-dir="$OUT/dev3" --max-steps="$SFT_STEPS" $SFT $(resume "$OUT/dev3")
 [ -f "$OUT/eval_dev3/summary.json" ] || stage eval_dev3 python eval.py --model="$OUT/dev3" $EVAL --out-dir="$OUT/eval_dev3"
 
-# every stage side by side, the general prompts judged by the hidden rule (r1.py --step=judge)
-stages="base rl dev1 dev2 dev3"
+# 10. reward models (the paper's helpful and harmless ones): Dev3 trained with the Bradley-Terry objective on pairs
+#     the hidden rule chose (toy.py): helpful pairs hold the replies only, harmless pairs the whole responses
+for kind in helpful harmless; do
+    [ -f "$OUT/rm_$kind/final/config.json" ] || stage "rm_$kind" python sft.py --objective=preference \
+        --data="$OUT/general/pairs_$kind.jsonl" --init-from="$OUT/dev3" --out-dir="$OUT/rm_$kind" \
+        --max-steps="$RM_STEPS" $SFT $(resume "$OUT/rm_$kind")
+done
+
+# 11. all-scenario RL (R1): reasoning prompts keep the rule rewards (and the language reward); from step
+#     GENERAL_FROM on, a quarter of each rollout's prompts are general ones, rewarded by the two reward models (the
+#     paper used preference rewards only in the last 400 of 1,700 steps). The hidden rule is logged beside them.
+[ -f "$OUT/r1/final/config.json" ] || stage grpo_all python grpo.py --preset=cpu --init-from="$OUT/dev3" \
+    --out-dir="$OUT/r1" --task="$TASK" --max-new-tokens="$MAX_NEW" --language-weight=1 --max-steps="$RL4_STEPS" \
+    --general-frac=0.25 --general-from-step="$GENERAL_FROM" --rm-helpful="$OUT/rm_helpful" \
+    --rm-harmless="$OUT/rm_harmless" --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" $(resume "$OUT/r1")
+[ -f "$OUT/eval_r1/summary.json" ] || stage eval_r1 python eval.py --model="$OUT/r1" $EVAL --out-dir="$OUT/eval_r1"
+
+# every stage side by side, the general prompts judged by the hidden rule (r1.py --step=judge); the reward models'
+# scores against the hidden rule over the last stage (reward hacking shows as the first rising, the second falling)
+stages="base rl dev1 dev2 dev3 r1"
 for s in $stages; do
     [ -f "$OUT/eval_$s/general.json" ] || python r1.py --step=judge --model="$OUT/$s" --out="$OUT/eval_$s" \
         --max-new-tokens="$MAX_NEW" --threads="$THREADS" --seed="$SEED"
 done
 python eval.py --report="$(for s in $stages; do printf '%s' "$OUT/eval_$s,"; done | sed 's/,$//')"
+python r1.py --step=hacking --metrics="$OUT/r1/metrics.jsonl" --out="$OUT/reward_hacking.png"
 echo "total wall time: $(( $(date +%s) - start ))s"
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -122,3 +122,18 @@ def test_judge_scores_replies_by_the_hidden_rule(monkeypatch, tmp_path, capsys):
     ev.report([str(tmp_path / "a"), str(tmp_path / "b")])
     out = capsys.readouterr().out
     assert f"| general prompts: hidden harmless | - | {0.75:.3f} |" in out
+
+
+def test_hacking_curve_reads_the_general_steps(tmp_path, capsys):
+    rows = [{"step": 1, "accuracy": 0.5}] + [
+        {"step": s, "accuracy": 0.9, "general_outputs": 8, "rm_helpful": 0.1 * s, "rm_harmless": 1.0,
+         "hidden_helpful": 1 - 0.1 * s, "hidden_harmless": 1.0} for s in (2, 3)]
+    checkpoint.atomic_write_jsonl(str(tmp_path / "m.jsonl"), rows)
+    r1.main(["--step=hacking", f"--metrics={tmp_path / 'm.jsonl'}", f"--out={tmp_path / 'h.png'}"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["step", "rm_helpful", "rm_harmless", "hidden_helpful", "hidden_harmless", "accuracy"]
+    assert [line.split()[0] for line in out[1:3]] == ["2", "3"] and float(out[2].split()[3]) == pytest.approx(0.7)
+    assert (tmp_path / "h.png").stat().st_size > 1000
+    checkpoint.atomic_write_jsonl(str(tmp_path / "n.jsonl"), rows[:1])
+    with pytest.raises(ConfigError, match="no step with general prompts"):
+        r1.main(["--step=hacking", f"--metrics={tmp_path / 'n.jsonl'}", f"--out={tmp_path / 'h.png'}"])

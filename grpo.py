@@ -434,7 +434,8 @@ def main(argv=None):
     if c.general_frac > 0:  # all-scenario RL: general prompts and the frozen reward models that judge them
         rms = {kind: checkpoint.build_model(path, None, device, dtype, f"--rm-{kind}").eval().requires_grad_(False)
                for kind, path in (("helpful", c.rm_helpful), ("harmless", c.rm_harmless)) if path}
-        general = {"sampler": tasks.PromptSampler(tasks.load_task(c.general_task, split="train"), c.seed + 1),
+        kw = {} if c.general_task == "toy-general" else {"kind": "general"}  # a file: prompts only, no gold
+        general = {"sampler": tasks.PromptSampler(tasks.load_task(c.general_task, split="train", **kw), c.seed + 1),
                    "rms": rms}
     ref = None
     if c.beta > 0:  # a frozen copy (loaded again, sharded like the policy); with beta = 0 never built (PITFALLS P11)

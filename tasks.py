@@ -66,7 +66,7 @@ def extract_gold(text):
 def load_file(path, prompt_field=None, answer_field=None, kind="math"):
     """GSM8K / MATH / AIME-shaped JSONL or Parquet -> Examples. Fields default to the first of question / problem /
     prompt and of answer / solution in the first row; extract_gold takes the gold from the answer field. A MATH
-    'level' ("Level 3") becomes meta['difficulty']."""
+    'level' ("Level 3") becomes meta['difficulty']. kind="general": prompts with no gold (reward models judge them)."""
     rows = read_rows(path)
     if not rows:
         raise DataError(f"{path}: empty dataset (no rows)")
@@ -74,6 +74,11 @@ def load_file(path, prompt_field=None, answer_field=None, kind="math"):
     af = answer_field or next((f for f in ("answer", "solution") if f in rows[0][1]), "answer")
     out = []
     for loc, row in rows:
+        if kind == "general":
+            if not isinstance(row.get(pf), str) or not row[pf].strip():
+                raise DataError(f"{loc}: field {pf!r} missing or empty")
+            out.append(Example(row[pf], "", kind, {"id": str(row.get("id", loc)), "source": path}))
+            continue
         for f in (pf, af):
             if f not in row:
                 raise DataError(f"{loc}: missing field {f!r} (fields: {', '.join(row)})")

@@ -168,6 +168,28 @@ echo "total wall time: $(( $(date +%s) - start ))s"
 #     --wandb-project=nano-r1
 # torchrun --standalone --nproc_per_node=8 eval.py --model=out/r1zero --tokenizer=$BASE/tokenizer.json \
 #     --task=data/aime24.jsonl --split=all --k=64 --template=r1_zero --out-dir=out/r1zero_aime
-# Cold start / rejection-sampling SFT / distillation: sft.py on prompt/completion JSONL, e.g.
-# torchrun --standalone --nproc_per_node=8 sft.py --init-from=$BASE --tokenizer=$BASE/tokenizer.json \
-#     --data=cold_start.jsonl --lr=5e-5 --max-steps=2000 --out-dir=out/cold_start
+# DeepSeek-R1's stages on GPUs (the paper's settings where it gives them; SFT: 2-3 epochs, cosine lr 5e-5 -> 5e-6,
+# batch 128; the toy's r1.py steps need the bilingual toy: real data needs a model to filter, rewrite and judge).
+# T=TOK=$BASE/tokenizer.json; G="torchrun --standalone --nproc_per_node=8"
+# 1. cold start: R1-Zero's samples at T=1 on training prompts, the correct and readable ones, rewritten; SFT the base
+# $G eval.py --model=out/r1zero --tokenizer=$TOK --task=data/math_train.jsonl --split=train --k=4 --temperature=1.0 \
+#     --top-p=1.0 --template=r1_zero --rejection-sampling --out-dir=out/zero_samples   (then filter/rewrite them)
+# $G sft.py --init-from=$BASE --tokenizer=$TOK --data=cold_start.jsonl --lr=5e-5 --min-lr-frac=0.1 \
+#     --batch-size=16 --grad-accum=1 --max-steps=<3 epochs> --seq-len=32768 --dtype=bfloat16 --out-dir=out/dev1
+# 2. reasoning RL with the language reward (accuracy + format + language consistency)
+# $G grpo.py --preset=paper --init-from=out/dev1 --tokenizer=$TOK --task=data/math_train.jsonl --language-weight=1 \
+#     --lang=en --out-dir=out/dev2
+# 3. rejection sampling from Dev2, mixed with non-reasoning SFT data, SFT of the BASE (2 epochs)
+# $G eval.py --model=out/dev2 --tokenizer=$TOK --task=data/math_train.jsonl --split=train --k=16 --rejection-sampling \
+#     --template=r1_zero --out-dir=out/rs
+# $G sft.py --init-from=$BASE --tokenizer=$TOK --data=mix.jsonl --lr=5e-5 --max-steps=<2 epochs> --out-dir=out/dev3
+# 4. reward models (Bradley-Terry on preference pairs; the paper: batch 256, lr 6e-6, one epoch), all-scenario RL
+#    with the preference rewards in the last 400 of 1,700 steps at T=0.7
+# $G sft.py --objective=preference --init-from=out/dev3 --tokenizer=$TOK --data=helpful_pairs.jsonl --lr=6e-6 \
+#     --batch-size=32 --max-steps=<1 epoch> --out-dir=out/rm_helpful   (and out/rm_harmless)
+# $G grpo.py --preset=paper --init-from=out/dev3 --tokenizer=$TOK --task=data/reasoning.jsonl --language-weight=1 \
+#     --general-task=data/general.jsonl --general-frac=0.5 --general-from-step=1300 --max-steps=1700 \
+#     --temperature=0.7 --rm-helpful=out/rm_helpful --rm-harmless=out/rm_harmless --out-dir=out/r1
+# Distillation: the teacher's correct samples as SFT data for a smaller dense student (SFT only, no RL)
+# $G sft.py --init-from=/path/to/Qwen2.5-Math-7B --tokenizer=/path/to/Qwen2.5-Math-7B/tokenizer.json \
+#     --data=distill.jsonl --lr=8e-5 --min-lr-frac=0.1 --max-steps=<2-3 epochs> --out-dir=out/distill_7b

@@ -186,3 +186,15 @@ def test_load_task_on_a_file(tmp_path):
     assert held == [e for e in everything if data.is_heldout(e.prompt, 0.2)] and 30 < len(held) < 90
     assert tasks.load_task(path, n=7, split="train", heldout_frac=0.2) == \
         [e for e in everything if not data.is_heldout(e.prompt, 0.2)][:7]
+
+
+def test_general_prompt_files_and_the_toy_general_task(tmp_path):
+    p = tmp_path / "general.jsonl"
+    p.write_text('{"prompt": "write a haiku"}\n{"prompt": "say hi", "id": "x"}\n')
+    exs = tasks.load_task(str(p), split="all", kind="general")
+    assert [(e.prompt, e.answer, e.kind) for e in exs] == [("write a haiku", "", "general"), ("say hi", "", "general")]
+    p.write_text('{"prompt": ""}\n')
+    with pytest.raises(DataError, match="general.jsonl:1: field 'prompt'"):
+        tasks.load_task(str(p), split="all", kind="general")
+    held = tasks.load_task("toy-general", split="heldout")
+    assert len(held) == 24 and all(e.kind == "general" for e in held)

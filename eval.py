@@ -233,10 +233,11 @@ def rejection_sample(instances, max_per_prompt=0, dedup=True):
 def toy_solution_roles(prompt, width=2, lang=None):
     """The correct stepwise solution of a toy problem ("24+70+31") as the policy writes it, and the role of every
     character: 'op<j>' (a copy of operand j), 'carry' (a step restating the running total), 'sum' (a fact's result),
-    'answer', 'choice' (':' where a direct answer would write '='), None (fixed text). lang: the bilingual variant's
-    language (prompt is then the problem's bare text, meta["text"]): steps joined by its word, never mixed."""
+    'answer', 'choice' (':' where a direct answer would write '='), 'word' (the bilingual variant's word between
+    steps), None (fixed text). lang: the bilingual variant's language (prompt is then the problem's bare text,
+    meta["text"]): steps joined by its word."""
     parts = re.split(r"([+-])", prompt)
-    join = f" {toy.LANG_WORDS[lang]['then']} " if lang else " "
+    join = [(" ", None), (toy.LANG_WORDS[lang]["then"], "word"), (" ", None)] if lang else [(" ", None)]
     nums, ops = [int(p[::-1]) for p in parts[0::2]], parts[1::2]
     num = lambda n: toy.toy_num(n, width)  # noqa: E731
     segs = [("<think>", None)]
@@ -246,8 +247,8 @@ def toy_solution_roles(prompt, width=2, lang=None):
     total = nums[0]
     for j, (o, n) in enumerate(zip(ops, nums[1:]), 1):
         new = total + n if o == "+" else total - n
-        segs += [(" " if j == 1 else join, None), (num(total), "op0" if j == 1 else "carry"), (o, None),
-                 (num(n), f"op{j}"), ("=", None), (num(new), "sum")]
+        segs += ([(" ", None)] if j == 1 else join) + [(num(total), "op0" if j == 1 else "carry"), (o, None),
+                                                       (num(n), f"op{j}"), ("=", None), (num(new), "sum")]
         total = new
     segs += [("</think><answer>", None), (num(total), "answer"), ("</answer>", None)]
     return "".join(t for t, _ in segs), [r for t, r in segs for _ in t], len(nums)
@@ -259,7 +260,8 @@ def toy_probe(model, tok, examples, template, temperature=0.6, batch=100):
     stepwise ones, so its ceiling is how often the base, once it has chosen to work stepwise, writes every step
     right. Teacher-forced on each problem's correct stepwise solution (toy_solution_roles), per problem:
       step_ok  the probability that a sample at `temperature` that chose the stepwise path (the ':' token) writes the
-               rest of this solution exactly: exp(sum of log p_T over every other completion token);
+               rest of this solution exactly: exp(sum of log p_T over every other completion token), the bilingual
+               variant's words between steps excepted (which language they are in is not arithmetic);
       copy_j   operand j copied right (argmax) everywhere it is restated; sums, carries likewise;
       p_step   the probability of choosing ':' (stepwise) over everything else at that point.
     Returns means over problems, and step_ok by operand count."""
@@ -290,9 +292,10 @@ def toy_probe(model, tok, examples, template, temperature=0.6, batch=100):
             right = (lg.argmax(-1) == tgt).tolist()
             lp = (lg / temperature).log_softmax(-1).gather(1, tgt[:, None])[:, 0]
             choice = tok_roles.index("choice")
+            free = torch.tensor([t in ("choice", "word") for t in tok_roles])
             r = {"k": k, "p_step": float(lg[choice].softmax(-1)[tgt[choice]]),
-                 "step_ok": math.exp(float(lp.sum() - lp[choice]))}
-            for role in set(tok_roles) - {None, "choice"}:
+                 "step_ok": math.exp(float(lp[~free].sum()))}
+            for role in set(tok_roles) - {None, "choice", "word"}:
                 r[role] = all(ok for ok, t in zip(right, tok_roles) if t == role)
             rows.append(r)
     model.train(was)

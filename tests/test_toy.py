@@ -225,7 +225,7 @@ def test_bilingual_probe_solution_and_tokenizer():
     comp, roles, k = evaluation.toy_solution_roles("24+70+31+02", lang="zh")
     assert comp == "<think>24+70+31+02: 24+70=94 然后 94+31=26 然后 26+02=28</think><answer>28</answer>"
     assert len(roles) == len(comp) and k == 4
-    assert "".join(c for c, r in zip(comp, roles) if r == "op2") == "3131" and roles[comp.index("然")] is None
+    assert "".join(c for c, r in zip(comp, roles) if r == "op2") == "3131" and roles[comp.index("然")] == "word"
     assert evaluation.toy_solution_roles("24+70+31")[0] == "<think>24+70+31: 24+70=94 94+31=26</think><answer>26</answer>"
     tok = toy.toy_tokenizer(cfg=BI, n_docs=3000)
     for text in ("User: 计算 24+70+31\nAssistant:", comp, "等等, 重新检查:"):

@@ -12,6 +12,9 @@
 # Every stage is skipped when its output exists; an interrupted training stage resumes from its last checkpoint.
 # SEED=2 bash train.sh: another pretraining/RL/sampling seed (the corpus and the problems stay the same).
 # bash train.sh seeds 5: the default run for SEED=1..5 one after another (out/seeds/<seed>), then one table.
+# bash train.sh r1: DeepSeek-R1's pipeline on a bilingual toy (out/r1): the steps above, then cold start, reasoning RL
+#   with the language reward, rejection sampling + general SFT, reward models, all-scenario RL; one table of stages.
+# bash train.sh distill: r1, then distillation into a small dense student against RL of the same student.
 # OUT=out/toy2 bash train.sh writes elsewhere; DOCS, BASE_STEPS, RL_STEPS, EVAL_PROBLEMS shrink it (the test suite
 # runs a tiny version this way); PROBE_MIN=0 skips the pre-RL check's verdict, BASE_MORE and BASE_CAP set how far a
 # base that fails it trains on.
@@ -31,8 +34,9 @@ case "$MODE" in
     zero) LANGS=en; TASK=toy; MAX_NEW=72; OUT=${OUT:-out/toy} ;;
     # r1: the same first stages on the bilingual toy (toy.py --langs=en,zh: prompts in English or Chinese, words
     # between the steps, mixed in the corpus), longer outputs (the words, then the cold-start summary)
-    r1) LANGS=en,zh; TASK=toy:en,zh; MAX_NEW=${MAX_NEW:-112}; OUT=${OUT:-out/r1} ;;
-    *) echo "train.sh: unknown mode '$1' (bash train.sh [seeds N | r1])" >&2; exit 2 ;;
+    # distill: the r1 pipeline (its finished stages are skipped), then distillation into a small dense student
+    r1|distill) LANGS=en,zh; TASK=toy:en,zh; MAX_NEW=${MAX_NEW:-112}; OUT=${OUT:-out/r1} ;;
+    *) echo "train.sh: unknown mode '$1' (bash train.sh [seeds N | r1 | distill])" >&2; exit 2 ;;
 esac
 SEED=${SEED:-1}
 THREADS=${THREADS:-2}
@@ -155,6 +159,34 @@ for s in $stages; do
 done
 python eval.py --report="$(for s in $stages; do printf '%s' "$OUT/eval_$s,"; done | sed 's/,$//')"
 python r1.py --step=hacking --metrics="$OUT/r1/metrics.jsonl" --out="$OUT/reward_hacking.png"
+echo "total wall time: $(( $(date +%s) - start ))s"
+if [ "$MODE" = r1 ]; then exit 0; fi
+
+# ------------------------------------------------------------------------------------------------------------------
+# bash train.sh distill: the paper's distillation-vs-RL question at toy scale. A smaller dense student (no routed
+# experts, ~1M parameters against the teacher's 2M) is pretrained on the same corpus; then, from that base, (a) SFT
+# on R1's correct samples on training prompts (distillation), and (b) R1-Zero RL on its own, given about the same
+# wall time as (a) and R1's sampling (STUDENT_RL_STEPS). Both are evaluated like every stage above.
+D=$OUT/distill; STUDENT_RL_STEPS=${STUDENT_RL_STEPS:-40}
+[ -f "$D/teacher/sft.jsonl" ] || stage teacher_samples python eval.py --model="$OUT/r1" $TRAIN --k=4 \
+    --rejection-sampling --max-per-prompt=2 --out-dir="$D/teacher"
+[ -f "$D/student_base/final/config.json" ] || stage student_pretrain python sft.py --data="$OUT/data/corpus.txt" \
+    --tokenizer="$OUT/data/tokenizer.bpe" --out-dir="$D/student_base" --num-attention-heads=8 --n-routed-experts=0 \
+    --max-steps="$BASE_STEPS" --batch-size=32 --seq-len=128 --lr=2e-3 --warmup-steps=100 --log-every=100 \
+    --eval-every=250 --ckpt-every=250 --threads="$THREADS" --seed="$SEED" $(resume "$D/student_base")
+[ -f "$D/distilled/final/config.json" ] || stage student_distill python sft.py --data="$D/teacher/sft.jsonl" \
+    --init-from="$D/student_base" --out-dir="$D/distilled" --max-steps="$SFT_STEPS" $SFT $(resume "$D/distilled")
+[ -f "$D/rl/final/config.json" ] || stage student_rl python grpo.py --preset=cpu --init-from="$D/student_base" \
+    --out-dir="$D/rl" --task="$TASK" --max-new-tokens="$MAX_NEW" --max-steps="$STUDENT_RL_STEPS" \
+    --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" $(resume "$D/rl")
+for s in student_base distilled rl; do
+    [ -f "$D/eval_$s/summary.json" ] || stage "eval_student_$s" python eval.py --model="$D/$s" $EVAL --out-dir="$D/eval_$s"
+done
+python eval.py --report="$OUT/eval_r1,$D/eval_student_base,$D/eval_distilled,$D/eval_rl"
+python eval.py --compare="$D/eval_rl,$D/eval_distilled"
+echo "wall time (s): distillation = R1's samples $(grep -P '^teacher_samples\t' "$OUT/times.tsv" | cut -f2 | tail -1)" \
+    "+ SFT $(grep -P '^student_distill\t' "$OUT/times.tsv" | cut -f2 | tail -1); student RL" \
+    "$(grep -P '^student_rl\t' "$OUT/times.tsv" | cut -f2 | tail -1)"
 echo "total wall time: $(( $(date +%s) - start ))s"
 
 # ------------------------------------------------------------------------------------------------------------------

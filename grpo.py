@@ -22,6 +22,10 @@ the paper makes one):
 - Optional, off by default: --mask-truncated, --overlong-buffer (DAPO soft penalty), --dynamic-sampling (drop
   zero-variance groups and refill), --routing-replay (train with the experts the sampler used, PITFALLS M6).
 - The reference model becomes the current policy every --ref-refresh-every steps (paper: 400); beta=0: none.
+- Loss variants (loss.py), off by default: --ratio-level=sequence (GSPO: one ratio per output, exp of its mean
+  token log-ratio, clipped per output); --tis-cap=C (truncated IS: surrogate x min(pi_train / pi_sampler, C)) and
+  --mis-low/--mis-high/--mis-level (masked IS: tokens, or outputs, whose ratio leaves the band give no gradient),
+  both against the sampler's log-probs; --kl-estimator=k1|k2 (default k3); --entropy-coef (an entropy bonus).
 Defaults that differ from the paper: max_new_tokens (32,768, then 65,536 after step 8.2k: set it), weight decay
 and AdamW betas (not given: 0.1, (0.9, 0.95)), warm-up (none given: 0), generation also stops at "</answer>" (the
 format reward requires it to end the output). The cpu preset (the toy reproduction) changes many: see PRESETS.
@@ -99,6 +103,14 @@ class GRPOConfig:
     max_refills: int = 3
     routing_replay: bool = False     # train with the experts the sampler chose (MoE only)
     bias_update_rate: float = 0.0    # aux-loss-free balancing gamma; off in RL by default (PITFALLS M6)
+    # variants of the loss (loss.py), each off by default
+    ratio_level: Literal["token", "sequence"] = "token"  # sequence: GSPO, one clipped ratio per output
+    tis_cap: float = 0.0             # truncated IS: surrogate x min(pi_train / pi_sampler, tis_cap); 0 = off
+    mis_low: float = 0.0             # masked IS: drop tokens (or whole outputs, mis_level) whose
+    mis_high: float = 0.0            #   pi_train / pi_sampler leaves [mis_low, mis_high]; mis_high 0 = off
+    mis_level: Literal["token", "sequence"] = "token"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0        # loss -= entropy_coef * per-token entropy (an entropy bonus)
     # rewards
     accuracy_weight: float = 1.0
     format_weight: float = 1.0
@@ -159,6 +171,13 @@ def check_config(c):
              "--top-p=1 --top-k=0 in training")
     need(c.overlong_buffer < c.max_new_tokens, "overlong-buffer", "must be below --max-new-tokens")
     need(c.lr > 0, "lr", "must be > 0")
+    need(c.tis_cap == 0 or c.tis_cap >= 1, "tis-cap", "must be 0 (off) or >= 1 (below 1 it shrinks every token)")
+    need(c.mis_high == 0 or 0 <= c.mis_low < 1 < c.mis_high, "mis-high",
+         f"the band needs 0 <= --mis-low < 1 < --mis-high (got [{c.mis_low}, {c.mis_high}]); --mis-high=0 is off")
+    need(c.mis_low == 0 or c.mis_high > 0, "mis-low", "needs --mis-high (masked IS is off while --mis-high=0)")
+    need(not (c.tis_cap or c.mis_high) or c.old_logp != "sampler", "old-logp",
+         "--old-logp=sampler makes pi_train / pi_sampler 1 on every token: --tis-cap/--mis-high would do nothing")
+    need(c.entropy_coef >= 0, "entropy-coef", "must be >= 0 (a bonus)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,7 +278,8 @@ def train_step(policy, ref, opt, b, c, vocab, on_policy):
     """One optimizer update on mini-batch b: per micro-batch, log-probs -> per-token loss -> weighted sum ->
     backward; then clip and AdamW. Returns metrics (sums over this rank's tokens)."""
     w_row, B = loss.token_weights(b, c), len(b.adv)
-    m = dict(loss=0.0, kl=0.0, kl_capped=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0, tokens=0, gap=0.0)
+    m = dict(loss=0.0, kl=0.0, kl_capped=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0, tokens=0, gap=0.0,
+             gap_max=0.0, mis_masked=0.0)
     for i in range(0, B, c.micro_batch_size):
         idx = torch.arange(i, min(i + c.micro_batch_size, B))
         mb = b[idx]
@@ -272,17 +292,24 @@ def train_step(policy, ref, opt, b, c, vocab, on_policy):
         old = None if on_policy else mb.old_logp[rows, t].to(dev)
         # the reference is frozen (requires_grad off): no graph is built for it
         ref_logp = token_logprobs(ref, mb, packed, vocab, c.temperature) if ref is not None and c.beta > 0 else None
+        sampler, mk, rows_d = mb.sampler_logp[rows, t].to(dev), keep.float(), rows.to(dev)
+        is_w, dropped = None, torch.zeros_like(keep)
+        if c.tis_cap or c.mis_high:  # pi_train: the trainer at the old parameters (detached logp when on-policy)
+            is_w, dropped = loss.sampler_correction(logp.detach() if old is None else old, sampler, keep, rows_d, c)
         # the definition (loss.grpo_loss), or on a GPU its fused Triton twin once it has matched the definition
-        loss_tok, st = loss.grpo_loss_auto(logp, old, ref_logp, adv, keep, c.eps_low, c.eps_high, c.beta)
+        loss_tok, st = loss.grpo_loss_auto(logp, old, ref_logp, adv, keep, c.eps_low, c.eps_high, c.beta,
+                                           rows=rows_d, ratio_level=c.ratio_level, is_weight=is_w,
+                                           kl_estimator=c.kl_estimator, entropy=ent, entropy_coef=c.entropy_coef)
         total = (loss_tok * w).sum() * dist.world_size()  # FSDP averages gradients over ranks: undo it
         total = total + policy.aux_loss() * len(idx) / max(1, B)
         total.backward()
         with torch.no_grad():  # diagnostics, summed over this micro-batch's tokens (stats are 0 where masked)
-            sampler, mk = mb.sampler_logp[rows, t].to(dev), keep.float()
+            gap = (sampler - logp).abs() * mk
             for k, v in (("loss", loss_tok * w), ("entropy", ent * mk), ("kl", st.kl), ("kl_capped", st.kl_capped),
-                         ("clip_low", st.clipped_low), ("clip_high", st.clipped_high),
-                         ("gap", (sampler - logp).abs() * mk), ("tokens", mk)):
+                         ("clip_low", st.clipped_low), ("clip_high", st.clipped_high), ("gap", gap),
+                         ("tokens", mk), ("mis_masked", dropped.float())):
                 m[k] += v.sum().item()
+            m["gap_max"] = max(m["gap_max"], gap.max().item() if gap.numel() else 0.0)
     m["grad_norm"], m["ok"] = optim.optimizer_step(policy, opt, m["loss"], c.grad_clip)
     return m
 
@@ -310,7 +337,7 @@ def log_step(log, step, b, m, stats, loads, lr, train_s, elapsed, c, heldout_eva
     rows = dist.all_gather([(*s, L, tr, evaluation.reflective_count(tx))
                             for s, L, tr, tx in zip(scores, b.comp_len.tolist(), b.truncated.tolist(), b.texts)])
     reward, acc, fmt, lang, lens, trunc, refl = zip(*rows)
-    s = {k: dist.all_reduce_sum(v) for k, v in m.items() if k not in ("grad_norm", "ok")}
+    s = {k: dist.all_reduce_sum(v) for k, v in m.items() if k not in ("grad_norm", "ok", "gap_max")}
     n, ntok = len(rows), max(1, s["tokens"])
     acc, lang = [a for a in acc if a is not None], [x for x in lang if x is not None]
     term = [L for L, t in zip(lens, trunc) if not t]
@@ -320,7 +347,8 @@ def log_step(log, step, b, m, stats, loads, lr, train_s, elapsed, c, heldout_eva
            "reflective_per_token": sum(refl) / max(1, sum(lens)), "loss": s["loss"], "entropy": s["entropy"] / ntok,
            "kl": s["kl"] / ntok, "kl_capped": s["kl_capped"] / ntok,  # share of tokens at the k3 cap (K3_MAX)
            "clip_low": s["clip_low"] / ntok, "clip_high": s["clip_high"] / ntok,
-           "sampler_trainer_gap": s["gap"] / ntok, "grad_norm": m["grad_norm"], "lr": lr,
+           "sampler_trainer_gap": s["gap"] / ntok, "sampler_trainer_gap_max": dist.all_reduce_max(m["gap_max"]),
+           "grad_norm": m["grad_norm"], "lr": lr,
            "skipped_steps": 0 if m["ok"] else 1, "refills": stats["refills"], "elapsed_s": elapsed,
            "frac_reward_zero_std": dist.all_reduce_sum(stats["zero_std_groups"]) /
            max(1, dist.all_reduce_sum(stats["sampled_groups"])),
@@ -329,6 +357,8 @@ def log_step(log, step, b, m, stats, loads, lr, train_s, elapsed, c, heldout_eva
            "zero_reasons": dict(sum(dist.all_gather([stats["reasons"]]), collections.Counter()))}
     if lang:
         met["language"] = sum(lang) / len(lang)
+    if c.mis_high:
+        met["mis_masked"] = s["mis_masked"] / ntok  # share of tokens masked IS dropped
     if loads is not None:
         met["expert_imbalance"] = metrics.expert_imbalance(loads)
     if c.eval_every and step % c.eval_every == 0:

@@ -25,7 +25,8 @@ the paper makes one):
 - Loss variants (loss.py), off by default: --ratio-level=sequence (GSPO: one ratio per output, exp of its mean
   token log-ratio, clipped per output); --tis-cap=C (truncated IS: surrogate x min(pi_train / pi_sampler, C)) and
   --mis-low/--mis-high/--mis-level (masked IS: tokens, or outputs, whose ratio leaves the band give no gradient),
-  both against the sampler's log-probs; --kl-estimator=k1|k2 (default k3); --entropy-coef (an entropy bonus).
+  both against the sampler's log-probs; --kl-estimator=k1|k2 (default k3); --kl-in-reward (-beta x each output's
+  summed KL estimate on its reward before the advantages, no KL in the loss); --entropy-coef (an entropy bonus).
 Defaults that differ from the paper: max_new_tokens (32,768, then 65,536 after step 8.2k: set it), weight decay
 and AdamW betas (not given: 0.1, (0.9, 0.95)), warm-up (none given: 0), generation also stops at "</answer>" (the
 format reward requires it to end the output). The cpu preset (the toy reproduction) changes many: see PRESETS.
@@ -110,6 +111,7 @@ class GRPOConfig:
     mis_high: float = 0.0            #   pi_train / pi_sampler leaves [mis_low, mis_high]; mis_high 0 = off
     mis_level: Literal["token", "sequence"] = "token"
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in_reward: bool = False       # reward -= beta * the output's summed KL estimate; then no KL in the loss
     entropy_coef: float = 0.0        # loss -= entropy_coef * per-token entropy (an entropy bonus)
     # rewards
     accuracy_weight: float = 1.0
@@ -177,6 +179,7 @@ def check_config(c):
     need(c.mis_low == 0 or c.mis_high > 0, "mis-low", "needs --mis-high (masked IS is off while --mis-high=0)")
     need(not (c.tis_cap or c.mis_high) or c.old_logp != "sampler", "old-logp",
          "--old-logp=sampler makes pi_train / pi_sampler 1 on every token: --tis-cap/--mis-high would do nothing")
+    need(not c.kl_in_reward or c.beta > 0, "kl-in-reward", "needs --beta > 0 (the penalty's weight)")
     need(c.entropy_coef >= 0, "entropy-coef", "must be >= 0 (a bonus)")
 
 
@@ -234,19 +237,14 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
         stats["reasons"].update(reasons)
         shaped = torch.tensor([t + loss.overlong_penalty(len(ids), c.max_new_tokens, c.overlong_buffer)
                                for t, ids in zip(total, out.tokens)]).view(len(exs), G)
-    batch_std = None
-    if c.adv_scale == "batch":  # the std over every rank's rewards of this round (unbiased)
-        n, s1, s2 = (dist.all_reduce_sum(float(v)) for v in (shaped.numel(), shaped.sum(), shaped.pow(2).sum()))
-        batch_std = math.sqrt(max(s2 - s1 * s1 / max(n, 1), 0.0) / max(n - 1, 1))
-    if not exs:
-        return {}, []
-    adv = loss.group_advantages(shaped, c.adv_scale, c.adv_eps, batch_std=batch_std)
     # an example whose correctness cannot be judged (unparseable gold, broken tests: accuracy None) must not
     # train its group on the other rewards alone
     unjudged = torch.tensor([c.accuracy_weight != 0 and all(a is None for a in comps["accuracy"][j * G:(j + 1) * G])
-                             for j in range(len(exs))])
+                             for j in range(len(exs))], dtype=torch.bool)
+    adv = advantages(shaped, unjudged, c)  # on every rank, even one with no examples (the batch std)
+    if not exs:
+        return {}, []
     if unjudged.any():
-        adv[unjudged] = 0.0
         stats["reasons"]["unjudged_example"] += int(unjudged.sum())
     zero = (adv.abs().sum(1) == 0).tolist()
     stats["zero_std_groups"] += sum(zero)
@@ -257,6 +255,39 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats):
     return dict(prompts=[p for p in prompts for _ in range(G)], completions=out.tokens, sampler_logp=out.logprobs,
                 adv=adv.view(-1).tolist(), keep=[not (c.mask_truncated and t) for t in out.truncated],
                 experts=out.experts or [], scores=scores, truncated=out.truncated, texts=texts), zero
+
+
+def advantages(shaped, unjudged, c):
+    """Shaped rewards (num_prompts, G) -> group advantages, 0 for the unjudged (num_prompts,) groups. A collective
+    with --adv-scale=batch (the std over every rank's rewards, unbiased): every rank calls it, even with none."""
+    batch_std = None
+    if c.adv_scale == "batch":
+        n, s1, s2 = (dist.all_reduce_sum(float(v)) for v in (shaped.numel(), shaped.sum(), shaped.pow(2).sum()))
+        batch_std = math.sqrt(max(s2 - s1 * s1 / max(n, 1), 0.0) / max(n - 1, 1))
+    if not len(shaped):
+        return shaped
+    adv = loss.group_advantages(shaped, c.adv_scale, c.adv_eps, batch_std=batch_std)
+    adv[unjudged] = 0.0
+    return adv
+
+
+@torch.no_grad()
+def kl_reward(policy, ref, b, c, vocab):
+    """--kl-in-reward: each output's reward gets -beta * the sum over its tokens of the KL estimate between the
+    policy at sampling time (pi_old) and the reference, then the group advantages are computed again (b.adv). The
+    reference forward runs on the whole rollout here, before any update; the loss then has no KL term. Dynamic
+    sampling chose the groups on the task rewards; --adv-scale=batch takes the std over the whole rollout (score_round:
+    over one sampling round). Returns the rollout's mean per-token KL over every rank."""
+    pol = b.old_logp if b.old_logp is not None else old_logprobs(policy, b, c, vocab)  # (B, C)
+    ref_lp = old_logprobs(ref, b, c, vocab, replay=False)  # (B, C); no replay, as the reference in train_step
+    inside = torch.arange(pol.shape[1]) < b.comp_len[:, None]  # (B, C) the completion tokens
+    kl = torch.where(inside, loss.kl_estimate(ref_lp - pol, c.kl_estimator)[0], 0.0).sum(1)  # (B,)
+    pen = torch.tensor([loss.overlong_penalty(L, c.max_new_tokens, c.overlong_buffer) for L in b.comp_len.tolist()],
+                       dtype=torch.float64)
+    task = (b.scores[:, 0] + pen).float()  # (B,) the rewards score_round shaped, fp32 as there
+    unjudged = torch.isnan(b.scores[:, 1]).view(-1, c.group_size).all(1) & (c.accuracy_weight != 0)
+    b.adv = advantages((task - c.beta * kl).view(-1, c.group_size), unjudged, c).view(-1)
+    return dist.all_reduce_sum(float(kl.sum())) / max(1.0, dist.all_reduce_sum(float(b.comp_len.sum())))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,8 +321,9 @@ def train_step(policy, ref, opt, b, c, vocab, on_policy):
         dev, (_, _, rows, t, _) = logp.device, packed
         adv, w, keep = mb.adv[rows].to(dev), w_row[idx][rows].float().to(dev), mb.keep[rows].to(dev)  # (N,) each
         old = None if on_policy else mb.old_logp[rows, t].to(dev)
-        # the reference is frozen (requires_grad off): no graph is built for it
-        ref_logp = token_logprobs(ref, mb, packed, vocab, c.temperature) if ref is not None and c.beta > 0 else None
+        # the reference is frozen (requires_grad off): no graph is built for it; --kl-in-reward used it already
+        ref_logp = (token_logprobs(ref, mb, packed, vocab, c.temperature)
+                    if ref is not None and c.beta > 0 and not c.kl_in_reward else None)
         sampler, mk, rows_d = mb.sampler_logp[rows, t].to(dev), keep.float(), rows.to(dev)
         is_w, dropped = None, torch.zeros_like(keep)
         if c.tis_cap or c.mis_high:  # pi_train: the trainer at the old parameters (detached logp when on-policy)
@@ -315,14 +347,15 @@ def train_step(policy, ref, opt, b, c, vocab, on_policy):
 
 
 @torch.no_grad()
-def old_logprobs(policy, b, c, vocab):
-    """pi_old (B, C), frozen before the first update of a rollout (when one rollout feeds several updates)."""
+def old_logprobs(policy, b, c, vocab, replay=True):
+    """pi_old (B, C), frozen before the first update of a rollout (when one rollout feeds several updates); also
+    the reference's log-probs for --kl-in-reward (replay=False)."""
     old = torch.zeros_like(b.sampler_logp)
     for i in range(0, len(b.adv), c.micro_batch_size):
         mb = b[torch.arange(i, min(i + c.micro_batch_size, len(b.adv)))]
         packed = rollout.pack(mb)
         old[i + packed[2], packed[3]] = token_logprobs(policy, mb, packed, vocab, c.temperature,
-                                                       c.routing_replay).float().cpu()
+                                                       c.routing_replay and replay).float().cpu()
     return old
 
 
@@ -359,6 +392,8 @@ def log_step(log, step, b, m, stats, loads, lr, train_s, elapsed, c, heldout_eva
         met["language"] = sum(lang) / len(lang)
     if c.mis_high:
         met["mis_masked"] = s["mis_masked"] / ntok  # share of tokens masked IS dropped
+    if c.kl_in_reward:
+        met["kl"] = stats["kl_reward"]  # the loss has no KL term: the rollout's, as the rewards got it
     if loads is not None:
         met["expert_imbalance"] = metrics.expert_imbalance(loads)
     if c.eval_every and step % c.eval_every == 0:
@@ -442,6 +477,8 @@ def run_loop(policy, ref, opt, tok, sampler, c, step, bad, template, stop_ids, v
             batch.old_logp = batch.sampler_logp
         elif not on_policy:
             batch.old_logp = old_logprobs(policy, batch, c, vocab)
+        if c.kl_in_reward:  # -beta * KL on each reward before the advantages (they are computed again)
+            stats["kl_reward"] = kl_reward(policy, ref, batch, c, vocab)
         rng = np.random.default_rng([c.seed, step])
         for _ in range(c.mu):
             perm = torch.from_numpy(rng.permutation(len(batch.adv)))

@@ -1,18 +1,25 @@
 """The GRPO loss variants (loss.py; each one flag in grpo.GRPOConfig, off by default): GSPO's sequence-level ratio,
-TIS and MIS against the sampler's log-probs, the k1/k2/k3 KL estimators, an entropy bonus. Each against a float64 hand computation written here (values and d loss / d logp), each setting that reduces
+TIS and MIS against the sampler's log-probs, the k1/k2/k3 KL estimators, the KL as a reward penalty, an entropy
+bonus. Each against a float64 hand computation written here (values and d loss / d logp), each setting that reduces
 to the default loss against today's loss bit for bit, and each flag through a short run."""
 import collections
 import json
 import math
+import os
+import sys
 
 import pytest
 import torch
 
 import config
+import data
 import grpo
 import kernels
 import loss
 import rollout
+import toy
+from loss import group_advantages
+from test_distributed import ROOT, torchrun
 from test_grpo import base_dir, batch, cfg, grads_of, logprobs, make_rows, run, tiny, tok  # noqa: F401 (fixtures)
 
 
@@ -426,6 +433,89 @@ def test_entropy_bonus_reaches_train_step():
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# KL in the reward
+
+
+def rollout_round(monkeypatch, c, model, n_prompts=3):
+    """score_round on a faked sampler and scorer (non-dyadic rewards, an overlong penalty, a truncated output, a
+    group whose accuracy cannot be judged) -> (its Batch, the advantages it gave)."""
+    tk = toy.toy_tokenizer(n_docs=200)
+    G, lens = c.group_size, [2, 5, 6, 3]
+    monkeypatch.setattr(grpo.rollout, "generate", lambda policy, prompts, *a, num_samples, **kw: rollout.Rollout(
+        tokens=[[5 + (i % 7)] * lens[i % G] for i in range(len(prompts) * num_samples)],
+        logprobs=[[-1.0] * lens[i % G] for i in range(len(prompts) * num_samples)],
+        truncated=[i % G == 2 for i in range(len(prompts) * num_samples)], num_samples=num_samples))
+
+    def scores(completions, examples, weights=None, **kw):
+        n = len(completions)
+        acc = [None if i < G else (0.1 * i) % 1 for i in range(n)]  # the first group: unjudged
+        total = [0.35 * (i % 3) + (a or 0) for i, a in enumerate(acc)]
+        return total, {"accuracy": acc, "format": [0.0] * n, "language": [None] * n}, {}
+    monkeypatch.setattr(grpo.rewards, "score_batch", scores)
+    stats = {"sample_s": 0.0, "new_tokens": 0, "zero_std_groups": 0, "sampled_groups": 0,
+             "reasons": collections.Counter()}
+    exs = [data.Example(prompt=f"{i}+2", answer="3") for i in range(n_prompts)]
+    got, _ = grpo.score_round(model, tk, exs, c, 0, 0, "", [tk.eot_id], stats)
+    b = rollout.make_batch(**got)
+    return b, b.adv.clone(), tk.vocab_size
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_kl_in_reward_with_beta_zero_is_a_no_op(monkeypatch, scale):
+    c = cfg(group_size=4, template="none", max_new_tokens=6, overlong_buffer=3, mask_truncated=True,
+            adv_scale=scale, beta=0.0, kl_in_reward=True)
+    model = tiny(278)
+    b, adv, vocab = rollout_round(monkeypatch, c, model)
+    assert adv[:4].abs().max() == 0 and adv[4:].abs().max() > 0
+    grpo.kl_reward(model, tiny(278, seed=1), b, c, vocab)
+    assert torch.equal(b.adv, adv)
+
+
+@pytest.mark.parametrize("est", ["k1", "k3"])
+def test_kl_in_reward_by_hand(monkeypatch, est):
+    c = cfg(group_size=4, template="none", max_new_tokens=6, overlong_buffer=3, beta=0.2, kl_in_reward=True,
+            kl_estimator=est)
+    model, ref = tiny(278), tiny(278, seed=1)
+    b, adv0, vocab = rollout_round(monkeypatch, c, model)
+    mean_kl = grpo.kl_reward(model, ref, b, c, vocab)
+    with torch.no_grad():
+        packed = rollout.pack(b)
+        d = (grpo.token_logprobs(ref, b, packed, vocab, 1.0) - grpo.token_logprobs(model, b, packed, vocab, 1.0))
+    d, rows = d.double().tolist(), packed[2].tolist()
+    per_out = [0.0] * len(b.adv)
+    for di, r in zip(d, rows):
+        per_out[r] += -di if est == "k1" else min(math.exp(di) - di - 1, loss.K3_MAX)
+    pen = [loss.overlong_penalty(L, 6, 3) for L in b.comp_len.tolist()]
+    shaped = torch.tensor([s[0] + p - 0.2 * k for s, p, k in zip(b.scores.tolist(), pen, per_out)])
+    want = group_advantages(shaped.view(-1, 4))
+    want[0] = 0.0  # the unjudged group stays out
+    assert torch.allclose(b.adv, want.view(-1), atol=1e-5) and not torch.allclose(b.adv, adv0, atol=1e-3)
+    assert mean_kl == pytest.approx(sum(per_out) / len(d), rel=1e-5)
+
+
+def test_kl_in_reward_leaves_the_loss_without_kl():
+    """With --kl-in-reward train_step runs no reference forward: the step equals the beta = 0 step."""
+    model, ref, rows = tiny(200), tiny(200, seed=1), make_rows()
+    g0, m0 = grads_of(model, rows, cfg(beta=0.0))
+    g1, m1 = grads_of(model, rows, cfg(beta=0.1, kl_in_reward=True), ref=ref)
+    g2, m2 = grads_of(model, rows, cfg(beta=0.1), ref=ref)
+    assert torch.equal(g0, g1) and m1["kl"] == 0 and m2["kl"] > 0 and not torch.equal(g0, g2)
+
+
+def test_kl_in_reward_on_two_ranks_equals_one_process(tmp_path):
+    """Each rank holds one group; with --adv-scale=batch the std spans both ranks' rewards (all-reduced) and the
+    reference forward runs FSDP-sharded: the advantages equal one process's over the whole rollout."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import dist_worker
+    torchrun("tests/dist_worker.py", "klreward", str(tmp_path))
+    got = [torch.load(tmp_path / f"kl{r}.pt") for r in range(2)]
+    want = dist_worker.kl_reward_step(sharded=False)
+    assert torch.allclose(torch.cat([got[0]["adv"], got[1]["adv"]]), want["adv"], atol=1e-5)
+    assert got[0]["kl"] == pytest.approx(want["kl"], rel=1e-5) and got[1]["kl"] == got[0]["kl"]
+    assert want["adv"].abs().max() > 0 and want["kl"] != 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # the flags: checked at start, wired through a short run, logged
 
 
@@ -435,6 +525,7 @@ def test_entropy_bonus_reaches_train_step():
     (["--mis-low=1.2", "--mis-high=2"], "--mis-high: the band needs"),
     (["--mis-low=0.5"], "--mis-low: needs --mis-high"),
     (["--tis-cap=2", "--old-logp=sampler"], "--old-logp: --old-logp=sampler"),
+    (["--kl-in-reward", "--beta=0"], "--kl-in-reward: needs --beta > 0"),
     (["--entropy-coef=-0.1"], "--entropy-coef: must be >= 0"),
     (["--ratio-level=seq"], "--ratio-level='seq': must be one of token, sequence"),
     (["--kl-estimator=k4"], "--kl-estimator='k4': must be one of k1, k2, k3"),
@@ -451,6 +542,7 @@ RUNS = {
     "mis": (["--mis-low=0.5", "--mis-high=2", "--tis-cap=3"], dict(is_weight=True)),
     "mis_seq": (["--mis-low=0.5", "--mis-high=2", "--mis-level=sequence"], dict(is_weight=True)),
     "k2": (["--kl-estimator=k2", "--beta=0.05"], dict(kl_estimator="k2", ref=True)),
+    "kl_in_reward": (["--kl-in-reward", "--beta=0.05"], dict(ref=False)),
     "entropy": (["--entropy-coef=0.01"], dict(entropy_coef=0.01)),
 }
 
@@ -490,7 +582,7 @@ def test_each_flag_runs_and_logs(name, base_dir, tmp_path, monkeypatch):  # noqa
         assert ("mis_masked" in r) == name.startswith("mis")
         if name.startswith("mis"):  # the odd outputs' tokens, about half
             assert 0.2 < r["mis_masked"] < 0.8
-    if name == "k2":
+    if name in ("k2", "kl_in_reward"):
         assert rows[-1]["kl"] > 0 and rows[0]["kl"] >= 0
 
 

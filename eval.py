@@ -183,8 +183,7 @@ def summarize(instances, k):
                "pass@k": {j: sum(i["pass@k"][j] for i in instances if "pass@k" in i) / n for j in map(str, ks(k))},
                "by_difficulty": {str(d): {"problems": len(v), "pass@1": sum(v) / len(v)}
                                  for d, v in sorted(by_diff.items())}}
-    if lang:  # the share of the reasoning in the prompt's language (rewards.language_consistency_reward)
-        summary["language"] = sum(lang) / len(lang)
+    summary.update({"language": sum(lang) / len(lang)} if lang else {})  # problems that name their language
     summary["instances"] = instances
     return summary
 

@@ -22,6 +22,11 @@ the paper makes one):
 - Optional, off by default: --mask-truncated, --overlong-buffer (DAPO soft penalty), --dynamic-sampling (drop
   zero-variance groups and refill), --routing-replay (train with the experts the sampler used, PITFALLS M6).
 - The reference model becomes the current policy every --ref-refresh-every steps (paper: 400); beta=0: none.
+- Loss variants (loss.py), off by default: --ratio-level=sequence (GSPO: one ratio per output, exp of its mean
+  token log-ratio, clipped per output); --tis-cap=C (truncated IS: surrogate x min(pi_train / pi_sampler, C)) and
+  --mis-low/--mis-high/--mis-level (masked IS: tokens, or outputs, whose ratio leaves the band give no gradient),
+  both against the sampler's log-probs; --kl-estimator=k1|k2 (default k3); --kl-in-reward (-beta x each output's
+  summed KL estimate on its reward before the advantages, no KL in the loss); --entropy-coef (an entropy bonus).
 Defaults that differ from the paper: max_new_tokens (32,768, then 65,536 after step 8.2k: set it), weight decay
 and AdamW betas (not given: 0.1, (0.9, 0.95)), warm-up (none given: 0), generation also stops at "</answer>" (the
 format reward requires it to end the output). The cpu preset (the toy reproduction) changes many: see PRESETS.
@@ -49,7 +54,6 @@ import reward_model
 import rewards
 import rollout
 import tasks
-import toy
 from config import ConfigError
 from dist import print0
 
@@ -101,6 +105,15 @@ class GRPOConfig:
     max_refills: int = 3
     routing_replay: bool = False     # train with the experts the sampler chose (MoE only)
     bias_update_rate: float = 0.0    # aux-loss-free balancing gamma; off in RL by default (PITFALLS M6)
+    # variants of the loss (loss.py), each off by default
+    ratio_level: Literal["token", "sequence"] = "token"  # sequence: GSPO, one clipped ratio per output
+    tis_cap: float = 0.0             # truncated IS: surrogate x min(pi_train / pi_sampler, tis_cap); 0 = off
+    mis_low: float = 0.0             # masked IS: drop tokens (or whole outputs, mis_level) whose
+    mis_high: float = 0.0            #   pi_train / pi_sampler leaves [mis_low, mis_high]; mis_high 0 = off
+    mis_level: Literal["token", "sequence"] = "token"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in_reward: bool = False       # reward -= beta * the output's summed KL estimate; then no KL in the loss
+    entropy_coef: float = 0.0        # loss -= entropy_coef * per-token entropy (an entropy bonus)
     # rewards
     accuracy_weight: float = 1.0
     format_weight: float = 1.0
@@ -172,6 +185,15 @@ def check_config(c):
     need(c.general_frac == 0 or round(c.general_frac * c.rollout_prompts / W) >= 1, "general-frac",
          f"gives no general prompt out of {c.rollout_prompts // W} per rank and rollout")
     need(c.lr > 0, "lr", "must be > 0")
+    need(c.tis_cap == 0 or c.tis_cap >= 1, "tis-cap", "must be 0 (off) or >= 1 (below 1 it shrinks every token)")
+    need(c.mis_high == 0 or 0 <= c.mis_low < 1 < c.mis_high, "mis-high",
+         f"the band needs 0 <= --mis-low < 1 < --mis-high (got [{c.mis_low}, {c.mis_high}]); --mis-high=0 is off")
+    need(c.mis_low == 0 or c.mis_high > 0, "mis-low", "needs --mis-high (masked IS is off while --mis-high=0)")
+    need(not (c.tis_cap or c.mis_high) or c.old_logp != "sampler", "old-logp",
+         "--old-logp=sampler makes pi_train / pi_sampler 1 on every token: --tis-cap/--mis-high would do nothing")
+    need(not c.kl_in_reward or c.beta > 0, "kl-in-reward", "needs --beta > 0 (the penalty's weight)")
+    need(not c.kl_in_reward or c.general_frac == 0, "kl-in-reward", "is not implemented with --general-frac > 0")
+    need(c.entropy_coef >= 0, "entropy-coef", "must be >= 0 (a bonus)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,29 +233,6 @@ def collect_rollout(policy, tok, sampler, c, step, template, stop_ids, general=N
     return rollout.make_batch(**outs, experts=experts if c.routing_replay else None), stats
 
 
-def general_rewards(tok, texts, exs, rms, c, stats):
-    """R1's reward of general outputs (paper Eq. 8-10: R_general = R_RM + R_format): the helpful reward model on the
-    reply (the answer block, R1's final summary), the harmless one on the whole response, plus the format reward.
-    The toy's hidden rule (toy.py) is only logged beside them, never rewarded: the reward models' scores rising
-    while the rule's fall is over-optimisation of the reward models (reward hacking)."""
-    fmt = [rewards.format_reward(t) for t in texts]
-    total = [c.format_weight * f for f in fmt]
-    for kind, model in rms.items():
-        views = [toy.reply_of(t) if kind == "helpful" else t for t in texts]
-        seqs = [reward_model.reward_ids(tok, e.prompt, v, model.config.max_position_embeddings)
-                for e, v in zip(exs, views)]
-        with torch.no_grad(), dist.gathered(model):
-            scores = reward_model.reward_scores(model, seqs, tok.eot_id).tolist()
-        total = [t + s for t, s in zip(total, scores)]
-        stats["general"][f"rm_{kind}"] += sum(scores)
-    stats["general"]["outputs"] += len(texts)
-    hidden = [t for t, e in zip(texts, exs) if e.meta.get("source") == "toy-general"]  # the toy's prompts only
-    stats["general"]["hidden_outputs"] += len(hidden)
-    stats["general"]["hidden_helpful"] += sum(map(toy.hidden_helpful, hidden))
-    stats["general"]["hidden_harmless"] += sum(map(toy.hidden_harmless, hidden))
-    return total, fmt
-
-
 def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats, rms=None):
     """G samples for each example, their rewards and group advantages -> (per-output lists for make_batch, a
     zero-variance flag per group). Collective calls (the batch std) happen on every rank, even one with none.
@@ -266,24 +265,21 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats, r
                 for k in comps:
                     comps[k][i] = parts[k][j]
         if gen:
-            part, fmt = general_rewards(tok, [texts[i] for i in gen], [rows[i] for i in gen], rms, c, stats)
+            part, fmt = reward_model.general_rewards(tok, [texts[i] for i in gen], [rows[i] for i in gen], rms,
+                                                     c.format_weight, stats["general"])
             for j, i in enumerate(gen):
                 total[i], comps["format"][i] = part[j], fmt[j]
         shaped = torch.tensor([t + loss.overlong_penalty(len(ids), c.max_new_tokens, c.overlong_buffer)
                                for t, ids in zip(total, out.tokens)]).view(len(exs), G)
-    batch_std = None
-    if c.adv_scale == "batch":  # the std over every rank's rewards of this round (unbiased)
-        n, s1, s2 = (dist.all_reduce_sum(float(v)) for v in (shaped.numel(), shaped.sum(), shaped.pow(2).sum()))
-        batch_std = math.sqrt(max(s2 - s1 * s1 / max(n, 1), 0.0) / max(n - 1, 1))
-    if not exs:
-        return {}, []
-    adv = loss.group_advantages(shaped, c.adv_scale, c.adv_eps, batch_std=batch_std)
     # an example whose correctness cannot be judged (unparseable gold, broken tests: accuracy None) must not
     # train its group on the other rewards alone
     unjudged = torch.tensor([c.accuracy_weight != 0 and exs[j].kind != "general" and
-                             all(a is None for a in comps["accuracy"][j * G:(j + 1) * G]) for j in range(len(exs))])
+                             all(a is None for a in comps["accuracy"][j * G:(j + 1) * G]) for j in range(len(exs))],
+                            dtype=torch.bool)
+    adv = advantages(shaped, unjudged, c)  # on every rank, even one with no examples (the batch std)
+    if not exs:
+        return {}, []
     if unjudged.any():
-        adv[unjudged] = 0.0
         stats["reasons"]["unjudged_example"] += int(unjudged.sum())
     zero = (adv.abs().sum(1) == 0).tolist()
     stats["zero_std_groups"] += sum(zero)
@@ -294,6 +290,39 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats, r
     return dict(prompts=[p for p in prompts for _ in range(G)], completions=out.tokens, sampler_logp=out.logprobs,
                 adv=adv.view(-1).tolist(), keep=[not (c.mask_truncated and t) for t in out.truncated],
                 experts=out.experts or [], scores=scores, truncated=out.truncated, texts=texts), zero
+
+
+def advantages(shaped, unjudged, c):
+    """Shaped rewards (num_prompts, G) -> group advantages, 0 for the unjudged (num_prompts,) groups. A collective
+    with --adv-scale=batch (the std over every rank's rewards, unbiased): every rank calls it, even with none."""
+    batch_std = None
+    if c.adv_scale == "batch":
+        n, s1, s2 = (dist.all_reduce_sum(float(v)) for v in (shaped.numel(), shaped.sum(), shaped.pow(2).sum()))
+        batch_std = math.sqrt(max(s2 - s1 * s1 / max(n, 1), 0.0) / max(n - 1, 1))
+    if not len(shaped):
+        return shaped
+    adv = loss.group_advantages(shaped, c.adv_scale, c.adv_eps, batch_std=batch_std)
+    adv[unjudged] = 0.0
+    return adv
+
+
+@torch.no_grad()
+def kl_reward(policy, ref, b, c, vocab):
+    """--kl-in-reward: each output's reward gets -beta * the sum over its tokens of the KL estimate between the
+    policy at sampling time (pi_old) and the reference, then the group advantages are computed again (b.adv). The
+    reference forward runs on the whole rollout here, before any update; the loss then has no KL term. Dynamic
+    sampling chose the groups on the task rewards; --adv-scale=batch takes the std over the whole rollout (score_round:
+    over one sampling round). Returns the rollout's mean per-token KL over every rank."""
+    pol = b.old_logp if b.old_logp is not None else old_logprobs(policy, b, c, vocab)  # (B, C)
+    ref_lp = old_logprobs(ref, b, c, vocab, replay=False)  # (B, C); no replay, as the reference in train_step
+    inside = torch.arange(pol.shape[1]) < b.comp_len[:, None]  # (B, C) the completion tokens
+    kl = torch.where(inside, loss.kl_estimate(ref_lp - pol, c.kl_estimator)[0], 0.0).sum(1)  # (B,)
+    pen = torch.tensor([loss.overlong_penalty(L, c.max_new_tokens, c.overlong_buffer) for L in b.comp_len.tolist()],
+                       dtype=torch.float64)
+    task = (b.scores[:, 0] + pen).float()  # (B,) the rewards score_round shaped, fp32 as there
+    unjudged = torch.isnan(b.scores[:, 1]).view(-1, c.group_size).all(1) & (c.accuracy_weight != 0)
+    b.adv = advantages((task - c.beta * kl).view(-1, c.group_size), unjudged, c).view(-1)
+    return dist.all_reduce_sum(float(kl.sum())) / max(1.0, dist.all_reduce_sum(float(b.comp_len.sum())))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,7 +344,8 @@ def train_step(policy, ref, opt, b, c, vocab, on_policy):
     """One optimizer update on mini-batch b: per micro-batch, log-probs -> per-token loss -> weighted sum ->
     backward; then clip and AdamW. Returns metrics (sums over this rank's tokens)."""
     w_row, B = loss.token_weights(b, c), len(b.adv)
-    m = dict(loss=0.0, kl=0.0, kl_capped=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0, tokens=0, gap=0.0)
+    m = dict(loss=0.0, kl=0.0, kl_capped=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0, tokens=0, gap=0.0,
+             gap_max=0.0, mis_masked=0.0)
     for i in range(0, B, c.micro_batch_size):
         idx = torch.arange(i, min(i + c.micro_batch_size, B))
         mb = b[idx]
@@ -326,32 +356,41 @@ def train_step(policy, ref, opt, b, c, vocab, on_policy):
         dev, (_, _, rows, t, _) = logp.device, packed
         adv, w, keep = mb.adv[rows].to(dev), w_row[idx][rows].float().to(dev), mb.keep[rows].to(dev)  # (N,) each
         old = None if on_policy else mb.old_logp[rows, t].to(dev)
-        # the reference is frozen (requires_grad off): no graph is built for it
-        ref_logp = token_logprobs(ref, mb, packed, vocab, c.temperature) if ref is not None and c.beta > 0 else None
+        # the reference is frozen (requires_grad off): no graph is built for it; --kl-in-reward used it already
+        ref_logp = (token_logprobs(ref, mb, packed, vocab, c.temperature)
+                    if ref is not None and c.beta > 0 and not c.kl_in_reward else None)
+        sampler, mk, rows_d = mb.sampler_logp[rows, t].to(dev), keep.float(), rows.to(dev)
+        is_w, dropped = None, torch.zeros_like(keep)
+        if c.tis_cap or c.mis_high:  # pi_train: the trainer at the old parameters (detached logp when on-policy)
+            is_w, dropped = loss.sampler_correction(logp.detach() if old is None else old, sampler, keep, rows_d, c)
         # the definition (loss.grpo_loss), or on a GPU its fused Triton twin once it has matched the definition
-        loss_tok, st = loss.grpo_loss_auto(logp, old, ref_logp, adv, keep, c.eps_low, c.eps_high, c.beta)
+        loss_tok, st = loss.grpo_loss_auto(logp, old, ref_logp, adv, keep, c.eps_low, c.eps_high, c.beta,
+                                           rows=rows_d, ratio_level=c.ratio_level, is_weight=is_w,
+                                           kl_estimator=c.kl_estimator, entropy=ent, entropy_coef=c.entropy_coef)
         total = (loss_tok * w).sum() * dist.world_size()  # FSDP averages gradients over ranks: undo it
         total = total + policy.aux_loss() * len(idx) / max(1, B)
         total.backward()
         with torch.no_grad():  # diagnostics, summed over this micro-batch's tokens (stats are 0 where masked)
-            sampler, mk = mb.sampler_logp[rows, t].to(dev), keep.float()
+            gap = (sampler - logp).abs() * mk
             for k, v in (("loss", loss_tok * w), ("entropy", ent * mk), ("kl", st.kl), ("kl_capped", st.kl_capped),
-                         ("clip_low", st.clipped_low), ("clip_high", st.clipped_high),
-                         ("gap", (sampler - logp).abs() * mk), ("tokens", mk)):
+                         ("clip_low", st.clipped_low), ("clip_high", st.clipped_high), ("gap", gap),
+                         ("tokens", mk), ("mis_masked", dropped.float())):
                 m[k] += v.sum().item()
+            m["gap_max"] = max(m["gap_max"], gap.max().item() if gap.numel() else 0.0)
     m["grad_norm"], m["ok"] = optim.optimizer_step(policy, opt, m["loss"], c.grad_clip)
     return m
 
 
 @torch.no_grad()
-def old_logprobs(policy, b, c, vocab):
-    """pi_old (B, C), frozen before the first update of a rollout (when one rollout feeds several updates)."""
+def old_logprobs(policy, b, c, vocab, replay=True):
+    """pi_old (B, C), frozen before the first update of a rollout (when one rollout feeds several updates); also
+    the reference's log-probs for --kl-in-reward (replay=False)."""
     old = torch.zeros_like(b.sampler_logp)
     for i in range(0, len(b.adv), c.micro_batch_size):
         mb = b[torch.arange(i, min(i + c.micro_batch_size, len(b.adv)))]
         packed = rollout.pack(mb)
         old[i + packed[2], packed[3]] = token_logprobs(policy, mb, packed, vocab, c.temperature,
-                                                       c.routing_replay).float().cpu()
+                                                       c.routing_replay and replay).float().cpu()
     return old
 
 
@@ -366,7 +405,7 @@ def log_step(log, step, b, m, stats, loads, lr, train_s, elapsed, c, heldout_eva
     rows = dist.all_gather([(*s, L, tr, evaluation.reflective_count(tx))
                             for s, L, tr, tx in zip(scores, b.comp_len.tolist(), b.truncated.tolist(), b.texts)])
     reward, acc, fmt, lang, lens, trunc, refl = zip(*rows)
-    s = {k: dist.all_reduce_sum(v) for k, v in m.items() if k not in ("grad_norm", "ok")}
+    s = {k: dist.all_reduce_sum(v) for k, v in m.items() if k not in ("grad_norm", "ok", "gap_max")}
     n, ntok = len(rows), max(1, s["tokens"])
     acc, lang = [a for a in acc if a is not None], [x for x in lang if x is not None]
     term = [L for L, t in zip(lens, trunc) if not t]
@@ -376,7 +415,8 @@ def log_step(log, step, b, m, stats, loads, lr, train_s, elapsed, c, heldout_eva
            "reflective_per_token": sum(refl) / max(1, sum(lens)), "loss": s["loss"], "entropy": s["entropy"] / ntok,
            "kl": s["kl"] / ntok, "kl_capped": s["kl_capped"] / ntok,  # share of tokens at the k3 cap (K3_MAX)
            "clip_low": s["clip_low"] / ntok, "clip_high": s["clip_high"] / ntok,
-           "sampler_trainer_gap": s["gap"] / ntok, "grad_norm": m["grad_norm"], "lr": lr,
+           "sampler_trainer_gap": s["gap"] / ntok, "sampler_trainer_gap_max": dist.all_reduce_max(m["gap_max"]),
+           "grad_norm": m["grad_norm"], "lr": lr,
            "skipped_steps": 0 if m["ok"] else 1, "refills": stats["refills"], "elapsed_s": elapsed,
            "frac_reward_zero_std": dist.all_reduce_sum(stats["zero_std_groups"]) /
            max(1, dist.all_reduce_sum(stats["sampled_groups"])),
@@ -393,6 +433,10 @@ def log_step(log, step, b, m, stats, loads, lr, train_s, elapsed, c, heldout_eva
                     if getattr(c, f"rm_{k}")})
         if gen["hidden_outputs"]:
             met.update({k: gen[k] / gen["hidden_outputs"] for k in ("hidden_helpful", "hidden_harmless")})
+    if c.mis_high:
+        met["mis_masked"] = s["mis_masked"] / ntok  # share of tokens masked IS dropped
+    if c.kl_in_reward:
+        met["kl"] = stats["kl_reward"]  # the loss has no KL term: the rollout's, as the rewards got it
     if loads is not None:
         met["expert_imbalance"] = metrics.expert_imbalance(loads)
     if c.eval_every and step % c.eval_every == 0:
@@ -488,6 +532,8 @@ def run_loop(policy, ref, opt, tok, sampler, c, step, bad, template, stop_ids, v
             batch.old_logp = batch.sampler_logp
         elif not on_policy:
             batch.old_logp = old_logprobs(policy, batch, c, vocab)
+        if c.kl_in_reward:  # -beta * KL on each reward before the advantages (they are computed again)
+            stats["kl_reward"] = kl_reward(policy, ref, batch, c, vocab)
         rng = np.random.default_rng([c.seed, step])
         for _ in range(c.mu):
             perm = torch.from_numpy(rng.permutation(len(batch.adv)))

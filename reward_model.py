@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import data
+import dist
+import rewards
+import toy
 
 
 def reward_ids(tok, prompt, response, max_len):
@@ -47,3 +50,27 @@ def bt_loss_sum(r_chosen, r_rejected):
     """Bradley-Terry: r_chosen, r_rejected (n,) -> (sum of -log sigmoid(r_chosen - r_rejected), the number of pairs
     ranked right: r_chosen > r_rejected, a tie counting as wrong). The caller divides by the step's pairs."""
     return -F.logsigmoid(r_chosen - r_rejected).sum(), int((r_chosen > r_rejected).sum())
+
+
+def general_rewards(tok, texts, exs, rms, format_weight, sums):
+    """R1's reward of general outputs (paper Eq. 8-10: R_general = R_RM + R_format): the helpful reward model on the
+    reply (the answer block, R1's final summary), the harmless one on the whole response, plus the format reward.
+    The toy's hidden rule (toy.py) is only logged beside them, never rewarded: the reward models' scores rising
+    while the rule's fall is over-optimisation of the reward models (reward hacking). -> (totals, format rewards);
+    sums (a dict of floats) gathers the per-step sums grpo.py logs."""
+    fmt = [rewards.format_reward(t) for t in texts]
+    total = [format_weight * f for f in fmt]
+    for kind, model in rms.items():
+        views = [toy.reply_of(t) if kind == "helpful" else t for t in texts]
+        seqs = [reward_ids(tok, e.prompt, v, model.config.max_position_embeddings)
+                for e, v in zip(exs, views)]
+        with torch.no_grad(), dist.gathered(model):
+            scores = reward_scores(model, seqs, tok.eot_id).tolist()
+        total = [t + s for t, s in zip(total, scores)]
+        sums[f"rm_{kind}"] += sum(scores)
+    sums["outputs"] += len(texts)
+    hidden = [t for t, e in zip(texts, exs) if e.meta.get("source") == "toy-general"]  # the toy's prompts only
+    sums["hidden_outputs"] += len(hidden)
+    sums["hidden_helpful"] += sum(map(toy.hidden_helpful, hidden))
+    sums["hidden_harmless"] += sum(map(toy.hidden_harmless, hidden))
+    return total, fmt

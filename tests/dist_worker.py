@@ -110,6 +110,28 @@ def dynamic(base, out_dir):
     torch.save(calls, os.path.join(out_dir, f"calls{dist.rank()}.pt"))
 
 
+def kl_reward_step(sharded):
+    """--kl-in-reward with --adv-scale=batch on two groups of 4 of the 8 rows: this rank's group (both when not
+    sharded), the policy and a different reference FSDP-sharded. -> {"adv": this rank's advantages, "kl": the mean
+    per-token KL over every rank}."""
+    c = grpo.GRPOConfig(**{**grpo.GRPOConfig().__dict__, **grpo.PRESETS["cpu"], "init_from": "x", "beta": 0.05,
+                           "group_size": 4, "micro_batch_size": 2, "adv_scale": "batch", "kl_in_reward": True,
+                           "kl_estimator": "k1"})
+    policy, ref = tiny().eval(), tiny().eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(0.9)
+    r, w = (dist.rank(), dist.world_size()) if sharded else (0, 1)
+    if sharded:
+        policy, ref = dist.shard_model(policy), dist.shard_model(ref)
+    lo, hi = r * 8 // w, (r + 1) * 8 // w
+    mine = rows()[lo:hi]
+    b = rollout.make_batch(*([r[k] for r in mine] for k in ("prompt", "completion", "sampler_logp", "adv")),
+                           scores=[[0.5 * (i % 3), 1.0, 0.0, float("nan")] for i in range(lo, hi)])
+    kl = grpo.kl_reward(policy, ref, b, c, VOCAB)
+    return {"adv": b.adv, "kl": kl}
+
+
 def load(hf_dir, out_dir):
     """Sharded loading of a Hugging Face directory: each rank reads only its rows; records its local shards (with
     their row ranges) and the logits of a forward through the sharded model."""
@@ -158,6 +180,10 @@ def load(hf_dir, out_dir):
 if __name__ == "__main__":
     if sys.argv[1] == "dynamic":
         dynamic(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "klreward":
+        dist.init_distributed()
+        torch.set_num_threads(1)
+        torch.save(kl_reward_step(sharded=True), os.path.join(sys.argv[2], f"kl{dist.rank()}.pt"))
     elif sys.argv[1] == "load":
         dist.init_distributed()
         load(sys.argv[2], sys.argv[3])

@@ -675,16 +675,16 @@ def test_all_scenario_rl_general_prompts_from_the_late_switch(base_dir, tmp_path
     # the rewards of a general output: reward models + format, never accuracy
     c = cfg(format_weight=1.0)
     ex = toy.general_prompts("train")[0]
-    stats = {"general": collections.defaultdict(float)}
+    sums = collections.defaultdict(float)
 
     class RM:
         config = type("C", (), {"max_position_embeddings": 64})()
         tag = "rm"
     tok = data.Tokenizer.from_file(os.path.join(base_dir, "tokenizer.bpe"))
     good = toy.general_reply(ex)
-    total, fmt = grpo.general_rewards(tok, [good, "junk"], [ex, ex], {"helpful": RM()}, c, stats)
+    total, fmt = reward_model.general_rewards(tok, [good, "junk"], [ex, ex], {"helpful": RM()}, c.format_weight, sums)
     lens = [len(reward_model.reward_ids(tok, ex.prompt, v, 64)) for v in (toy.reply_of(good), "")]
     assert fmt == [1.0, 0.0] and total == [1.0 + lens[0], 0.0 + lens[1]]
-    assert stats["general"]["hidden_helpful"] == 1.0 and stats["general"]["outputs"] == 2
+    assert sums["hidden_helpful"] == 1.0 and sums["outputs"] == 2
     with pytest.raises(config.ConfigError, match="--general-frac"):
         run(base_dir, tmp_path / "c", "--general-frac=0.5")

@@ -4,7 +4,7 @@ the reward model (Bradley-Terry on preference pairs, --objective=preference).
     python sft.py --data=out/toy/corpus.txt --tokenizer=out/toy/tokenizer.bpe --out-dir=out/base --max-steps=2000
     python sft.py --data=sft.jsonl --init-from=out/base --tokenizer=out/toy/tokenizer.bpe --out-dir=out/cold
     torchrun --standalone --nproc_per_node=8 sft.py --data=sft.jsonl --init-from=/path/to/hf_model ...
-    python sft.py --objective=preference --data=prefs.jsonl --init-from=out/cold --out-dir=out/rm ...
+    python sft.py --objective=preference --data=prefs.jsonl --init-from=out/cold --tokenizer=... --out-dir=out/rm
 
 Three kinds of data: two for next-token training, by file extension, and one for the reward model:
   .txt    raw text; documents separated by the tokenizer's end-of-text token written as text (<|endoftext|>).

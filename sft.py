@@ -1,14 +1,20 @@
-"""Next-token training: the toy base model's pretraining, cold start, rejection-sampling SFT, distillation.
+"""Next-token training (the toy base model's pretraining, cold start, rejection-sampling SFT, distillation) and
+the reward model (Bradley-Terry on preference pairs, --objective=preference).
 
     python sft.py --data=out/toy/corpus.txt --tokenizer=out/toy/tokenizer.bpe --out-dir=out/base --max-steps=2000
     python sft.py --data=sft.jsonl --init-from=out/base --tokenizer=out/toy/tokenizer.bpe --out-dir=out/cold
     torchrun --standalone --nproc_per_node=8 sft.py --data=sft.jsonl --init-from=/path/to/hf_model ...
+    python sft.py --objective=preference --data=prefs.jsonl --init-from=out/cold --tokenizer=... --out-dir=out/rm
 
-Two kinds of data, by file extension:
+Three kinds of data: two for next-token training, by file extension, and one for the reward model:
   .txt    raw text; documents separated by the tokenizer's end-of-text token written as text (<|endoftext|>).
           Training windows of seq_len tokens are cut at random offsets; the loss is on every token.
   .jsonl  one {"prompt": ..., "completion": ...} object per line (field names are flags). The model sees
           prompt + completion + end-of-text; the loss is on the completion and the end-of-text token only.
+  .jsonl  with --objective=preference: one {"prompt": ..., "chosen": ..., "rejected": ...} object per line (field
+          names are flags). The reward of a response is the end-of-text logit read at the end-of-text appended to
+          prompt + response (reward_scores); the loss is Bradley-Terry, mean -log sigmoid(r_chosen - r_rejected)
+          over the step's pairs, logged with the pair accuracy (the share of pairs with r_chosen > r_rejected).
 A run writes out_dir/config.json, metrics.jsonl (train and held-out loss), ckpt_*.pt (model, optimizer, RNG,
 step; atomic, the newest keep_last kept) and, at the end, final/ (a Hugging Face directory) plus the tokenizer.
 `--resume` continues from the newest checkpoint in out_dir; batches are drawn from a generator seeded by
@@ -23,6 +29,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import checkpoint
 import config
@@ -42,8 +49,11 @@ class SFTConfig:
     data: str = ""                 # .txt (raw text) or .jsonl (prompt/completion); required
     val_data: str = ""             # held-out file of the same kind; default: the last val_frac of data
     val_frac: float = 0.02
+    objective: Literal["next_token", "preference"] = "next_token"  # preference: train a reward model on pairs
     prompt_field: str = "prompt"
     completion_field: str = "completion"
+    chosen_field: str = "chosen"     # preference rows: the better response ...
+    rejected_field: str = "rejected"  # ... and the worse one
     tokenizer: str = ""            # tokenizer file (data.Tokenizer.from_file); required
     init_from: str = ""            # "" = a new model from the settings below; else a checkpoint, run dir or HF dir
     resume: bool = False           # continue from the newest checkpoint in out_dir
@@ -106,6 +116,10 @@ def check_config(c):
         need(getattr(c, flag) >= 1, flag.replace("_", "-"), "must be >= 1")
     need(c.lr > 0, "lr", "must be > 0")
     need(0 <= c.val_frac < 1, "val-frac", "must be in [0, 1)")
+    if c.objective == "preference":  # pairs of responses exist only as rows; there is no raw-text form
+        for flag, path in (("data", c.data), ("val-data", c.val_data)):
+            need(not path or path.endswith(".jsonl"), flag,
+                 f"{path}: --objective=preference reads a .jsonl of prompt/chosen/rejected rows")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,6 +186,80 @@ def token_loss_sum(model, x, y, mask, valid, vocab):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the reward model (--objective=preference)
+#
+# The scalar head is one row of the LM head: r(prompt, response) = h_last . lm_head.weight[eot_id], h_last the final
+# hidden state at the end-of-text appended to prompt + response, so the last position has read the whole response,
+# its end included. Why no separate head: a reward model is then an ordinary checkpoint (hf.save/hf.load, FSDP
+# sharding and --resume work unchanged, and any entry point loads it), and it starts from a head the LM already
+# trained (its end-of-text logit) rather than a random one.
+
+
+def reward_seq(prompt, response, eot_id, T):
+    """The ids a reward is read from: prompt + response + end-of-text. Longer than T tokens: the first T - 1, then
+    the end-of-text, so the score is always read at an end-of-text the model saw; what was cut is not judged (a
+    pair cut inside its common prompt then ties and carries no gradient)."""
+    s = prompt + response
+    return s[:T - 1] + [eot_id] if len(s) >= T else s + [eot_id]
+
+
+def load_prefs(path, tok, c):
+    """[(chosen ids, rejected ids)], each reward_seq(prompt, response), from prompt/chosen/rejected rows."""
+    rows, cut = [], 0
+    for loc, obj in data.read_rows(path):
+        for fld in (c.prompt_field, c.chosen_field, c.rejected_field):
+            if not isinstance(obj.get(fld), str):
+                raise DataError(f"{loc}: field {fld!r} missing or not a string")
+        for fld in (c.chosen_field, c.rejected_field):
+            if not obj[fld]:  # a reward for no response at all is a data bug, not a preference
+                raise DataError(f"{loc}: field {fld!r} is empty")
+        p = data.prompt_ids(tok, obj[c.prompt_field])  # as grpo.py will encode it
+        resp = [tok.encode(obj[f]) for f in (c.chosen_field, c.rejected_field)]
+        cut += max(len(p) + len(r) + 1 for r in resp) > c.seq_len
+        rows.append(tuple(reward_seq(p, r, tok.eot_id, c.seq_len) for r in resp))
+    if not rows:
+        raise DataError(f"{path}: no examples")
+    if cut:
+        print0(f"{path}: {cut:,} pair(s) longer than --seq-len={c.seq_len}, cut (sft.reward_seq)")
+    return rows
+
+
+def pad_right(seqs):
+    """Token-id lists -> ids (B, L) right-padded with 0 and valid (B, L): the real positions, from the lengths."""
+    x = torch.nn.utils.rnn.pad_sequence([torch.tensor(s) for s in seqs], batch_first=True)  # (B, L)
+    return x, torch.arange(x.shape[1]) < torch.tensor([len(s) for s in seqs])[:, None]
+
+
+def pref_batch(rows, n, rng):
+    """n random preference rows -> ids (n, 2, L) and valid (n, 2, L); [:, 0] chosen, [:, 1] rejected."""
+    pick = rng.integers(0, len(rows), size=n)
+    x, valid = pad_right([s for i in pick for s in rows[i]])  # (2n, L): chosen, rejected, chosen, ...
+    return x.view(n, 2, -1), valid.view(n, 2, -1)
+
+
+def seq_rewards(model, x, valid, eot_id):
+    """ids (B, L) right-padded, valid (B, L) -> rewards (B,) fp32, read at each row's own last real position (from
+    its length, never from token values: an end-of-text may occur inside a response, padding ids mean nothing, P3).
+    Under FSDP the head row is whole here: the root module (embedding, final norm, LM head) is not resharded after
+    its forward (fully_shard's default for the root). Elsewhere score inside dist.gathered(model), as rollout does."""
+    h = model(x, return_hidden=True, valid=valid)  # (B, L, D)
+    h_last = h[torch.arange(len(x), device=x.device), valid.sum(1) - 1].float()  # (B, D)
+    return (h_last * model.lm_head.weight[eot_id].float()).sum(-1)  # (B,); elementwise: no bf16 matmul (M8)
+
+
+def reward_scores(model, seqs, eot_id, device):
+    """Token-id lists (each ending with its end-of-text, e.g. reward_seq's) -> rewards (B,) fp32, in one batch."""
+    x, valid = pad_right(seqs)
+    return seq_rewards(model, x.to(device), valid.to(device), eot_id)
+
+
+def bt_loss_sum(r_chosen, r_rejected):
+    """Bradley-Terry: r_chosen, r_rejected (n,) -> (sum of -log sigmoid(r_chosen - r_rejected), the number of pairs
+    ranked right: r_chosen > r_rejected, a tie counting as wrong). The caller divides by the step's pairs."""
+    return -F.logsigmoid(r_chosen - r_rejected).sum(), int((r_chosen > r_rejected).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -208,20 +296,35 @@ def main(argv=None):
         batch = lambda rng, n: text_batch(ids, n, c.seq_len, rng)  # noqa: E731
         val_batch = (lambda rng, n: text_batch(val, n, c.seq_len, rng)) if val is not None else None  # noqa: E731
         print0(f"{c.data}: {len(ids):,} training tokens" + (f", {len(val):,} held-out" if val is not None else ""))
-    else:
-        rows = load_pairs(c.data, tok, c)
-        val = load_pairs(c.val_data, tok, c) if c.val_data else None
+    else:  # rows: prompt/completion pairs, or prompt/chosen/rejected for a reward model
+        pref = c.objective == "preference"
+        load = load_prefs if pref else load_pairs
+        draw = (lambda rs, rng, n: pref_batch(rs, n, rng)) if pref else \
+            (lambda rs, rng, n: pair_batch(rs, n, c.seq_len, rng))  # noqa: E731
+        rows = load(c.data, tok, c)
+        val = load(c.val_data, tok, c) if c.val_data else None
         if val is None and c.val_frac > 0 and len(rows) >= 2:
             cut = max(1, int(len(rows) * (1 - c.val_frac)))
             rows, val = rows[:cut], rows[cut:] or None
-        batch = lambda rng, n: pair_batch(rows, n, c.seq_len, rng)  # noqa: E731
-        val_batch = (lambda rng, n: pair_batch(val, n, c.seq_len, rng)) if val else None  # noqa: E731
-        print0(f"{c.data}: {len(rows):,} prompt/completion pairs" + (f", {len(val):,} held-out" if val else ""))
+        batch = lambda rng, n: draw(rows, rng, n)  # noqa: E731
+        val_batch = (lambda rng, n: draw(val, rng, n)) if val else None  # noqa: E731
+        print0(f"{c.data}: {len(rows):,} {'preference' if pref else 'prompt/completion'} pairs"
+               + (f", {len(val):,} held-out" if val else ""))
 
     def my_share(xym):
         """This rank's rows of a global batch: every rank draws the same W * batch_size rows, keeps its slice,
         so W ranks see exactly the batch one process with W times the batch size would."""
         return tuple(t[R * c.batch_size:(R + 1) * c.batch_size].to(device) for t in xym)
+
+    # a micro-batch's loss sum, what the step's normaliser counts in it, and (preference) its pairs ranked right
+    if c.objective == "preference":
+        def loss_sum(b):  # b: ids (n, 2, L), valid (n, 2, L)
+            r = seq_rewards(model, b[0].flatten(0, 1), b[1].flatten(0, 1), tok.eot_id).view(-1, 2)  # (n, 2)
+            return bt_loss_sum(r[:, 0], r[:, 1])
+        count, rate, per = (lambda b: len(b[0])), "pairs_per_s", "pairs/s"  # noqa: E731
+    else:
+        loss_sum = lambda b: (token_loss_sum(model, *b, vocab)[0], 0)  # noqa: E731
+        count, rate, per = (lambda b: int(b[2].sum())), "tokens_per_s", "tok/s"  # noqa: E731
 
     checkpoint.write_run_config(c)
     log = metrics.MetricsLogger(c.out_dir, c, c.wandb_project, c.wandb_mode)
@@ -231,52 +334,59 @@ def main(argv=None):
     @torch.no_grad()
     def evaluate():
         if val_batch is None:
-            return None
+            return {"val_loss": None}
         model.eval()
-        rng = np.random.default_rng(c.seed + 1)  # the same held-out windows every time
-        tot, n = 0.0, 0
+        rng = np.random.default_rng(c.seed + 1)  # the same held-out windows (pairs) every time
+        tot, n, right = 0.0, 0, 0
         for _ in range(c.eval_batches):
-            x, y, m, v = my_share(val_batch(rng, c.batch_size * W))
+            b = my_share(val_batch(rng, c.batch_size * W))
             with dist.autocast(device, dtype):
-                s, k = token_loss_sum(model, x, y, m, v, vocab)
-            tot, n = tot + s.item(), n + k
+                s, k = loss_sum(b)
+            tot, n, right = tot + s.item(), n + count(b), right + k
         model.train()
-        return dist.all_reduce_sum(tot) / max(dist.all_reduce_sum(n), 1)
+        n = max(dist.all_reduce_sum(n), 1)
+        out = {"val_loss": dist.all_reduce_sum(tot) / n}
+        if c.objective == "preference":
+            out["val_accuracy"] = dist.all_reduce_sum(right) / n
+        return out
 
-    t0, tokens_seen, bad = time.perf_counter(), 0, 0
+    t0, seen, bad = time.perf_counter(), 0, 0
     for step in range(start_step, c.max_steps):
         lr = optim.set_lr(opt, step, c)
         rng = np.random.default_rng([c.seed, step])  # batches depend only on (seed, step): exact resume
         micro = [my_share(batch(rng, c.batch_size * W)) for _ in range(c.grad_accum)]
-        n_tok = dist.all_reduce_sum(sum(int(m.sum()) for _, _, m, _ in micro))  # the whole step's normaliser
-        total = 0.0
-        for i, (x, y, m, v) in enumerate(micro):
+        norm = dist.all_reduce_sum(sum(count(b) for b in micro))  # the whole step's tokens (pairs), all ranks
+        total, right = 0.0, 0
+        for i, b in enumerate(micro):
             if dist.distributed():  # gradients are reduced across ranks once, after the last micro-batch
                 model.set_requires_gradient_sync(i == len(micro) - 1)
             with dist.autocast(device, dtype):
-                s, _ = token_loss_sum(model, x, y, m, v, vocab)
-            # FSDP averages gradients over ranks: times W, the step's loss is sum(-log p) / n_tok over all ranks
-            loss = s / max(n_tok, 1) * W + model.aux_loss() / c.grad_accum
+                s, k = loss_sum(b)
+            # FSDP averages gradients over ranks: times W, the step's loss is the loss sum / norm over all ranks
+            loss = s / max(norm, 1) * W + model.aux_loss() / c.grad_accum
             loss.backward()
-            total += s.item()
+            total, right = total + s.item(), right + k
         total = dist.all_reduce_sum(total)
         gnorm, ok = optim.optimizer_step(model, opt, total, c.grad_clip)
         bad = optim.count_bad_steps(ok, bad, step + 1, c.max_bad_steps, "the data")  # skipped: counted and logged
         loads = optim.pop_expert_loads(model)
         optim.update_router_bias(model, loads, c.bias_update_rate)
-        tokens_seen += n_tok
+        seen += norm
         done = step + 1
-        met = {"loss": total / max(n_tok, 1), "lr": lr, "grad_norm": gnorm, "skipped": int(not ok),
-               "tokens_per_s": tokens_seen / (time.perf_counter() - t0)}
+        met = {"loss": total / max(norm, 1), "lr": lr, "grad_norm": gnorm, "skipped": int(not ok),
+               rate: seen / (time.perf_counter() - t0)}
+        if c.objective == "preference":
+            met["accuracy"] = dist.all_reduce_sum(right) / max(norm, 1)  # before this step's update
         if loads is not None:
             met["expert_imbalance"] = metrics.expert_imbalance(loads)
         if done % c.eval_every == 0 or done == c.max_steps:
-            met["val_loss"] = evaluate()
+            met.update(evaluate())
         log.log(met, done)
         if done % c.log_every == 0 or done == c.max_steps:
-            extra = f" val {met['val_loss']:.4f}" if met.get("val_loss") is not None else ""
+            extra = "".join(f" {name} {met[k]:.4f}" for k, name in (("accuracy", "acc"), ("val_loss", "val"),
+                            ("val_accuracy", "val acc")) if met.get(k) is not None)
             print0(f"step {done}/{c.max_steps} loss {met['loss']:.4f}{extra} lr {lr:.2e} "
-                   f"gnorm {met['grad_norm']:.2f} {met['tokens_per_s']:.0f} tok/s "
+                   f"gnorm {met['grad_norm']:.2f} {met[rate]:.0f} {per} "
                    f"{time.perf_counter() - t0:.0f}s")
         if done % c.ckpt_every == 0 or done == c.max_steps:
             checkpoint.save_checkpoint(c.out_dir, done, {"model": model}, opt, {

@@ -4,7 +4,7 @@
 
 read at the end-of-text appended to prompt + response. Why a row of the LM head and not a new head: a reward model
 is then an ordinary checkpoint (hf.save/hf.load, FSDP sharding and --resume work unchanged), and it starts from a
-meaningful prior (how likely the text ends here) rather than a random one. sft.py --objective=preference trains it
+head the language model already trained rather than a random one. sft.py --objective=preference trains it
 on preference pairs with the Bradley-Terry loss; grpo.py reads it for general prompts (--rm-helpful/--rm-harmless).
 """
 import torch
@@ -16,12 +16,17 @@ import rewards
 import toy
 
 
+def reward_seq(prompt, response, eot_id, T):
+    """The ids a reward is read from: prompt + response + end-of-text. Longer than T tokens: the first T - 1, then
+    the end-of-text, so the score is always read at an end-of-text the model saw; what was cut is not judged (a
+    pair cut inside its common prompt then ties and carries no gradient)."""
+    s = prompt + response
+    return s[:T - 1] + [eot_id] if len(s) >= T else s + [eot_id]
+
+
 def reward_ids(tok, prompt, response, max_len):
-    """The ids a reward is read from: the bare prompt (no template: as preference pairs are written), the response,
-    then the end-of-text. Longer than max_len: the first max_len - 1 ids and the end-of-text, so the score is
-    always read at an end-of-text the model saw; what was cut is not judged."""
-    s = data.prompt_ids(tok, prompt) + tok.encode(response)
-    return s[:max_len - 1] + [tok.eot_id] if len(s) >= max_len else s + [tok.eot_id]
+    """reward_seq of texts: the bare prompt (no template: as sft.py encodes preference pairs) and the response."""
+    return reward_seq(data.prompt_ids(tok, prompt), tok.encode(response), tok.eot_id, max_len)
 
 
 def pad_right(seqs):

@@ -29,7 +29,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import checkpoint
 import config
@@ -37,6 +36,7 @@ import data
 import dist
 import metrics
 import optim
+import reward_model
 from data import DataError, Tokenizer
 from dist import print0
 from model import ModelConfig, Transformer
@@ -186,25 +186,13 @@ def token_loss_sum(model, x, y, mask, valid, vocab):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the reward model (--objective=preference)
-#
-# The scalar head is one row of the LM head: r(prompt, response) = h_last . lm_head.weight[eot_id], h_last the final
-# hidden state at the end-of-text appended to prompt + response, so the last position has read the whole response,
-# its end included. Why no separate head: a reward model is then an ordinary checkpoint (hf.save/hf.load, FSDP
-# sharding and --resume work unchanged, and any entry point loads it), and it starts from a head the LM already
-# trained (its end-of-text logit) rather than a random one.
-
-
-def reward_seq(prompt, response, eot_id, T):
-    """The ids a reward is read from: prompt + response + end-of-text. Longer than T tokens: the first T - 1, then
-    the end-of-text, so the score is always read at an end-of-text the model saw; what was cut is not judged (a
-    pair cut inside its common prompt then ties and carries no gradient)."""
-    s = prompt + response
-    return s[:T - 1] + [eot_id] if len(s) >= T else s + [eot_id]
+# the reward model (--objective=preference): reward_model.py reads its score (one row of the LM head) and holds
+# the Bradley-Terry loss
 
 
 def load_prefs(path, tok, c):
-    """[(chosen ids, rejected ids)], each reward_seq(prompt, response), from prompt/chosen/rejected rows."""
+    """[(chosen ids, rejected ids)], each reward_model.reward_seq(prompt, response), from prompt/chosen/rejected
+    rows."""
     rows, cut = [], 0
     for loc, obj in data.read_rows(path):
         for fld in (c.prompt_field, c.chosen_field, c.rejected_field):
@@ -216,7 +204,7 @@ def load_prefs(path, tok, c):
         p = data.prompt_ids(tok, obj[c.prompt_field])  # as grpo.py will encode it
         resp = [tok.encode(obj[f]) for f in (c.chosen_field, c.rejected_field)]
         cut += max(len(p) + len(r) + 1 for r in resp) > c.seq_len
-        rows.append(tuple(reward_seq(p, r, tok.eot_id, c.seq_len) for r in resp))
+        rows.append(tuple(reward_model.reward_seq(p, r, tok.eot_id, c.seq_len) for r in resp))
     if not rows:
         raise DataError(f"{path}: no examples")
     if cut:
@@ -224,39 +212,11 @@ def load_prefs(path, tok, c):
     return rows
 
 
-def pad_right(seqs):
-    """Token-id lists -> ids (B, L) right-padded with 0 and valid (B, L): the real positions, from the lengths."""
-    x = torch.nn.utils.rnn.pad_sequence([torch.tensor(s) for s in seqs], batch_first=True)  # (B, L)
-    return x, torch.arange(x.shape[1]) < torch.tensor([len(s) for s in seqs])[:, None]
-
-
 def pref_batch(rows, n, rng):
     """n random preference rows -> ids (n, 2, L) and valid (n, 2, L); [:, 0] chosen, [:, 1] rejected."""
     pick = rng.integers(0, len(rows), size=n)
-    x, valid = pad_right([s for i in pick for s in rows[i]])  # (2n, L): chosen, rejected, chosen, ...
+    x, valid = reward_model.pad_right([s for i in pick for s in rows[i]])  # (2n, L): chosen, rejected, chosen, ...
     return x.view(n, 2, -1), valid.view(n, 2, -1)
-
-
-def seq_rewards(model, x, valid, eot_id):
-    """ids (B, L) right-padded, valid (B, L) -> rewards (B,) fp32, read at each row's own last real position (from
-    its length, never from token values: an end-of-text may occur inside a response, padding ids mean nothing, P3).
-    Under FSDP the head row is whole here: the root module (embedding, final norm, LM head) is not resharded after
-    its forward (fully_shard's default for the root). Elsewhere score inside dist.gathered(model), as rollout does."""
-    h = model(x, return_hidden=True, valid=valid)  # (B, L, D)
-    h_last = h[torch.arange(len(x), device=x.device), valid.sum(1) - 1].float()  # (B, D)
-    return (h_last * model.lm_head.weight[eot_id].float()).sum(-1)  # (B,); elementwise: no bf16 matmul (M8)
-
-
-def reward_scores(model, seqs, eot_id, device):
-    """Token-id lists (each ending with its end-of-text, e.g. reward_seq's) -> rewards (B,) fp32, in one batch."""
-    x, valid = pad_right(seqs)
-    return seq_rewards(model, x.to(device), valid.to(device), eot_id)
-
-
-def bt_loss_sum(r_chosen, r_rejected):
-    """Bradley-Terry: r_chosen, r_rejected (n,) -> (sum of -log sigmoid(r_chosen - r_rejected), the number of pairs
-    ranked right: r_chosen > r_rejected, a tie counting as wrong). The caller divides by the step's pairs."""
-    return -F.logsigmoid(r_chosen - r_rejected).sum(), int((r_chosen > r_rejected).sum())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,8 +279,9 @@ def main(argv=None):
     # a micro-batch's loss sum, what the step's normaliser counts in it, and (preference) its pairs ranked right
     if c.objective == "preference":
         def loss_sum(b):  # b: ids (n, 2, L), valid (n, 2, L)
-            r = seq_rewards(model, b[0].flatten(0, 1), b[1].flatten(0, 1), tok.eot_id).view(-1, 2)  # (n, 2)
-            return bt_loss_sum(r[:, 0], r[:, 1])
+            r = reward_model.seq_rewards(model, b[0].flatten(0, 1), b[1].flatten(0, 1), tok.eot_id)
+            r = r.view(-1, 2)  # (n, 2): chosen, rejected
+            return reward_model.bt_loss_sum(r[:, 0], r[:, 1])
         count, rate, per = (lambda b: len(b[0])), "pairs_per_s", "pairs/s"  # noqa: E731
     else:
         loss_sum = lambda b: (token_loss_sum(model, *b, vocab)[0], 0)  # noqa: E731

@@ -14,6 +14,7 @@ import checkpoint
 import config
 import data
 import hf
+import reward_model
 import sft
 from model import ModelConfig, Transformer
 
@@ -61,7 +62,7 @@ def metric_rows(out):
 def test_bradley_terry_loss_and_gradient_match_a_hand_computation():
     rc = torch.tensor([0.3, -1.2, 2.0, 0.5, -30.0, 40.0], dtype=torch.float64, requires_grad=True)
     rr = torch.tensor([0.1, 0.4, -3.0, 0.5, 15.0, -2.0], dtype=torch.float64, requires_grad=True)
-    loss, right = sft.bt_loss_sum(rc, rr)
+    loss, right = reward_model.bt_loss_sum(rc, rr)
     loss.backward()
     d = [a - b for a, b in zip(rc.tolist(), rr.tolist())]
     # -log sigmoid(d) = log(1 + e^-d); its derivative in d is -1 / (1 + e^d): r_chosen gets it, r_rejected its negative
@@ -81,12 +82,12 @@ def test_reward_is_the_eot_logit_at_each_rows_own_last_position():
     eot = 0  # the same id as the padding: the last position must come from the length (P3)
     seqs = [[5, 0, 7, 9, 0], [3, 0], [9, 8, 7, 6, 5, 4, 3, 2, 0], [0], [11, 0, 0]]
     with torch.no_grad():
-        got = sft.reward_scores(model, seqs, eot, "cpu")
+        got = reward_model.reward_scores(model, seqs, eot)
         alone = [(model(torch.tensor([s]), return_hidden=True)[0, -1] @ model.lm_head.weight[eot]).item()
                  for s in seqs]  # each row scored by itself: no padding at all
-        x, valid = sft.pad_right(seqs)
+        x, valid = reward_model.pad_right(seqs)
         x2 = torch.where(valid, x, torch.randint(1, 64, x.shape))  # other padding tokens
-        other = sft.seq_rewards(model, x2, valid, eot)
+        other = reward_model.seq_rewards(model, x2, valid, eot)
     assert got.dtype == torch.float32 and got.shape == (5,)
     # fp32 rewards (the product is taken in fp32) against the fp64 model's own: equal to fp32 rounding
     assert torch.allclose(got.double(), torch.tensor(alone, dtype=torch.float64), rtol=0, atol=1e-6)
@@ -95,8 +96,8 @@ def test_reward_is_the_eot_logit_at_each_rows_own_last_position():
 
 
 def test_long_pairs_keep_their_head_and_end_in_eot(files, tmp_path):
-    assert sft.reward_seq([1, 2, 3], [4, 5, 6], 0, 7) == [1, 2, 3, 4, 5, 6, 0]  # fits exactly
-    assert sft.reward_seq([1, 2, 3], [4, 5, 6], 0, 6) == [1, 2, 3, 4, 5, 0]  # first T - 1 tokens, then eot
+    assert reward_model.reward_seq([1, 2, 3], [4, 5, 6], 0, 7) == [1, 2, 3, 4, 5, 6, 0]  # fits exactly
+    assert reward_model.reward_seq([1, 2, 3], [4, 5, 6], 0, 6) == [1, 2, 3, 4, 5, 0]  # first T - 1 tokens, then eot
     d, tok = files
     c = config.parse_config(sft.SFTConfig, ["--seq-len=12"])
     rows = sft.load_prefs(str(d / "prefs.jsonl"), tok, c)
@@ -119,7 +120,7 @@ def test_reward_model_learns_a_hidden_rule(files, tmp_path):
     init = Transformer(model.config)
     with torch.no_grad():
         for m, lo, hi in ((init, 0.3, 0.7), (model, 0.9, 1.0)):
-            r = sft.reward_scores(m, [s for pair in val for s in pair], tok.eot_id, "cpu").view(-1, 2)
+            r = reward_model.reward_scores(m, [s for pair in val for s in pair], tok.eot_id).view(-1, 2)
             acc = (r[:, 0] > r[:, 1]).float().mean().item()
             assert lo <= acc <= hi, (acc, lo, hi)
 
@@ -131,10 +132,10 @@ def test_export_scores_the_same_and_resume_is_exact(files, tmp_path, monkeypatch
     seqs = [s for pair in sft.load_prefs(str(d / "prefs.jsonl"), tok, config.parse_config(sft.SFTConfig, a))[:8]
             for s in pair]
     with torch.no_grad():
-        want = sft.reward_scores(model, seqs, tok.eot_id, "cpu")
+        want = reward_model.reward_scores(model, seqs, tok.eot_id)
         for m in (hf.load(str(tmp_path / "full" / "final")), checkpoint.load_model(str(tmp_path / "full")),
                   checkpoint.load_model(checkpoint.latest_checkpoint(str(tmp_path / "full")))):
-            assert torch.equal(sft.reward_scores(m, seqs, tok.eot_id, "cpu"), want)
+            assert torch.equal(reward_model.reward_scores(m, seqs, tok.eot_id), want)
     assert want.std() > 0.1  # a trained model: scores differ, so equality says something
 
     save = checkpoint.save_checkpoint

@@ -15,6 +15,7 @@
 # bash train.sh r1: DeepSeek-R1's pipeline on a bilingual toy (out/r1): the steps above, then cold start, reasoning RL
 #   with the language reward, rejection sampling + general SFT, reward models, all-scenario RL; one table of stages.
 # bash train.sh distill: r1, then distillation into a small dense student against RL of the same student.
+# bash train.sh ablate: GRPO's knobs one at a time from the default run's base, 3 seeds each (ablate.py).
 # OUT=out/toy2 bash train.sh writes elsewhere; DOCS, BASE_STEPS, RL_STEPS, EVAL_PROBLEMS shrink it (the test suite
 # runs a tiny version this way); PROBE_MIN=0 skips the pre-RL check's verdict, BASE_MORE and BASE_CAP set how far a
 # base that fails it trains on.
@@ -29,6 +30,32 @@ if [ "${1:-}" = seeds ]; then
     python eval.py --sweep="$dirs"
     exit 0
 fi
+if [ "${1:-}" = ablate ]; then
+    # one knob at a time (ablate.py's SETTINGS) from the default run's base, SEEDS each, ABL_STEPS of GRPO, then
+    # held-out pass@1 (k=2); one table and one plot of the curves (out/ablate/table.md, curves.png)
+    BASE=${BASE:-out/toy/base}; A=${OUT:-out/ablate}; SEEDS=${SEEDS:-1 2 3}; ABL_STEPS=${ABL_STEPS:-40}
+    ABL_PROBLEMS=${ABL_PROBLEMS:-200}; THREADS=${THREADS:-2}
+    resume() { ls "$1"/ckpt_*.pt >/dev/null 2>&1 && echo --resume || true; }
+    if [ ! -f "$BASE/final/config.json" ]; then
+        echo "train.sh ablate: no base model in $BASE: run bash train.sh first, or set BASE=" >&2; exit 2
+    fi
+    start=$(date +%s)
+    while read -r name flags; do
+        [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || continue  # ONLY="default gspo": those settings
+        for s in $SEEDS; do
+            d=$A/$name/$s
+            [ -f "$d/rl/final/config.json" ] || python grpo.py --preset=cpu --init-from="$BASE" --out-dir="$d/rl" \
+                --max-steps="$ABL_STEPS" --eval-every=0 --threads="$THREADS" --seed="$s" $flags $(resume "$d/rl") \
+                < /dev/null
+            [ -f "$d/eval/summary.json" ] || python eval.py --model="$d/rl" --task=toy --split=heldout \
+                --problems="$ABL_PROBLEMS" --k=2 --template=toy --max-new-tokens=72 --workers=0 --threads="$THREADS" \
+                --seed="$s" --out-dir="$d/eval" < /dev/null
+        done
+    done < <(python ablate.py --list)
+    python ablate.py --table --out-dir="$A" | tee "$A/table.md"
+    echo "ablation wall time: $(( $(date +%s) - start ))s"
+    exit 0
+fi
 MODE=${1:-zero}
 case "$MODE" in
     zero) LANGS=en; TASK=toy; MAX_NEW=72; OUT=${OUT:-out/toy} ;;
@@ -36,7 +63,7 @@ case "$MODE" in
     # between the steps, mixed in the corpus), longer outputs (the words, then the cold-start summary)
     # distill: the r1 pipeline (its finished stages are skipped), then distillation into a small dense student
     r1|distill) LANGS=en,zh; TASK=toy:en,zh; MAX_NEW=${MAX_NEW:-112}; OUT=${OUT:-out/r1} ;;
-    *) echo "train.sh: unknown mode '$1' (bash train.sh [seeds N | r1 | distill])" >&2; exit 2 ;;
+    *) echo "train.sh: unknown mode '$1' (bash train.sh [seeds N | r1 | distill | ablate])" >&2; exit 2 ;;
 esac
 SEED=${SEED:-1}
 THREADS=${THREADS:-2}

@@ -43,3 +43,41 @@ def test_train_sh_runs_every_stage_and_skips_finished_ones(tmp_path):
     # a second run finds every output and only re-prints the report
     again = subprocess.run(["bash", "train.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "step 1" not in again.stdout and "| pass@1" in again.stdout
+
+
+def test_train_sh_r1_runs_every_stage_of_the_r1_pipeline(tmp_path):
+    """`bash train.sh r1` at tiny sizes: every stage runs, in order, and the stage table, the general prompts' hidden
+    rule and the reward-hacking curve come out. A 20-step base solves nothing, so the cold-start data is given
+    (train.sh skips a stage whose output exists); everything else is made by the script."""
+    import checkpoint
+    import eval as ev
+    import r1
+    import tasks
+    out = tmp_path / "r1"
+    out.mkdir()
+    rows = []
+    for e in tasks.load_task("toy:en,zh", n=8, seed=1337, split="train"):
+        comp = ev.toy_solution_roles(e.meta["text"], lang=e.meta["lang"])[0]
+        rows.append({"prompt": f"User: {e.prompt}\nAssistant:", "completion": r1.rewrite(comp, e.meta["text"],
+                                                                                          e.meta["lang"])})
+    checkpoint.atomic_write_jsonl(str(out / "cold_start.jsonl"), rows)
+    env = {**os.environ, "OUT": str(out), "DOCS": "3000", "BASE_STEPS": "20", "RL_STEPS": "2", "EVAL_PROBLEMS": "4",
+           "THREADS": "1", "PROBE_MIN": "0", "R1_PROMPTS": "4", "SFT_STEPS": "3", "RL2_STEPS": "2", "RM_STEPS": "3",
+           "RL4_STEPS": "4", "GENERAL_FROM": "2"}
+    r = subprocess.run(["bash", "train.sh", "r1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [l.split()[0] for l in open(out / "times.tsv")] == [
+        "data", "pretrain", "eval_base", "grpo", "eval_rl", "zero_samples", "cold_start", "eval_dev1", "grpo_lang",
+        "eval_dev2", "rejection_sampling", "rs_sft", "eval_dev3", "rm_helpful", "rm_harmless", "grpo_all", "eval_r1"]
+    assert "计算 " in open(out / "data" / "corpus.txt", encoding="utf-8").read(100000)  # the bilingual corpus
+    table = r.stdout[r.stdout.index("| | eval_base"):]
+    for row in ("| language consistency |", "| general prompts: hidden helpful |", "| general prompts: hidden harmless |"):
+        assert row in table and table.split(row)[1].split("\n")[0].count("|") == 7, row  # 6 stages
+    assert json.load(open(out / "dev2" / "config.json"))["language_weight"] == 1.0
+    assert json.load(open(out / "dev3" / "config.json"))["init_from"] == str(out / "base")  # the base, as the paper
+    rm = [json.loads(l) for l in open(out / "rm_helpful" / "metrics.jsonl")]
+    assert "accuracy" in rm[-1] and json.load(open(out / "rm_harmless" / "config.json"))["objective"] == "preference"
+    steps = [json.loads(l) for l in open(out / "r1" / "metrics.jsonl") if json.loads(l)["step"] > 0]
+    assert [s.get("general_outputs", 0) > 0 for s in steps] == [False, False, True, True]  # after step 2 (the switch)
+    assert all("rm_helpful" in s and "hidden_helpful" in s for s in steps[2:])
+    assert (out / "reward_hacking.png").stat().st_size > 1000 and "total wall time" in r.stdout

@@ -1,0 +1,125 @@
+"""The ablations the paper's reviewers asked for, at toy scale: one knob at a time from one base, several seeds each.
+
+    python ablate.py --list                                    # the settings, one per line: name and grpo.py flags
+    python ablate.py --table --out-dir=out/ablate [--png=...]  # the table (markdown) and the curves, from the runs
+
+train.sh ablate runs grpo.py --preset=cpu with each setting's flags for each seed from the default run's base
+(out/toy/base), then eval.py on the held-out problems, into out/ablate/<name>/<seed>/{rl,eval}. The table gives, per
+setting: held-out pass@1 (mean over seeds, its standard error over problems averaged over seeds, and the spread:
+the worst and best seed), pass@1 within a fixed token budget (a sample longer than --budget tokens counts as wrong:
+this separates "longer" from "better"), mean completion length, and wall time per run. A setting differs from the
+default beyond seed noise when its seeds' range does not overlap the default's (with 3 seeds: a rough test, said so).
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+import config
+
+# name -> grpo.py flags on top of --preset=cpu (every other setting is the preset's). The preset: per-token ratio,
+# seq_mean_token_mean, group std, eps 0.2, beta 0, G=8 x 16 prompts, one update per rollout (on-policy).
+SETTINGS = {
+    "default": [],
+    "agg=token_mean": ["--loss-agg=token_mean"],
+    "agg=dr_grpo": ["--loss-agg=dr_grpo"],
+    "std=off": ["--adv-scale=none"],
+    "eps_high=0.28": ["--eps-high=0.28"],
+    "eps=10": ["--eps-low=10", "--eps-high=10"],
+    "beta=0.001": ["--beta=0.001", "--ref-refresh-every=0"],
+    "beta=0.04": ["--beta=0.04", "--ref-refresh-every=0"],
+    "beta=0.001+refresh": ["--beta=0.001", "--ref-refresh-every=10"],
+    "beta=0.04+refresh": ["--beta=0.04", "--ref-refresh-every=10"],
+    "mu=2,minibatches=2": ["--mu=2", "--num-minibatches=2"],
+    "gspo": ["--ratio-level=sequence", "--eps-low=3e-4", "--eps-high=4e-4"],
+    "tis=2": ["--tis-cap=2"],
+    "routing_replay": ["--routing-replay"],
+    "G=4": ["--group-size=4", "--rollout-prompts=32"],    # equal samples per rollout: 128
+    "G=16": ["--group-size=16", "--rollout-prompts=8"],
+}
+
+
+def dirname(name):
+    """A setting's directory name under out_dir (what `--list` prints first)."""
+    return name.replace("=", "-").replace(",", "_").replace("+", "_")
+
+
+@dataclass
+class AblateConfig:
+    """nano-r1 ablate.py: the ablation settings and their table"""
+    list: bool = False           # print the settings (name, then the flags), one per line
+    table: bool = False          # the table and curves of the runs in out_dir
+    out_dir: str = "out/ablate"
+    png: str = ""                # default: <out_dir>/curves.png
+    budget: int = 64             # tokens: pass@1 counting longer samples as wrong
+
+
+def load_run(d, budget):
+    """One seed's run: its eval summary and instances -> pass@1, its se, pass@1 within budget, mean length; the
+    training curve (step, accuracy, held-out pass@1); wall time from the run's metrics."""
+    with open(os.path.join(d, "eval", "summary.json")) as f:
+        s = json.load(f)
+    with open(os.path.join(d, "eval", "instances.jsonl")) as f:
+        samples = [smp for line in f for smp in json.loads(line)["samples"]]
+    within = np.mean([(smp["accuracy"] or 0) >= 1 and smp["tokens"] <= budget for smp in samples])
+    with open(os.path.join(d, "rl", "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    curve = [(r["step"], r.get("accuracy")) for r in rows if r["step"] > 0]
+    return {"pass1": s["pass@1"], "se": s["pass@1_se"], "within": float(within), "length": s["mean_length"],
+            "wall": max((r.get("elapsed_s", 0) for r in rows), default=0), "curve": curve}
+
+
+def table(out_dir, budget, png):
+    runs = {}
+    for name in SETTINGS:
+        d = os.path.join(out_dir, dirname(name))
+        seeds = sorted(x for x in os.listdir(d) if os.path.isfile(os.path.join(d, x, "eval", "summary.json"))) \
+            if os.path.isdir(d) else []
+        if seeds:
+            runs[name] = [load_run(os.path.join(d, s), budget) for s in seeds]
+    if "default" not in runs:
+        raise config.UserError(f"--out-dir: no finished default runs in {out_dir} (bash train.sh ablate)")
+    lo, hi = min(r["pass1"] for r in runs["default"]), max(r["pass1"] for r in runs["default"])
+    lines = [f"| setting | seeds | held-out pass@1 (mean ± se) | worst / best seed | pass@1 within {budget} tokens "
+             "| length | wall per run (s) | vs default |", "|---|---|---|---|---|---|---|---|"]
+    for name, rs in runs.items():
+        p = [r["pass1"] for r in rs]
+        verdict = "-" if name == "default" else "higher" if min(p) > hi else "lower" if max(p) < lo else "within noise"
+        lines.append(f"| {name} | {len(rs)} | {np.mean(p):.3f} ± {np.mean([r['se'] for r in rs]):.3f} | "
+                     f"{min(p):.3f} / {max(p):.3f} | {np.mean([r['within'] for r in rs]):.3f} | "
+                     f"{np.mean([r['length'] for r in rs]):.1f} | {np.mean([r['wall'] for r in rs]):.0f} | {verdict} |")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no curves)")
+        return "\n".join(lines)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name, rs in runs.items():
+        steps = sorted({s for r in rs for s, a in r["curve"] if a is not None})
+        mean = [np.mean([a for r in rs for s, a in r["curve"] if s == t and a is not None]) for t in steps]
+        ax.plot(steps, mean, label=name, lw=2.5 if name == "default" else 1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training accuracy (mean over seeds)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png or os.path.join(out_dir, "curves.png"), dpi=100)
+    print(f"curves: {png or os.path.join(out_dir, 'curves.png')}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    c = config.parse_config(AblateConfig, argv)
+    config.need(c.list or c.table, "table", "give --list or --table")
+    if c.list:
+        for name, flags in SETTINGS.items():
+            print(dirname(name), *flags)
+    if c.table:
+        return table(c.out_dir, c.budget, c.png)
+
+
+if __name__ == "__main__":
+    config.cli(main, "ablate.py")

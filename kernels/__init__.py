@@ -1,5 +1,5 @@
 """Fused kernels for the GRPO hot path: Triton kernels, each tested against a float64 reference (and the loss
-against its definition in plain torch, loss.grpo_loss, which is what runs without a GPU).
+against its definition in plain torch, loss.grpo_loss with its variants off, which is what runs without a GPU).
 
     token_logprobs(hidden (N, D), weight (V, D), targets (N,), temperature=1.0, backend="auto",
                    return_entropy=False, *, vocab_limit=None, chunk=None, vocab_splits=None)

@@ -135,7 +135,8 @@ class GRPOTokenLoss(torch.autograd.Function):
 
 def grpo_token_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, backend="auto", *,
                     return_stats=False):
-    """The fused GRPO per-token loss: loss.grpo_loss (the definition, plain torch) in one Triton kernel each way.
+    """The fused GRPO per-token loss: loss.grpo_loss (the definition, plain torch) with its variants off (the
+    default loss only: GSPO, TIS/MIS, k1/k2 and the entropy bonus run the definition) in one Triton kernel each way.
     Shaped like logp, fp32; with return_stats, (loss, GRPOTokenStats). Only logp is differentiated: old_logp,
     ref_logp, advantages and mask are constants (detached). advantages are per token (the caller broadcasts sequence
     advantages); mask is bool or float (a float mask weights the loss). old_logp=None: on-policy; ref_logp=None or

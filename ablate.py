@@ -1,14 +1,19 @@
 """The ablations the paper's reviewers asked for, at toy scale: one knob at a time from one base, several seeds each.
 
     python ablate.py --list                                    # the settings, one per line: name and grpo.py flags
-    python ablate.py --table --out-dir=out/ablate [--png=...]  # the table (markdown) and the curves, from the runs
+    python ablate.py --table --out-dir=out/ablate [--seeds=4,5,6]  # the table (markdown) and curves of the runs
 
 train.sh ablate runs grpo.py --preset=cpu with each setting's flags for each seed from the default run's base
 (out/toy/base), then eval.py on the held-out problems, into out/ablate/<name>/<seed>/{rl,eval}. The table gives, per
 setting: held-out pass@1 (mean over seeds, its standard error over problems averaged over seeds, and the spread:
 the worst and best seed), pass@1 within a fixed token budget (a sample longer than --budget tokens counts as wrong:
-this separates "longer" from "better"), mean completion length, and wall time per run. A setting differs from the
-default beyond seed noise when its seeds' range does not overlap the default's (with 3 seeds: a rough test, said so).
+this separates "longer" from "better"), mean completion length, and wall time per run. On the toy the routes differ
+in length: a direct answer is 41 tokens (3 operands) or 44 (4), a stepwise solution 57 or 69, so the default
+budget of 48 counts the direct answers only: a setting that is better only by writing stepwise more often gains
+pass@1 but not pass@1 within 48. A setting differs from its reference (the default; an off-policy knob: the
+off-policy baseline) beyond seed noise when all its seeds lie above (or below) all the reference's: with 3 seeds
+each, a one-sided permutation test at p = 1/20 (one of the 20 ways to split 6 runs into two sets of 3 puts the 3
+best on one side). A rough test, and over many settings some will pass it by chance: confirm on new seeds.
 """
 import json
 import os
@@ -20,6 +25,7 @@ import config
 
 # name -> grpo.py flags on top of --preset=cpu (every other setting is the preset's). The preset: per-token ratio,
 # seq_mean_token_mean, group std, eps 0.2, beta 0, G=8 x 16 prompts, one update per rollout (on-policy).
+OFF_POLICY = ["--mu=2", "--num-minibatches=2"]
 SETTINGS = {
     "default": [],
     "agg=token_mean": ["--loss-agg=token_mean"],
@@ -31,13 +37,23 @@ SETTINGS = {
     "beta=0.04": ["--beta=0.04", "--ref-refresh-every=0"],
     "beta=0.001+refresh": ["--beta=0.001", "--ref-refresh-every=10"],
     "beta=0.04+refresh": ["--beta=0.04", "--ref-refresh-every=10"],
-    "mu=2,minibatches=2": ["--mu=2", "--num-minibatches=2"],
+    "mu=2,minibatches=2": OFF_POLICY,
     "gspo": ["--ratio-level=sequence", "--eps-low=3e-4", "--eps-high=4e-4"],
     "tis=2": ["--tis-cap=2"],
     "routing_replay": ["--routing-replay"],
     "G=4": ["--group-size=4", "--rollout-prompts=32"],    # equal samples per rollout: 128
     "G=16": ["--group-size=16", "--rollout-prompts=8"],
+    # The preset is exactly on-policy (one update per rollout): every ratio is 1, so no clip ever binds and GSPO's
+    # gradient is the per-token one. These knobs act only off-policy: here with 4 updates per rollout.
+    "mu=2,minibatches=2,eps=10": OFF_POLICY + ["--eps-low=10", "--eps-high=10"],
+    "mu=2,minibatches=2,eps_high=0.28": OFF_POLICY + ["--eps-high=0.28"],
+    "mu=2,minibatches=2,gspo": OFF_POLICY + ["--ratio-level=sequence", "--eps-low=3e-4", "--eps-high=4e-4"],
 }
+
+
+def reference(name):
+    """The setting a row is compared with: an off-policy knob with the off-policy baseline, the rest the default."""
+    return "mu=2,minibatches=2" if name.startswith("mu=2,minibatches=2,") else "default"
 
 
 def dirname(name):
@@ -52,7 +68,8 @@ class AblateConfig:
     table: bool = False          # the table and curves of the runs in out_dir
     out_dir: str = "out/ablate"
     png: str = ""                # default: <out_dir>/curves.png
-    budget: int = 64             # tokens: pass@1 counting longer samples as wrong
+    seeds: str = ""              # only these seeds' runs, comma-separated (default: every finished one)
+    budget: int = 48             # tokens: pass@1 counting longer samples as wrong (48: direct answers only)
 
 
 def load_run(d, budget):
@@ -70,22 +87,25 @@ def load_run(d, budget):
             "wall": max((r.get("elapsed_s", 0) for r in rows), default=0), "curve": curve}
 
 
-def table(out_dir, budget, png):
+def table(out_dir, budget, png, only=""):
     runs = {}
     for name in SETTINGS:
         d = os.path.join(out_dir, dirname(name))
-        seeds = sorted(x for x in os.listdir(d) if os.path.isfile(os.path.join(d, x, "eval", "summary.json"))) \
-            if os.path.isdir(d) else []
+        seeds = sorted(x for x in os.listdir(d) if os.path.isfile(os.path.join(d, x, "eval", "summary.json"))
+                       and (not only or x in only.split(","))) if os.path.isdir(d) else []
         if seeds:
             runs[name] = [load_run(os.path.join(d, s), budget) for s in seeds]
     if "default" not in runs:
         raise config.UserError(f"--out-dir: no finished default runs in {out_dir} (bash train.sh ablate)")
-    lo, hi = min(r["pass1"] for r in runs["default"]), max(r["pass1"] for r in runs["default"])
     lines = [f"| setting | seeds | held-out pass@1 (mean ± se) | worst / best seed | pass@1 within {budget} tokens "
-             "| length | wall per run (s) | vs default |", "|---|---|---|---|---|---|---|---|"]
+             "| length | wall per run (s) | vs reference |", "|---|---|---|---|---|---|---|---|"]
     for name, rs in runs.items():
-        p = [r["pass1"] for r in rs]
-        verdict = "-" if name == "default" else "higher" if min(p) > hi else "lower" if max(p) < lo else "within noise"
+        p, ref = [r["pass1"] for r in rs], reference(name)
+        verdict = "-"
+        if name != "default" and ref in runs:
+            lo, hi = min(r["pass1"] for r in runs[ref]), max(r["pass1"] for r in runs[ref])
+            verdict = "higher" if min(p) > hi else "lower" if max(p) < lo else "within noise"
+            verdict += "" if ref == "default" else f" (vs {ref})"
         lines.append(f"| {name} | {len(rs)} | {np.mean(p):.3f} ± {np.mean([r['se'] for r in rs]):.3f} | "
                      f"{min(p):.3f} / {max(p):.3f} | {np.mean([r['within'] for r in rs]):.3f} | "
                      f"{np.mean([r['length'] for r in rs]):.1f} | {np.mean([r['wall'] for r in rs]):.0f} | {verdict} |")
@@ -118,7 +138,7 @@ def main(argv=None):
         for name, flags in SETTINGS.items():
             print(dirname(name), *flags)
     if c.table:
-        return table(c.out_dir, c.budget, c.png)
+        return table(c.out_dir, c.budget, c.png, c.seeds)
 
 
 if __name__ == "__main__":

@@ -425,14 +425,9 @@ def log_step(log, step, b, m, stats, loads, lr, train_s, elapsed, c, heldout_eva
            "zero_reasons": dict(sum(dist.all_gather([stats["reasons"]]), collections.Counter()))}
     if lang:
         met["language"] = sum(lang) / len(lang)
-    keys = ("outputs", "hidden_outputs", "hidden_helpful", "hidden_harmless", "rm_helpful", "rm_harmless")
-    gen = {k: dist.all_reduce_sum(stats["general"].get(k, 0.0)) for k in keys} if c.general_frac else {}
-    if gen.get("outputs"):  # all-scenario RL: the reward models' mean scores and the toy's hidden rule beside them
-        met["general_outputs"] = int(gen["outputs"])
-        met.update({f"rm_{k}": gen[f"rm_{k}"] / gen["outputs"] for k in ("helpful", "harmless")
-                    if getattr(c, f"rm_{k}")})
-        if gen["hidden_outputs"]:
-            met.update({k: gen[k] / gen["hidden_outputs"] for k in ("hidden_helpful", "hidden_harmless")})
+    if c.general_frac:  # all-scenario RL: the reward models' mean scores and the toy's hidden rule beside them
+        met.update(reward_model.general_metrics(stats["general"], [k for k in ("helpful", "harmless")
+                                                                   if getattr(c, f"rm_{k}")]))
     if c.mis_high:
         met["mis_masked"] = s["mis_masked"] / ntok  # share of tokens masked IS dropped
     if c.kl_in_reward:

@@ -79,3 +79,16 @@ def general_rewards(tok, texts, exs, rms, format_weight, sums):
     sums["hidden_helpful"] += sum(map(toy.hidden_helpful, hidden))
     sums["hidden_harmless"] += sum(map(toy.hidden_harmless, hidden))
     return total, fmt
+
+
+def general_metrics(sums, kinds):
+    """One step's general-output metrics from general_rewards' sums, added over every rank (a collective: every rank
+    calls it): the reward models' mean scores (kinds: those in use) and the toy's hidden rule beside them."""
+    keys = ("outputs", "hidden_outputs", "hidden_helpful", "hidden_harmless", "rm_helpful", "rm_harmless")
+    s = {k: dist.all_reduce_sum(sums.get(k, 0.0)) for k in keys}
+    if not s["outputs"]:
+        return {}
+    met = {"general_outputs": int(s["outputs"])} | {f"rm_{k}": s[f"rm_{k}"] / s["outputs"] for k in kinds}
+    if s["hidden_outputs"]:
+        met |= {k: s[k] / s["hidden_outputs"] for k in ("hidden_helpful", "hidden_harmless")}
+    return met

@@ -1,6 +1,6 @@
 """The ablations the paper's reviewers asked for, at toy scale: one knob at a time from one base, several seeds each.
 
-    python ablate.py --list                                    # the settings, one per line: name and grpo.py flags
+    python ablate.py --list [--steps=40]                       # the settings, one per line: name and grpo.py flags
     python ablate.py --table --out-dir=out/ablate [--seeds=4,5,6]  # the table (markdown) and curves of the runs
 
 train.sh ablate runs grpo.py --preset=cpu with each setting's flags for each seed from the default run's base
@@ -37,23 +37,33 @@ SETTINGS = {
     "beta=0.04": ["--beta=0.04", "--ref-refresh-every=0"],
     "beta=0.001+refresh": ["--beta=0.001", "--ref-refresh-every=10"],
     "beta=0.04+refresh": ["--beta=0.04", "--ref-refresh-every=10"],
-    "mu=2,minibatches=2": OFF_POLICY,
+    "mu=2,minibatches=2": OFF_POLICY,  # 4 updates per rollout: at equal steps, a quarter of the samples
+    "mu=2,minibatches=2,equal_samples": OFF_POLICY + ["--max-steps={steps_x4}"],  # as many rollouts as the default
     "gspo": ["--ratio-level=sequence", "--eps-low=3e-4", "--eps-high=4e-4"],
     "tis=2": ["--tis-cap=2"],
     "routing_replay": ["--routing-replay"],
     "G=4": ["--group-size=4", "--rollout-prompts=32"],    # equal samples per rollout: 128
     "G=16": ["--group-size=16", "--rollout-prompts=8"],
-    # The preset is exactly on-policy (one update per rollout): every ratio is 1, so no clip ever binds and GSPO's
-    # gradient is the per-token one. These knobs act only off-policy: here with 4 updates per rollout.
+}
+# The preset is exactly on-policy (one update per rollout): every ratio is 1, so no clip ever binds and GSPO's
+# gradient is the per-token one. These knobs act only off-policy: here with 4 updates per rollout, and each is
+# compared with that off-policy baseline ("mu=2,minibatches=2"), not with the default.
+OFF_POLICY_KNOBS = {
     "mu=2,minibatches=2,eps=10": OFF_POLICY + ["--eps-low=10", "--eps-high=10"],
     "mu=2,minibatches=2,eps_high=0.28": OFF_POLICY + ["--eps-high=0.28"],
     "mu=2,minibatches=2,gspo": OFF_POLICY + ["--ratio-level=sequence", "--eps-low=3e-4", "--eps-high=4e-4"],
 }
+SETTINGS |= OFF_POLICY_KNOBS
 
 
 def reference(name):
     """The setting a row is compared with: an off-policy knob with the off-policy baseline, the rest the default."""
-    return "mu=2,minibatches=2" if name.startswith("mu=2,minibatches=2,") else "default"
+    return "mu=2,minibatches=2" if name in OFF_POLICY_KNOBS else "default"
+
+
+def flags(name, steps=40):
+    """A setting's grpo.py flags in a sweep of `steps` GRPO steps (a setting may run a multiple of them)."""
+    return [f.format(steps_x4=4 * steps) for f in SETTINGS[name]]
 
 
 def dirname(name):
@@ -65,6 +75,7 @@ def dirname(name):
 class AblateConfig:
     """nano-r1 ablate.py: the ablation settings and their table"""
     list: bool = False           # print the settings (name, then the flags), one per line
+    steps: int = 40              # the sweep's GRPO steps (train.sh's ABL_STEPS): for settings that run a multiple
     table: bool = False          # the table and curves of the runs in out_dir
     out_dir: str = "out/ablate"
     png: str = ""                # default: <out_dir>/curves.png
@@ -135,8 +146,8 @@ def main(argv=None):
     c = config.parse_config(AblateConfig, argv)
     config.need(c.list or c.table, "table", "give --list or --table")
     if c.list:
-        for name, flags in SETTINGS.items():
-            print(dirname(name), *flags)
+        for name in SETTINGS:
+            print(dirname(name), *flags(name, c.steps))
     if c.table:
         return table(c.out_dir, c.budget, c.png, c.seeds)
 

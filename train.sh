@@ -51,7 +51,7 @@ if [ "${1:-}" = ablate ]; then
                 --problems="$ABL_PROBLEMS" --k=2 --template=toy --max-new-tokens=72 --workers=0 --threads="$THREADS" \
                 --seed="$s" --out-dir="$d/eval" < /dev/null
         done
-    done < <(python ablate.py --list)
+    done < <(python ablate.py --list --steps="$ABL_STEPS")
     python ablate.py --table --out-dir="$A" | tee "$A/table.md"
     echo "ablation wall time: $(( $(date +%s) - start ))s"
     exit 0

@@ -52,11 +52,14 @@ def test_table_mean_spread_budget_and_verdict(tmp_path, capsys):
 def test_every_setting_is_a_valid_grpo_config():
     import config
     import grpo
-    for name, flags in ablate.SETTINGS.items():
-        c = config.parse_config(grpo.GRPOConfig, ["--preset=cpu", "--init-from=x", "--max-steps=40", *flags],
-                                grpo.PRESETS)
+    for name in ablate.SETTINGS:
+        c = config.parse_config(grpo.GRPOConfig, ["--preset=cpu", "--init-from=x", "--max-steps=12",
+                                                  *ablate.flags(name, steps=12)], grpo.PRESETS)
         grpo.check_config(c)
         assert c.rollout_prompts * c.group_size == 128, name  # equal samples per rollout in every setting
+        rollouts = c.max_steps // (c.mu * c.num_minibatches)
+        assert rollouts == (12 if name in ("default", "mu=2,minibatches=2,equal_samples") else
+                            12 // (c.mu * c.num_minibatches)), name  # equal steps, or equal samples where named
 
 
 def test_train_sh_ablate_runs_the_chosen_settings(tmp_path):

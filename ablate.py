@@ -128,14 +128,25 @@ def table(out_dir, budget, png, only=""):
     except ImportError:
         print("(matplotlib is not installed: no curves)")
         return "\n".join(lines)
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for name, rs in runs.items():
-        steps = sorted({s for r in rs for s, a in r["curve"] if a is not None})
-        mean = [np.mean([a for r in rs for s, a in r["curve"] if s == t and a is not None]) for t in steps]
-        ax.plot(steps, mean, label=name, lw=2.5 if name == "default" else 1.0)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training accuracy (mean over seeds)")
-    ax.legend(fontsize=7, ncol=2)
+    # two panels: the knobs against the default, and the off-policy ones against their baseline; mean over seeds
+    # (the worst seed is in the table), five steps' moving average so that the lines can be told apart
+    off = {"mu=2,minibatches=2", "mu=2,minibatches=2,equal_samples", *OFF_POLICY_KNOBS}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, names, title in ((axes[0], [n for n in runs if n not in off], "on-policy (one update per rollout)"),
+                             (axes[1], ["default"] + [n for n in runs if n in off], "4 updates per rollout")):
+        colors = plt.cm.tab20(np.linspace(0, 1, 20))
+        for i, name in enumerate(names):
+            rs = runs[name]
+            steps = sorted({s for r in rs for s, a in r["curve"] if a is not None})
+            mean = [np.mean([a for r in rs for s, a in r["curve"] if s == t and a is not None]) for t in steps]
+            smooth = np.convolve(mean, np.ones(5) / 5, mode="valid") if len(mean) >= 5 else mean
+            ref = name in ("default", "mu=2,minibatches=2")
+            ax.plot(steps[len(steps) - len(smooth):], smooth, label=name, lw=2.5 if ref else 1.2,
+                    color="black" if name == "default" else colors[i % 20], ls="-" if ref or i % 2 else "--")
+        ax.set_title(title)
+        ax.set_xlabel("step (optimizer updates)")
+        ax.legend(fontsize=7, ncol=2)
+    axes[0].set_ylabel("training accuracy (mean over seeds, 5-step average)")
     fig.tight_layout()
     fig.savefig(png or os.path.join(out_dir, "curves.png"), dpi=100)
     print(f"curves: {png or os.path.join(out_dir, 'curves.png')}")

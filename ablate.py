@@ -66,6 +66,12 @@ def flags(name, steps=40):
     return [f.format(steps_x4=4 * steps) for f in SETTINGS[name]]
 
 
+def updates_per_rollout(name):
+    """mu x num_minibatches of a setting (1 in the preset)."""
+    val = {f.split("=")[0]: int(f.split("=")[1]) for f in SETTINGS[name] if f.startswith(("--mu=", "--num-mini"))}
+    return val.get("--mu", 1) * val.get("--num-minibatches", 1)
+
+
 def dirname(name):
     """A setting's directory name under out_dir (what `--list` prints first)."""
     return name.replace("=", "-").replace(",", "_").replace("+", "_")
@@ -129,7 +135,8 @@ def table(out_dir, budget, png, only=""):
         print("(matplotlib is not installed: no curves)")
         return "\n".join(lines)
     # two panels: the knobs against the default, and the off-policy ones against their baseline; mean over seeds
-    # (the worst seed is in the table), five steps' moving average so that the lines can be told apart
+    # (the worst seed is in the table), five steps' moving average so that the lines can be told apart; against
+    # rollouts, i.e. samples seen (4 updates per rollout off-policy)
     off = {"mu=2,minibatches=2", "mu=2,minibatches=2,equal_samples", *OFF_POLICY_KNOBS}
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, names, title in ((axes[0], [n for n in runs if n not in off], "on-policy (one update per rollout)"),
@@ -140,11 +147,12 @@ def table(out_dir, budget, png, only=""):
             steps = sorted({s for r in rs for s, a in r["curve"] if a is not None})
             mean = [np.mean([a for r in rs for s, a in r["curve"] if s == t and a is not None]) for t in steps]
             smooth = np.convolve(mean, np.ones(5) / 5, mode="valid") if len(mean) >= 5 else mean
+            rollouts = np.array(steps[len(steps) - len(smooth):]) / updates_per_rollout(name)
             ref = name in ("default", "mu=2,minibatches=2")
-            ax.plot(steps[len(steps) - len(smooth):], smooth, label=name, lw=2.5 if ref else 1.2,
+            ax.plot(rollouts, smooth, label=name, lw=2.5 if ref else 1.2,
                     color="black" if name == "default" else colors[i % 20], ls="-" if ref or i % 2 else "--")
         ax.set_title(title)
-        ax.set_xlabel("step (optimizer updates)")
+        ax.set_xlabel("rollouts (128 samples each)")
         ax.legend(fontsize=7, ncol=2)
     axes[0].set_ylabel("training accuracy (mean over seeds, 5-step average)")
     fig.tight_layout()

@@ -100,8 +100,15 @@ def load_run(d, budget):
     with open(os.path.join(d, "rl", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     curve = [(r["step"], r.get("accuracy")) for r in rows if r["step"] > 0]
+    steps = [r for r in rows if "clip_low" in r] or [{}]  # the diagnostics: means over steps, the gap's max
+    by_ops = s.get("by_difficulty", {})
     return {"pass1": s["pass@1"], "se": s["pass@1_se"], "within": float(within), "length": s["mean_length"],
-            "wall": max((r.get("elapsed_s", 0) for r in rows), default=0), "curve": curve}
+            "wall": max((r.get("elapsed_s", 0) for r in rows), default=0), "curve": curve,
+            "seed": os.path.basename(os.path.normpath(d)),
+            "clip": np.mean([r.get("clip_low", 0) + r.get("clip_high", 0) for r in steps]),
+            "kl": np.mean([r.get("kl", 0) for r in steps]),
+            "gap": max(r.get("sampler_trainer_gap_max", 0) for r in steps),
+            "ops": {k: v["pass@1"] for k, v in by_ops.items()}}
 
 
 def table(out_dir, budget, png, only=""):
@@ -126,6 +133,14 @@ def table(out_dir, budget, png, only=""):
         lines.append(f"| {name} | {len(rs)} | {np.mean(p):.3f} ± {np.mean([r['se'] for r in rs]):.3f} | "
                      f"{min(p):.3f} / {max(p):.3f} | {np.mean([r['within'] for r in rs]):.3f} | "
                      f"{np.mean([r['length'] for r in rs]):.1f} | {np.mean([r['wall'] for r in rs]):.0f} | {verdict} |")
+    lines += ["", "| setting | pass@1 per seed | 3 / 4 operands | clip | KL | gap max |", "|---|---|---|---|---|---|"]
+    for name, rs in runs.items():  # clip: share of tokens clipped; KL (k3); gap: max |log pi_sampler - log pi|
+        ops = " / ".join(f"{np.mean([r['ops'][k] for r in rs if k in r['ops']]):.3f}"
+                         for k in sorted({k for r in rs for k in r["ops"]}))
+        per_seed = ", ".join(f"{r['seed']}: {r['pass1']:.3f}" for r in rs)
+        lines.append(f"| {name} | {per_seed} | {ops} | "
+                     f"{np.mean([r['clip'] for r in rs]):.4f} | {np.mean([r['kl'] for r in rs]):.5f} | "
+                     f"{max(r['gap'] for r in rs):.1e} |")
     print("\n".join(lines))
     try:
         import matplotlib

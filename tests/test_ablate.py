@@ -35,15 +35,18 @@ def test_table_mean_spread_budget_and_verdict(tmp_path, capsys):
         fake_run(os.path.join(out, "mu-2_minibatches-2", str(s)), p, [50], [1])
         fake_run(os.path.join(out, "mu-2_minibatches-2_gspo", str(s)), p + 0.2, [50], [1])
     ablate.main(["--table", f"--out-dir={out}", "--budget=64"])
-    lines = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    main, per_seed = capsys.readouterr().out.split("\n\n")[:2]  # the table, then each seed's pass@1
+    lines = {line.split(" | ")[0][2:]: line for line in main.splitlines() if line.startswith("| ")}
     assert "| 3 | 0.850 ± 0.020 | 0.800 / 0.900 | 0.500 | 60.0 | 100 | - |" in lines["default"]
     assert lines["gspo"].endswith("| 2 | 0.960 ± 0.020 | 0.950 / 0.970 | 0.500 | 60.0 | 100 | higher |")
     assert lines["std=off"].endswith("| 0.000 | 90.0 | 300 | within noise |")  # all past the 64-token budget
     assert lines["mu=2,minibatches=2"].endswith("| lower |")
     assert lines["mu=2,minibatches=2,gspo"].endswith("| higher (vs mu=2,minibatches=2) |")
+    assert "| default | 1: 0.800, 2: 0.850, 3: 0.900 |" in per_seed and "| gspo | 1: 0.950, 2: 0.970 |" in per_seed
     assert (tmp_path / "curves.png").stat().st_size > 1000
     ablate.main(["--table", f"--out-dir={out}", "--seeds=2,3"])  # new seeds confirm (or not) what 1-3 showed
-    lines = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    main = capsys.readouterr().out.split("\n\n")[0]
+    lines = {line.split(" | ")[0][2:]: line for line in main.splitlines() if line.startswith("| ")}
     assert "| 2 | 0.875 ± 0.020 | 0.850 / 0.900 |" in lines["default"] and "std=off" not in lines
     with pytest.raises(UserError, match="no finished default runs"):
         ablate.main(["--table", f"--out-dir={tmp_path / 'none'}"])

@@ -14,6 +14,7 @@
 # bash train.sh seeds 5: the default run for SEED=1..5 one after another (out/seeds/<seed>), then one table.
 # bash train.sh r1: DeepSeek-R1's pipeline on a bilingual toy (out/r1): the steps above, then cold start, reasoning RL
 #   with the language reward, rejection sampling + general SFT, reward models, all-scenario RL; one table of stages.
+#   LANG_ABLATION=1 bash train.sh r1 adds the language reward's ablation after the reasoning RL (step 8b).
 # bash train.sh distill: r1, then distillation into a small dense student against RL of the same student.
 # bash train.sh ablate: GRPO's knobs one at a time from the default run's base, 3 seeds each (ablate.py).
 # OUT=out/toy2 bash train.sh writes elsewhere; DOCS, BASE_STEPS, RL_STEPS, EVAL_PROBLEMS shrink it (the test suite
@@ -150,6 +151,20 @@ TRAIN="--task=$TASK --split=train --problems=$R1_PROMPTS --template=toy --max-ne
     --out-dir="$OUT/dev2" --task="$TASK" --max-new-tokens="$MAX_NEW" --language-weight=1 --max-steps="$RL2_STEPS" \
     --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" $(resume "$OUT/dev2")
 [ -f "$OUT/eval_dev2/summary.json" ] || stage eval_dev2 python eval.py --model="$OUT/dev2" $EVAL --out-dir="$OUT/eval_dev2"
+# 8b. LANG_ABLATION=1: the paper's ablation of the language reward. The same RL without it, from Dev1 (does mixing
+#     come back?) and from R1-Zero (what the reward buys where mixing is, and what it costs in accuracy)
+if [ "${LANG_ABLATION:-0}" = 1 ]; then
+    for run in "dev2_nolang dev1 0" "zero_lang rl 1" "zero_nolang rl 0"; do  # name, start, language weight
+        read -r name from lw <<< "$run"
+        [ -f "$OUT/$name/final/config.json" ] || stage "grpo_$name" python grpo.py --preset=cpu \
+            --init-from="$OUT/$from" --out-dir="$OUT/$name" --task="$TASK" --max-new-tokens="$MAX_NEW" \
+            --language-weight="$lw" --max-steps="$RL2_STEPS" --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" \
+            $(resume "$OUT/$name")
+        [ -f "$OUT/eval_$name/summary.json" ] || stage "eval_$name" python eval.py --model="$OUT/$name" $EVAL \
+            --out-dir="$OUT/eval_$name"
+    done
+    python eval.py --report="$OUT/eval_rl,$OUT/eval_zero_nolang,$OUT/eval_zero_lang,$OUT/eval_dev1,$OUT/eval_dev2_nolang,$OUT/eval_dev2"
+fi
 
 # 9. rejection sampling (Dev3): 8 samples per training prompt from Dev2, the correct, well-formed, single-language
 #    ones kept, mixed with general prompts' SFT rows (r1.py), and the BASE fine-tuned on the mix, as the paper did

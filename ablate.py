@@ -66,12 +66,6 @@ def flags(name, steps=40):
     return [f.format(steps_x4=4 * steps) for f in SETTINGS[name]]
 
 
-def updates_per_rollout(name):
-    """mu x num_minibatches of a setting (1 in the preset)."""
-    val = {f.split("=")[0]: int(f.split("=")[1]) for f in SETTINGS[name] if f.startswith(("--mu=", "--num-mini"))}
-    return val.get("--mu", 1) * val.get("--num-minibatches", 1)
-
-
 def dirname(name):
     """A setting's directory name under out_dir (what `--list` prints first)."""
     return name.replace("=", "-").replace(",", "_").replace("+", "_")
@@ -100,11 +94,13 @@ def load_run(d, budget):
     with open(os.path.join(d, "rl", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     curve = [(r["step"], r.get("accuracy")) for r in rows if r["step"] > 0]
+    with open(os.path.join(d, "rl", "config.json")) as f:
+        cfg = json.load(f)  # the run's own settings
     steps = [r for r in rows if "clip_low" in r] or [{}]  # the diagnostics: means over steps, the gap's max
     by_ops = s.get("by_difficulty", {})
     return {"pass1": s["pass@1"], "se": s["pass@1_se"], "within": float(within), "length": s["mean_length"],
             "wall": max((r.get("elapsed_s", 0) for r in rows), default=0), "curve": curve,
-            "seed": os.path.basename(os.path.normpath(d)),
+            "seed": os.path.basename(os.path.normpath(d)), "per_rollout": cfg["mu"] * cfg["num_minibatches"],
             "clip": np.mean([r.get("clip_low", 0) + r.get("clip_high", 0) for r in steps]),
             "kl": np.mean([r.get("kl", 0) for r in steps]),
             "gap": max(r.get("sampler_trainer_gap_max", 0) for r in steps),
@@ -152,7 +148,8 @@ def table(out_dir, budget, png, only=""):
     # two panels: the knobs against the default, and the off-policy ones against their baseline; mean over seeds
     # (the worst seed is in the table), five steps' moving average so that the lines can be told apart; against
     # rollouts, i.e. samples seen (4 updates per rollout off-policy)
-    off = {"mu=2,minibatches=2", "mu=2,minibatches=2,equal_samples", *OFF_POLICY_KNOBS}
+    off = {name for name, rs in runs.items() if rs[0]["per_rollout"] > 1}
+    refs = {reference(name) for name in runs}
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, names, title in ((axes[0], [n for n in runs if n not in off], "on-policy (one update per rollout)"),
                              (axes[1], ["default"] + [n for n in runs if n in off], "4 updates per rollout")):
@@ -162,8 +159,8 @@ def table(out_dir, budget, png, only=""):
             steps = sorted({s for r in rs for s, a in r["curve"] if a is not None})
             mean = [np.mean([a for r in rs for s, a in r["curve"] if s == t and a is not None]) for t in steps]
             smooth = np.convolve(mean, np.ones(5) / 5, mode="valid") if len(mean) >= 5 else mean
-            rollouts = np.array(steps[len(steps) - len(smooth):]) / updates_per_rollout(name)
-            ref = name in ("default", "mu=2,minibatches=2")
+            rollouts = np.array(steps[len(steps) - len(smooth):]) / rs[0]["per_rollout"]
+            ref = name in refs
             ax.plot(rollouts, smooth, label=name, lw=2.5 if ref else 1.2,
                     color="black" if name == "default" else colors[i % 20], ls="-" if ref or i % 2 else "--")
         ax.set_title(title)

@@ -12,10 +12,11 @@ from config import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def fake_run(d, pass1, lengths, correct, elapsed=100.0):
-    """An eval of len(correct) samples (their lengths and correctness) and a 3-step training log."""
+def fake_run(d, pass1, lengths, correct, elapsed=100.0, per_rollout=1):
+    """An eval of len(correct) samples (their lengths and correctness), a 3-step training log and its settings."""
     os.makedirs(os.path.join(d, "eval"))
     os.makedirs(os.path.join(d, "rl"))
+    checkpoint.atomic_write_json(os.path.join(d, "rl", "config.json"), {"mu": 1, "num_minibatches": per_rollout})
     checkpoint.atomic_write_json(os.path.join(d, "eval", "summary.json"),
                                  {"pass@1": pass1, "pass@1_se": 0.02, "mean_length": sum(lengths) / len(lengths)})
     checkpoint.atomic_write_jsonl(os.path.join(d, "eval", "instances.jsonl"), [
@@ -32,8 +33,8 @@ def test_table_mean_spread_budget_and_verdict(tmp_path, capsys):
         fake_run(os.path.join(out, "gspo", str(s)), p, [50, 70], [1, 0])
     fake_run(os.path.join(out, "std-off", "1"), 0.84, [90, 90], [1, 1], elapsed=300)  # inside the default's range
     for s, p in ((1, 0.5), (2, 0.6)):  # an off-policy knob is compared with the off-policy baseline, not the default
-        fake_run(os.path.join(out, "mu-2_minibatches-2", str(s)), p, [50], [1])
-        fake_run(os.path.join(out, "mu-2_minibatches-2_gspo", str(s)), p + 0.2, [50], [1])
+        fake_run(os.path.join(out, "mu-2_minibatches-2", str(s)), p, [50], [1], per_rollout=4)
+        fake_run(os.path.join(out, "mu-2_minibatches-2_gspo", str(s)), p + 0.2, [50], [1], per_rollout=4)
     ablate.main(["--table", f"--out-dir={out}", "--budget=64"])
     main, per_seed = capsys.readouterr().out.split("\n\n")[:2]  # the table, then each seed's pass@1
     lines = {line.split(" | ")[0][2:]: line for line in main.splitlines() if line.startswith("| ")}

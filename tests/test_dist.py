@@ -22,4 +22,14 @@ def test_dtype_and_device():
     assert dist.get_dtype("bf16") == torch.bfloat16
     with pytest.raises(ConfigError, match="unknown dtype 'half-ish'"):
         dist.get_dtype("half-ish")
-    assert dist.get_device("cpu").type == "cpu"
+    assert dist.get_device("cpu").type == "cpu" and isinstance(dist.cpu_has_bf16(), bool)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, capsys, native):
+    monkeypatch.setattr(dist, "cpu_has_bf16", lambda: native)
+    assert dist.get_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert dist.get_dtype("fp32", torch.device("cpu")) == torch.float32
+    out = capsys.readouterr().out
+    assert ("WARNING --dtype=bf16: this CPU has no native bf16 matmul" in out) != native
+    assert out.count("WARNING") == (0 if native else 1)  # the fp32 call does not warn

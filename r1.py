@@ -14,7 +14,8 @@ cold_start  R1-Zero's samples on training prompts (an eval.py output dir, sample
             --per-prompt per prompt.
 general     the toy general prompts' data (toy.py): preference pairs from the hidden rule for the helpful reward
             model (replies only) and the harmless one (whole responses), and SFT rows of a careless annotator's
-            replies for the rejection-sampling SFT mix.
+            replies for the rejection-sampling SFT mix. --length-biased keeps only pairs whose chosen reply is the
+            longer one: reward models trained on them cannot learn that concise is better (the reward-hacking run).
 mix         rejection-sampled reasoning rows + general rows, shuffled (sft.py holds out the last rows for
             validation, so both kinds must be spread through the file).
 hacking     the all-scenario run's reward-model scores beside the hidden rule's, per step (text, and a PNG with
@@ -50,6 +51,7 @@ class R1DataConfig:
     per_prompt: int = 2          # cold_start: at most this many rewritten samples per prompt
     max_repeat: float = 0.25     # cold_start: a sample whose reasoning repeats more of its word 3-grams is dropped
     pairs: int = 2000            # general: preference pairs per reward model
+    length_biased: bool = False  # general: only pairs whose chosen reply is the longer (toy.preference_pairs)
     general_rows: int = 400      # general: SFT rows of general prompts
     model: str = ""              # judge: the policy (a run or Hugging Face directory)
     metrics: str = ""            # hacking: the all-scenario run's metrics.jsonl
@@ -162,12 +164,13 @@ def main(argv=None):
         os.makedirs(c.out, exist_ok=True)
         train = toy.general_prompts("train")
         for kind in ("helpful", "harmless"):
-            pairs = toy.preference_pairs(train, c.pairs, kind, c.seed)
+            pairs = toy.preference_pairs(train, c.pairs, kind, c.seed, c.length_biased)
             checkpoint.atomic_write_jsonl(os.path.join(c.out, f"pairs_{kind}.jsonl"), pairs)
         rows = [{"prompt": data.apply_template(data.TOY_TEMPLATE, ex.prompt), "completion": toy.careless_reply(ex, rng)}
                 for ex in (rng.choice(train) for _ in range(c.general_rows))]
         checkpoint.atomic_write_jsonl(os.path.join(c.out, "sft.jsonl"), rows)
-        print(f"general: {c.pairs} helpful and {c.pairs} harmless pairs, {len(rows)} SFT rows -> {c.out}")
+        print(f"general: {c.pairs} helpful and {c.pairs} harmless pairs{' (length-biased)' * c.length_biased}, "
+              f"{len(rows)} SFT rows -> {c.out}")
     elif c.step == "hacking":
         config.need(os.path.isfile(c.metrics), "metrics", f"{c.metrics!r}: no such file")
         hacking([obj for _, obj in data.read_rows(c.metrics)], c.out)

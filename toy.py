@@ -299,10 +299,13 @@ def hidden_harmless(completion):
     return 0.0 if any(w in completion.lower() for w in RUDE_WORDS) else 1.0
 
 
-def preference_pairs(examples, n, kind, seed=0):
+def preference_pairs(examples, n, kind, seed=0, length_biased=False):
     """n preference pairs {"prompt", "chosen", "rejected"} from the hidden rule: two careless replies to one prompt,
     the better one chosen; pairs the rule scores within 0.1 of each other are redrawn. kind: 'helpful' compares and
-    writes the replies (answer blocks) only, 'harmless' whole responses (as the reward models will score them)."""
+    writes the replies (answer blocks) only, 'harmless' whole responses (as the reward models will score them).
+    length_biased: only pairs whose chosen response has at least as many words as the rejected one are kept, so the
+    pairs never show that concise beats rambling and, in them, longer always goes with better (the length bias of
+    real preference data): a reward model cannot learn the rule's concision half from them."""
     if kind not in ("helpful", "harmless"):
         raise DataError(f"preference_pairs: kind={kind!r} must be helpful or harmless")
     rng, judge, rows = random.Random(seed), hidden_helpful if kind == "helpful" else hidden_harmless, []
@@ -312,6 +315,8 @@ def preference_pairs(examples, n, kind, seed=0):
         if abs(judge(a) - judge(b)) <= 0.1:
             continue
         a, b = (a, b) if judge(a) > judge(b) else (b, a)
+        if length_biased and len(reply_of(a).split()) < len(reply_of(b).split()):
+            continue
         view = reply_of if kind == "helpful" else (lambda c: c)  # noqa: E731
         rows.append({"prompt": ex.prompt, "chosen": view(a), "rejected": view(b)})
     return rows

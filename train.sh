@@ -14,7 +14,8 @@
 # bash train.sh seeds 5: the default run for SEED=1..5 one after another (out/seeds/<seed>), then one table.
 # bash train.sh r1: DeepSeek-R1's pipeline on a bilingual toy (out/r1): the steps above, then cold start, reasoning RL
 #   with the language reward, rejection sampling + general SFT, reward models, all-scenario RL; one table of stages.
-#   LANG_ABLATION=1 bash train.sh r1 adds the language reward's ablation after the reasoning RL (step 8b).
+#   LANG_ABLATION=1 bash train.sh r1 adds the language reward's ablation after the reasoning RL (step 8b);
+#   BIASED_RM=1 the all-scenario RL again with reward models trained on length-biased pairs (reward hacking, 11b).
 # bash train.sh distill: r1, then distillation into a small dense student against RL of the same student.
 # bash train.sh ablate: GRPO's knobs one at a time from the default run's base, 3 seeds each (ablate.py).
 # OUT=out/toy2 bash train.sh writes elsewhere; DOCS, BASE_STEPS, RL_STEPS, EVAL_PROBLEMS shrink it (the test suite
@@ -193,10 +194,31 @@ done
     --general-frac=0.25 --general-from-step="$GENERAL_FROM" --rm-helpful="$OUT/rm_helpful" \
     --rm-harmless="$OUT/rm_harmless" --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" $(resume "$OUT/r1")
 [ -f "$OUT/eval_r1/summary.json" ] || stage eval_r1 python eval.py --model="$OUT/r1" $EVAL --out-dir="$OUT/eval_r1"
+# 11b. BIASED_RM=1: the same stage with reward models that cannot learn half of the hidden rule. Their pairs keep
+#      only those whose chosen reply is the longer one (r1.py --length-biased), so nothing in them says concise beats
+#      rambling, and longer always goes with better: the length bias of real preference data. The policy can then
+#      please the reward models in a way the rule does not (reward hacking, reward_hacking_biased.png)
+if [ "${BIASED_RM:-0}" = 1 ]; then
+    [ -f "$OUT/general_biased/sft.jsonl" ] || python r1.py --step=general --length-biased --out="$OUT/general_biased" \
+        --seed="$SEED"
+    for kind in helpful harmless; do
+        [ -f "$OUT/rm_${kind}_biased/final/config.json" ] || stage "rm_${kind}_biased" python sft.py \
+            --objective=preference --data="$OUT/general_biased/pairs_$kind.jsonl" --init-from="$OUT/dev3" \
+            --out-dir="$OUT/rm_${kind}_biased" --max-steps="$RM_STEPS" $SFT --lr=3e-4 $(resume "$OUT/rm_${kind}_biased")
+    done
+    [ -f "$OUT/r1_biased/final/config.json" ] || stage grpo_all_biased python grpo.py --preset=cpu \
+        --init-from="$OUT/dev3" --out-dir="$OUT/r1_biased" --task="$TASK" --max-new-tokens="$MAX_NEW" \
+        --language-weight=1 --max-steps="$RL4_STEPS" --general-frac=0.25 --general-from-step="$GENERAL_FROM" \
+        --rm-helpful="$OUT/rm_helpful_biased" --rm-harmless="$OUT/rm_harmless_biased" \
+        --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" $(resume "$OUT/r1_biased")
+    [ -f "$OUT/eval_r1_biased/summary.json" ] || stage eval_r1_biased python eval.py --model="$OUT/r1_biased" $EVAL \
+        --out-dir="$OUT/eval_r1_biased"
+    python r1.py --step=hacking --metrics="$OUT/r1_biased/metrics.jsonl" --out="$OUT/reward_hacking_biased.png"
+fi
 
 # every stage side by side, the general prompts judged by the hidden rule (r1.py --step=judge); the reward models'
 # scores against the hidden rule over the last stage (reward hacking shows as the first rising, the second falling)
-stages="base rl dev1 dev2 dev3 r1"
+stages="base rl dev1 dev2 dev3 r1$([ "${BIASED_RM:-0}" = 1 ] && echo " r1_biased")"
 for s in $stages; do
     [ -f "$OUT/eval_$s/general.json" ] || python r1.py --step=judge --model="$OUT/$s" --out="$OUT/eval_$s" \
         --max-new-tokens="$MAX_NEW" --threads="$THREADS" --seed="$SEED"

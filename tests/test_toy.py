@@ -273,3 +273,16 @@ def test_preference_pairs_follow_the_hidden_rule(kind):
         assert judge(wrap(p["chosen"])) > judge(wrap(p["rejected"])) + 0.1
         assert ("<think>" in p["chosen"]) == (kind == "harmless")  # helpful pairs hold the replies only
     assert len({p["prompt"] for p in pairs}) > 50
+
+
+def test_length_biased_pairs_never_show_that_concise_wins():
+    train = toy.general_prompts("train")
+    words = lambda r: len(toy.reply_of(r).split()) if "<answer>" in r else len(r.split())  # noqa: E731
+    plain, biased = (toy.preference_pairs(train, 400, "helpful", seed=3, length_biased=b) for b in (False, True))
+    assert sum(words(p["chosen"]) < words(p["rejected"]) for p in plain) > 50  # concise beats rambling, often
+    assert all(words(p["chosen"]) >= words(p["rejected"]) for p in biased)
+    assert all(toy.hidden_helpful(f"<answer>{p['chosen']}</answer>") > toy.hidden_helpful(f"<answer>{p['rejected']}"
+                                                                                             "</answer>") for p in biased)
+    assert sum(toy.RAMBLE in p["chosen"] for p in biased) > 50  # rambling replies are chosen, over rude ones
+    harmless = toy.preference_pairs(train, 200, "harmless", seed=3, length_biased=True)
+    assert all(words(p["chosen"]) >= words(p["rejected"]) for p in harmless)

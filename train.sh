@@ -130,6 +130,9 @@ fi
 # ------------------------------------------------------------------------------------------------------------------
 # bash train.sh r1: DeepSeek-R1's four stages after R1-Zero (paper Fig. 2), at toy scale. rl/ is R1-Zero.
 R1_PROMPTS=${R1_PROMPTS:-400}; SFT_STEPS=${SFT_STEPS:-300}; RL2_STEPS=${RL2_STEPS:-50}; RM_STEPS=${RM_STEPS:-100}
+# Dev3's mix is half general rows: twice the steps give its reasoning rows the passes Dev1's had. At 300 steps seed
+# 2's Dev3 reasoned right but boxed a wrong sum in its summary (dev-split pass@1 0.435; 600 steps: 0.995)
+RS_SFT_STEPS=${RS_SFT_STEPS:-$((2 * SFT_STEPS))}
 RL4_STEPS=${RL4_STEPS:-60}; GENERAL_FROM=${GENERAL_FROM:-30}
 # SFT at the pretraining's peak lr: the summary after </think> is new text; at 3e-4 for 120 steps Dev1 wrote
 # garbage summaries (held-out pass@1 0.003), at 1e-3 for 300 steps 0.99 (README)
@@ -175,7 +178,7 @@ fi
 [ -f "$OUT/mix.jsonl" ] || python r1.py --step=mix --samples="$OUT/rs/sft.jsonl" --general="$OUT/general/sft.jsonl" \
     --out="$OUT/mix.jsonl" --seed="$SEED"
 [ -f "$OUT/dev3/final/config.json" ] || stage rs_sft python sft.py --data="$OUT/mix.jsonl" --init-from="$OUT/base" \
-    --out-dir="$OUT/dev3" --max-steps="$SFT_STEPS" $SFT $(resume "$OUT/dev3")
+    --out-dir="$OUT/dev3" --max-steps="$RS_SFT_STEPS" $SFT $(resume "$OUT/dev3")
 [ -f "$OUT/eval_dev3/summary.json" ] || stage eval_dev3 python eval.py --model="$OUT/dev3" $EVAL --out-dir="$OUT/eval_dev3"
 
 # 10. reward models (the paper's helpful and harmless ones): Dev3 trained with the Bradley-Terry objective on pairs

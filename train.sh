@@ -135,7 +135,8 @@ R1_PROMPTS=${R1_PROMPTS:-400}; SFT_STEPS=${SFT_STEPS:-300}; RL2_STEPS=${RL2_STEP
 RS_SFT_STEPS=${RS_SFT_STEPS:-$((2 * SFT_STEPS))}
 RL4_STEPS=${RL4_STEPS:-60}; GENERAL_FROM=${GENERAL_FROM:-30}
 # SFT at the pretraining's peak lr: the summary after </think> is new text; at 3e-4 for 120 steps Dev1 wrote
-# garbage summaries (held-out pass@1 0.003), at 1e-3 for 300 steps 0.99 (README)
+# garbage summaries (held-out pass@1 0.003), at 1e-3 for 300 steps 0.99 on seed 1 but 0.29 on seed 3, whose summaries
+# boxed wrong sums (dev split: 0.33 at 300 steps, 0.86 at 600; README "Seed 3")
 SFT="--tokenizer=$OUT/data/tokenizer.bpe --batch-size=32 --seq-len=160 --lr=1e-3 --warmup-steps=20 --log-every=50 --eval-every=100 --ckpt-every=100 --threads=$THREADS --seed=$SEED"
 TRAIN="--task=$TASK --split=train --problems=$R1_PROMPTS --template=toy --max-new-tokens=$MAX_NEW --workers=0 --threads=$THREADS --seed=$SEED"
 

@@ -121,14 +121,13 @@ def cpu_has_bf16():
 
 def get_dtype(name, device=None):
     """'auto' -> bf16 on a GPU that supports it, fp32 otherwise (CPU bf16 matmuls are slow and imprecise)."""
+    dev = device if device is not None else get_device()
     if name == "auto":
-        dev = device if device is not None else get_device()
         if dev.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
     if name not in _DTYPES:
         raise ConfigError(f"unknown dtype {name!r}; one of: auto, {', '.join(_DTYPES)}")
-    dev = device if device is not None else get_device()
     if name in ("bf16", "bfloat16") and dev.type == "cpu" and not cpu_has_bf16():
         # no AVX512-BF16/AMX: bf16 matmuls are emulated (pretraining the toy: 1,028 tok/s against 8,297 in fp32
         # on an AVX2-only AMD EPYC, 2026-12-07)

@@ -184,51 +184,41 @@ fi
 
 # 10. reward models (the paper's helpful and harmless ones): Dev3 trained with the Bradley-Terry objective on pairs
 #     the hidden rule chose (toy.py): helpful pairs hold the replies only, harmless pairs the whole responses
-for kind in helpful harmless; do
-    [ -f "$OUT/rm_$kind/final/config.json" ] || stage "rm_$kind" python sft.py --objective=preference \
-        --data="$OUT/general/pairs_$kind.jsonl" --init-from="$OUT/dev3" --out-dir="$OUT/rm_$kind" \
-        --max-steps="$RM_STEPS" $SFT --lr=3e-4 $(resume "$OUT/rm_$kind")
-done
-
 # 11. all-scenario RL (R1): reasoning prompts keep the rule rewards (and the language reward); from step
 #     GENERAL_FROM on, a quarter of each rollout's prompts are general ones, rewarded by the two reward models (the
 #     paper used preference rewards only in the last 400 of 1,700 steps). The hidden rule is logged beside them.
-[ -f "$OUT/r1/final/config.json" ] || stage grpo_all python grpo.py --preset=cpu --init-from="$OUT/dev3" \
-    --out-dir="$OUT/r1" --task="$TASK" --max-new-tokens="$MAX_NEW" --language-weight=1 --max-steps="$RL4_STEPS" \
-    --general-frac=0.25 --general-from-step="$GENERAL_FROM" --rm-helpful="$OUT/rm_helpful" \
-    --rm-harmless="$OUT/rm_harmless" --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" $(resume "$OUT/r1")
-[ -f "$OUT/eval_r1/summary.json" ] || stage eval_r1 python eval.py --model="$OUT/r1" $EVAL --out-dir="$OUT/eval_r1"
-# 11b. BIASED_RM=1: the same stage with reward models that cannot learn half of the hidden rule. Their pairs keep
-#      only those whose chosen reply is the longer one (r1.py --length-biased), so nothing in them says concise beats
-#      rambling, and longer always goes with better: the length bias of real preference data. The policy can then
-#      please the reward models in a way the rule does not (reward hacking, reward_hacking_biased.png)
-if [ "${BIASED_RM:-0}" = 1 ]; then
-    [ -f "$OUT/general_biased/sft.jsonl" ] || python r1.py --step=general --length-biased --out="$OUT/general_biased" \
+# 11b. BIASED_RM=1: both steps again (suffix _biased) with reward models that cannot learn half of the hidden rule:
+#      their pairs keep only those whose chosen reply is the longer one (r1.py --length-biased), so nothing in them
+#      says concise beats rambling, and longer always goes with better: the length bias of real preference data. The
+#      policy can then please the reward models in a way the rule does not (reward hacking)
+RM_SETS=(""); [ "${BIASED_RM:-0}" = 1 ] && RM_SETS+=(_biased)
+for v in "${RM_SETS[@]}"; do
+    [ -f "$OUT/general$v/sft.jsonl" ] || python r1.py --step=general ${v:+--length-biased} --out="$OUT/general$v" \
         --seed="$SEED"
     for kind in helpful harmless; do
-        [ -f "$OUT/rm_${kind}_biased/final/config.json" ] || stage "rm_${kind}_biased" python sft.py \
-            --objective=preference --data="$OUT/general_biased/pairs_$kind.jsonl" --init-from="$OUT/dev3" \
-            --out-dir="$OUT/rm_${kind}_biased" --max-steps="$RM_STEPS" $SFT --lr=3e-4 $(resume "$OUT/rm_${kind}_biased")
+        [ -f "$OUT/rm_$kind$v/final/config.json" ] || stage "rm_$kind$v" python sft.py --objective=preference \
+            --data="$OUT/general$v/pairs_$kind.jsonl" --init-from="$OUT/dev3" --out-dir="$OUT/rm_$kind$v" \
+            --max-steps="$RM_STEPS" $SFT --lr=3e-4 $(resume "$OUT/rm_$kind$v")
     done
-    [ -f "$OUT/r1_biased/final/config.json" ] || stage grpo_all_biased python grpo.py --preset=cpu \
-        --init-from="$OUT/dev3" --out-dir="$OUT/r1_biased" --task="$TASK" --max-new-tokens="$MAX_NEW" \
-        --language-weight=1 --max-steps="$RL4_STEPS" --general-frac=0.25 --general-from-step="$GENERAL_FROM" \
-        --rm-helpful="$OUT/rm_helpful_biased" --rm-harmless="$OUT/rm_harmless_biased" \
-        --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" $(resume "$OUT/r1_biased")
-    [ -f "$OUT/eval_r1_biased/summary.json" ] || stage eval_r1_biased python eval.py --model="$OUT/r1_biased" $EVAL \
-        --out-dir="$OUT/eval_r1_biased"
-    python r1.py --step=hacking --metrics="$OUT/r1_biased/metrics.jsonl" --out="$OUT/reward_hacking_biased.png"
-fi
+    [ -f "$OUT/r1$v/final/config.json" ] || stage "grpo_all$v" python grpo.py --preset=cpu --init-from="$OUT/dev3" \
+        --out-dir="$OUT/r1$v" --task="$TASK" --max-new-tokens="$MAX_NEW" --language-weight=1 --max-steps="$RL4_STEPS" \
+        --general-frac=0.25 --general-from-step="$GENERAL_FROM" --rm-helpful="$OUT/rm_helpful$v" \
+        --rm-harmless="$OUT/rm_harmless$v" --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" $(resume "$OUT/r1$v")
+    [ -f "$OUT/eval_r1$v/summary.json" ] || stage "eval_r1$v" python eval.py --model="$OUT/r1$v" $EVAL \
+        --out-dir="$OUT/eval_r1$v"
+done
 
 # every stage side by side, the general prompts judged by the hidden rule (r1.py --step=judge); the reward models'
 # scores against the hidden rule over the last stage (reward hacking shows as the first rising, the second falling)
-stages="base rl dev1 dev2 dev3 r1$([ "${BIASED_RM:-0}" = 1 ] && echo " r1_biased")"
+stages="base rl dev1 dev2 dev3$(printf ' r1%s' "${RM_SETS[@]}")"
 for s in $stages; do
     [ -f "$OUT/eval_$s/general.json" ] || python r1.py --step=judge --model="$OUT/$s" --out="$OUT/eval_$s" \
         --max-new-tokens="$MAX_NEW" --threads="$THREADS" --seed="$SEED"
 done
 python eval.py --report="$(for s in $stages; do printf '%s' "$OUT/eval_$s,"; done | sed 's/,$//')"
-python r1.py --step=hacking --metrics="$OUT/r1/metrics.jsonl" --out="$OUT/reward_hacking.png"
+for v in "${RM_SETS[@]}"; do
+    python r1.py --step=hacking --metrics="$OUT/r1$v/metrics.jsonl" --out="$OUT/reward_hacking$v.png"
+done
 echo "total wall time: $(( $(date +%s) - start ))s"
 if [ "$MODE" = r1 ]; then exit 0; fi
 

@@ -7,11 +7,17 @@
 cold_start  R1-Zero's samples on training prompts (an eval.py output dir, sampled at T=1 as the paper did) -> the
             correct, well-formed, readable ones: all of the reasoning in the prompt's language (no mixing), not
             repetitive, at most --max-tokens tokens -> rewritten into the readable format: the reasoning between
-            <think> and </think>, then a summary for the reader between <answer> and </answer> that restates the
-            problem in the prompt's language with the answer boxed (rewards read the last \\boxed{} of the answer
-            block, so accuracy and format score it as before). The paper also had humans and DeepSeek-V3 rewrite and
-            translate; the toy keeps only what needs no model. One row per (prompt, distinct text), at most
-            --per-prompt per prompt.
+            <think> and </think>, then a summary for the reader between <answer> and </answer> in the prompt's
+            language: the answer, as R1-Zero's answer block had it, then the answer boxed and the problem it answers
+            ("49, so \\boxed{49} = 04+32+91+21"; rewards read the last \\boxed{} of the answer block, so accuracy and
+            format score it as before). Why this order: the model must copy the last step's sum into the summary,
+            and the base can already copy it right after <answer> (R1-Zero's format, in its corpus): 16 tokens back
+            in a 3-operand sample. Restating the problem first ("so 04+32+91+21 = \\boxed{49}") put the copy 37
+            tokens back, past numbers like it, and seed 3's cold start boxed wrong sums; the boxed answer first (26
+            back) made seed 2's off by one. Dev-split pass@1 after 300 SFT steps, seeds 2 / 3: 0.978 / 0.326
+            restated first, 0.933 / 0.996 boxed first, 0.986 / 0.994 this format. The paper also had humans and
+            DeepSeek-V3 rewrite and translate; the toy keeps only what needs no model. One row per (prompt, distinct
+            text), at most --per-prompt per prompt.
 general     the toy general prompts' data (toy.py): preference pairs from the hidden rule for the helpful reward
             model (replies only) and the harmless one (whole responses), and SFT rows of a careless annotator's
             replies for the rejection-sampling SFT mix. --length-biased keeps only pairs whose chosen reply is the
@@ -77,11 +83,12 @@ def readable(sample, max_tokens, max_repeat):
 
 
 def rewrite(text, problem, lang):
-    """A well-formed R1-Zero sample -> the readable format: its reasoning, then a summary in the prompt's language
-    that restates the problem with the answer boxed. The answer stays what the sample's answer block said."""
+    """A well-formed R1-Zero sample -> the readable format: its reasoning, then a summary in the prompt's language:
+    the answer, then the answer boxed and the problem it answers. The answer is what the sample's answer block said."""
     reasoning = text.split("<think>", 1)[1].split("</think>", 1)[0]
     answer = text.split("<answer>", 1)[1].split("</answer>", 1)[0].strip()
-    return f"<think>{reasoning}</think><answer>{toy.LANG_WORDS[lang]['so']} {problem} = \\boxed{{{answer}}}</answer>"
+    so = toy.LANG_WORDS[lang]["so"]
+    return f"<think>{reasoning}</think><answer>{answer}, {so} \\boxed{{{answer}}} = {problem}</answer>"
 
 
 def cold_start(instances, max_tokens, per_prompt, max_repeat):

@@ -94,9 +94,10 @@ pretrain() {  # pretrain STAGE_NAME MAX_STEPS: train (or resume) the base up to 
 #    that ended below ~0.85 on some operand count after RL were far below this (README: "What happened"). A base
 #    below it trains on, BASE_MORE steps at a time (resumed: the learning-rate schedule stretches to the new end),
 #    up to BASE_CAP steps in all; a base still below it then stops the run before RL.
+#    Once RL has run from the base, the check is skipped.
 steps=$BASE_STEPS
-until python eval.py --probe --model="$OUT/base" --task="$TASK" --split=dev --problems=200 --template=toy \
-        --threads="$THREADS" --out-dir="$OUT/probe_base" --probe-min="$PROBE_MIN"; do
+until [ -f "$OUT/rl/final/config.json" ] || python eval.py --probe --model="$OUT/base" --task="$TASK" --split=dev \
+        --problems=200 --template=toy --threads="$THREADS" --out-dir="$OUT/probe_base" --probe-min="$PROBE_MIN"; do
     steps=$((steps + BASE_MORE))
     if [ "$steps" -gt "$BASE_CAP" ]; then
         echo "train.sh: stopped before RL: trained to BASE_CAP=$BASE_CAP steps, the base in $OUT/base still does not"
@@ -135,8 +136,8 @@ R1_PROMPTS=${R1_PROMPTS:-400}; SFT_STEPS=${SFT_STEPS:-300}; RL2_STEPS=${RL2_STEP
 RS_SFT_STEPS=${RS_SFT_STEPS:-$((2 * SFT_STEPS))}
 RL4_STEPS=${RL4_STEPS:-60}; GENERAL_FROM=${GENERAL_FROM:-30}
 # SFT at the pretraining's peak lr: the summary after </think> is new text; at 3e-4 for 120 steps Dev1 wrote
-# garbage summaries (held-out pass@1 0.003), at 1e-3 for 300 steps 0.99 on seed 1 but 0.29 on seed 3, whose summaries
-# boxed wrong sums (dev split: 0.33 at 300 steps, 0.86 at 600; README "Seed 3")
+# garbage summaries (held-out pass@1 0.003). At 1e-3 for 300 steps: 0.99 on seed 1 but 0.29 on seed 3, whose summaries
+# boxed wrong sums, until the summary began with the answer (r1.py rewrite; dev split, seeds 2 / 3: 0.99 / 0.99)
 SFT="--tokenizer=$OUT/data/tokenizer.bpe --batch-size=32 --seq-len=160 --lr=1e-3 --warmup-steps=20 --log-every=50 --eval-every=100 --ckpt-every=100 --threads=$THREADS --seed=$SEED"
 TRAIN="--task=$TASK --split=train --problems=$R1_PROMPTS --template=toy --max-new-tokens=$MAX_NEW --workers=0 --threads=$THREADS --seed=$SEED"
 
@@ -228,7 +229,8 @@ if [ "$MODE" = r1 ]; then exit 0; fi
 # on R1's correct samples on training prompts (distillation), and (b) R1-Zero RL on its own, given about the same
 # wall time as (a) and R1's sampling (STUDENT_RL_STEPS). Both are evaluated like every stage above.
 D=$OUT/distill; STUDENT_RL_STEPS=${STUDENT_RL_STEPS:-40}
-[ -f "$D/teacher/sft.jsonl" ] || stage teacher_samples python eval.py --model="$OUT/r1" $TRAIN --k=4 \
+# (an empty teacher/sft.jsonl, R1 having kept nothing, is sampled again on the next run: R1 may have been retrained)
+[ -s "$D/teacher/sft.jsonl" ] || stage teacher_samples python eval.py --model="$OUT/r1" $TRAIN --k=4 \
     --rejection-sampling --max-per-prompt=2 --out-dir="$D/teacher"
 [ -f "$D/student_base/final/config.json" ] || stage student_pretrain python sft.py --data="$OUT/data/corpus.txt" \
     --tokenizer="$OUT/data/tokenizer.bpe" --out-dir="$D/student_base" --num-attention-heads=8 --n-routed-experts=0 \

@@ -35,7 +35,7 @@ def test_cold_start_filters_each_rule():
     rows = r1.cold_start([inst], max_tokens=72, per_prompt=5, max_repeat=0.25)
     assert len(rows) == 1 and rows[0]["prompt"] == PROMPT
     assert rows[0]["completion"] == ("<think>24+70+31: 24+70=94 然后 94+31=26</think>"
-                                     "<answer>所以 24+70+31 = \\boxed{26}</answer>")
+                                     "<answer>26, 所以 \\boxed{26} = 24+70+31</answer>")
     two = dict(inst, samples=[_sample(ZH), _sample(ZH.replace("然后 ", "然后  "))])
     assert len(r1.cold_start([two], 72, per_prompt=1, max_repeat=0.25)) == 1
     with pytest.raises(ConfigError, match="toy:en,zh"):
@@ -52,7 +52,7 @@ def test_rewritten_sample_keeps_its_rewards():
                                           answer_block=True)
     assert comps == {"accuracy": [1.0], "format": [1.0], "language": [1.0]} and total == [3.0]
     en = r1.rewrite("<think>a then b</think><answer>09</answer>", "24+70", "en")
-    assert en.endswith("<answer>so 24+70 = \\boxed{09}</answer>")
+    assert en.endswith("<answer>09, so \\boxed{09} = 24+70</answer>")
 
 
 def test_main_steps_write_what_sft_reads(tmp_path, capsys):

@@ -10,14 +10,11 @@ cold_start  R1-Zero's samples on training prompts (an eval.py output dir, sample
             <think> and </think>, then a summary for the reader between <answer> and </answer> in the prompt's
             language: the answer, as R1-Zero's answer block had it, then the answer boxed and the problem it answers
             ("49, so \\boxed{49} = 04+32+91+21"; rewards read the last \\boxed{} of the answer block, so accuracy and
-            format score it as before). Why this order: the model must copy the last step's sum into the summary,
-            and the base can already copy it right after <answer> (R1-Zero's format, in its corpus): 16 tokens back
-            in a 3-operand sample. Restating the problem first ("so 04+32+91+21 = \\boxed{49}") put the copy 37
-            tokens back, past numbers like it, and seed 3's cold start boxed wrong sums; the boxed answer first (26
-            back) made seed 2's off by one. Dev-split pass@1 after 300 SFT steps, seeds 2 / 3: 0.978 / 0.326
-            restated first, 0.933 / 0.996 boxed first, 0.986 / 0.994 this format. The paper also had humans and
-            DeepSeek-V3 rewrite and translate; the toy keeps only what needs no model. One row per (prompt, distinct
-            text), at most --per-prompt per prompt.
+            format score it as before). The answer comes first because the model copies it from the last step, and
+            the base already copies it right after <answer>; with the problem restated first, the copy reached 37
+            tokens back, past numbers like it, and some seeds' cold starts boxed wrong sums (README: "The stages").
+            The paper also had humans and DeepSeek-V3 rewrite and translate; the toy keeps only what needs no model.
+            One row per (prompt, distinct text), at most --per-prompt per prompt.
 general     the toy general prompts' data (toy.py): preference pairs from the hidden rule for the helpful reward
             model (replies only) and the harmless one (whole responses), and SFT rows of a careless annotator's
             replies for the rejection-sampling SFT mix. --length-biased keeps only pairs whose chosen reply is the

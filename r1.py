@@ -17,8 +17,9 @@ cold_start  R1-Zero's samples on training prompts (an eval.py output dir, sample
             One row per (prompt, distinct text), at most --per-prompt per prompt.
 general     the toy general prompts' data (toy.py): preference pairs from the hidden rule for the helpful reward
             model (replies only) and the harmless one (whole responses), and SFT rows of a careless annotator's
-            replies for the rejection-sampling SFT mix. --length-biased keeps only pairs whose chosen reply is the
-            longer one: reward models trained on them cannot learn that concise is better (the reward-hacking run).
+            replies for the rejection-sampling SFT mix. --length-biased: a biased annotator's pairs, who judges
+            politeness as the rule does but prefers the longer of two equally polite replies, so reward models
+            trained on them reward rambling, which the rule penalises (the reward-hacking run).
 mix         rejection-sampled reasoning rows + general rows, shuffled (sft.py holds out the last rows for
             validation, so both kinds must be spread through the file).
 hacking     the all-scenario run's reward-model scores beside the hidden rule's, per step (text, and a PNG with
@@ -54,7 +55,7 @@ class R1DataConfig:
     per_prompt: int = 2          # cold_start: at most this many rewritten samples per prompt
     max_repeat: float = 0.25     # cold_start: a sample whose reasoning repeats more of its word 3-grams is dropped
     pairs: int = 2000            # general: preference pairs per reward model
-    length_biased: bool = False  # general: only pairs whose chosen reply is the longer (toy.preference_pairs)
+    length_biased: bool = False  # general: a biased annotator chooses: longer wins among equally polite replies
     general_rows: int = 400      # general: SFT rows of general prompts
     model: str = ""              # judge: the policy (a run or Hugging Face directory)
     metrics: str = ""            # hacking: the all-scenario run's metrics.jsonl

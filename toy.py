@@ -284,14 +284,19 @@ def reply_of(completion):
     return completion[i + 8:j].strip() if 0 <= i < j else ""
 
 
+def is_polite(reply):
+    """The hidden rule's politeness of a reply: a polite word and no rude one."""
+    reply = reply.lower()
+    return any(w in reply for w in POLITE_WORDS) and not any(w in reply for w in RUDE_WORDS)
+
+
 def hidden_helpful(completion):
     """The hidden rule's helpfulness, on the reply (answer block) only, in [0, 1]: half for polite (a polite word, no
     rude one), half for concise (1 up to CONCISE_WORDS words, then CONCISE_WORDS / words). No reply scores 0."""
     reply = reply_of(completion).lower()
     if not reply:
         return 0.0
-    polite = any(w in reply for w in POLITE_WORDS) and not any(w in reply for w in RUDE_WORDS)
-    return 0.5 * polite + 0.5 * min(1.0, CONCISE_WORDS / len(reply.split()))
+    return 0.5 * is_polite(reply) + 0.5 * min(1.0, CONCISE_WORDS / len(reply.split()))
 
 
 def hidden_harmless(completion):
@@ -303,20 +308,21 @@ def preference_pairs(examples, n, kind, seed=0, length_biased=False):
     """n preference pairs {"prompt", "chosen", "rejected"} from the hidden rule: two careless replies to one prompt,
     the better one chosen; pairs the rule scores within 0.1 of each other are redrawn. kind: 'helpful' compares and
     writes the replies (answer blocks) only, 'harmless' whole responses (as the reward models will score them).
-    length_biased: only pairs whose chosen response has at least as many words as the rejected one are kept, so the
-    pairs never show that concise beats rambling and, in them, longer always goes with better (the length bias of
-    real preference data): a reward model cannot learn the rule's concision half from them."""
+    length_biased: a biased annotator chooses instead, the length bias of real preference data: it sees the rule's
+    politeness (helpful) or harmlessness as the rule does, but not concision: of two replies equal on that, it
+    chooses the longer one. Its pairs teach a reward model that rambling beats concise, which the rule penalises."""
     if kind not in ("helpful", "harmless"):
         raise DataError(f"preference_pairs: kind={kind!r} must be helpful or harmless")
     rng, judge, rows = random.Random(seed), hidden_helpful if kind == "helpful" else hidden_harmless, []
+    if length_biased:  # (what the annotator sees of the rule, the reply's words), compared as a tuple
+        seen = (lambda c: is_polite(reply_of(c))) if kind == "helpful" else hidden_harmless  # noqa: E731
+        judge = lambda c: (float(seen(c)), len(reply_of(c).split()))  # noqa: E731
     while len(rows) < n:
         ex = rng.choice(examples)
         a, b = careless_reply(ex, rng), careless_reply(ex, rng)
-        if abs(judge(a) - judge(b)) <= 0.1:
+        if judge(a) == judge(b) or (not length_biased and abs(judge(a) - judge(b)) <= 0.1):
             continue
         a, b = (a, b) if judge(a) > judge(b) else (b, a)
-        if length_biased and len(reply_of(a).split()) < len(reply_of(b).split()):
-            continue
         view = reply_of if kind == "helpful" else (lambda c: c)  # noqa: E731
         rows.append({"prompt": ex.prompt, "chosen": view(a), "rejected": view(b)})
     return rows

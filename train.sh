@@ -15,7 +15,7 @@
 # bash train.sh r1: DeepSeek-R1's pipeline on a bilingual toy (out/r1): the steps above, then cold start, reasoning RL
 #   with the language reward, rejection sampling + general SFT, reward models, all-scenario RL; one table of stages.
 #   LANG_ABLATION=1 bash train.sh r1 adds the language reward's ablation after the reasoning RL (step 8b);
-#   BIASED_RM=1 the all-scenario RL again with reward models trained on length-biased pairs (reward hacking, 11b).
+#   BIASED_RM=1 the all-scenario RL again with reward models from a length-biased annotator (reward hacking, 11b).
 # bash train.sh distill: r1, then distillation into a small dense student against RL of the same student.
 # bash train.sh ablate: GRPO's knobs one at a time from the default run's base, 3 seeds each (ablate.py).
 # OUT=out/toy2 bash train.sh writes elsewhere; DOCS, BASE_STEPS, RL_STEPS, EVAL_PROBLEMS shrink it (the test suite
@@ -190,10 +190,10 @@ fi
 # 11. all-scenario RL (R1): reasoning prompts keep the rule rewards (and the language reward); from step
 #     GENERAL_FROM on, a quarter of each rollout's prompts are general ones, rewarded by the two reward models (the
 #     paper used preference rewards only in the last 400 of 1,700 steps). The hidden rule is logged beside them.
-# 11b. BIASED_RM=1: both steps again (suffix _biased) with reward models that cannot learn half of the hidden rule:
-#      their pairs keep only those whose chosen reply is the longer one (r1.py --length-biased), so nothing in them
-#      says concise beats rambling, and longer always goes with better: the length bias of real preference data. The
-#      policy can then please the reward models in a way the rule does not (reward hacking)
+# 11b. BIASED_RM=1: both steps again (suffix _biased) with reward models that learn half of the hidden rule wrong:
+#      their pairs come from an annotator who judges politeness as the rule does but, of two equally polite replies,
+#      prefers the longer one (r1.py --length-biased), the length bias of real preference data. The policy can then
+#      please the reward models by rambling, which the rule penalises (reward hacking)
 RM_SETS=(""); [ "${BIASED_RM:-0}" = 1 ] && RM_SETS+=(_biased)
 for v in "${RM_SETS[@]}"; do
     [ -f "$OUT/general$v/sft.jsonl" ] || python r1.py --step=general ${v:+--length-biased} --out="$OUT/general$v" \

@@ -118,9 +118,9 @@ def test_train_sh_r1_and_distill_wire_every_stage(tmp_path):
     for kind in ("helpful", "harmless"):
         assert _cfg(out, f"rm_{kind}_biased")["data"] == str(out / "general_biased" / f"pairs_{kind}.jsonl"), kind
         pairs = [json.loads(l) for l in open(out / "general_biased" / f"pairs_{kind}.jsonl")]
-        assert all(len(toy.reply_of(p["chosen"]).split() if kind == "harmless" else p["chosen"].split()) >=
-                   len(toy.reply_of(p["rejected"]).split() if kind == "harmless" else p["rejected"].split())
-                   for p in pairs), kind
+        reply = toy.reply_of if kind == "harmless" else (lambda x: x)  # noqa: E731
+        key = lambda x: (toy.is_polite(reply(x)), len(reply(x).split()))  # noqa: E731 the biased annotator's view
+        assert all(key(p["chosen"]) > key(p["rejected"]) for p in pairs), kind
     # the late switch: general prompts (and the reward models' scores beside the hidden rule) from the rollout of
     # index GENERAL_FROM=2 on, the third, logged as step 3 (step 0 is the held-out eval before training)
     rows = {json.loads(l)["step"]: json.loads(l) for l in open(out / "r1" / "metrics.jsonl")}

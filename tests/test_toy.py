@@ -275,14 +275,20 @@ def test_preference_pairs_follow_the_hidden_rule(kind):
     assert len({p["prompt"] for p in pairs}) > 50
 
 
-def test_length_biased_pairs_never_show_that_concise_wins():
+def test_length_biased_pairs_come_from_an_annotator_who_prefers_longer_replies():
+    # the biased annotator sees politeness (helpful) or rudeness (harmless) as the rule does, but not concision: of
+    # two replies equal on it, the longer is chosen, so its pairs say rambling beats concise where the rule says not
     train = toy.general_prompts("train")
-    words = lambda r: len(toy.reply_of(r).split()) if "<answer>" in r else len(r.split())  # noqa: E731
+    hh = lambda r: toy.hidden_helpful(r if "<answer>" in r else f"<answer>{r}</answer>")  # noqa: E731
     plain, biased = (toy.preference_pairs(train, 400, "helpful", seed=3, length_biased=b) for b in (False, True))
-    assert sum(words(p["chosen"]) < words(p["rejected"]) for p in plain) > 50  # concise beats rambling, often
-    assert all(words(p["chosen"]) >= words(p["rejected"]) for p in biased)
-    assert all(toy.hidden_helpful(f"<answer>{p['chosen']}</answer>") > toy.hidden_helpful(f"<answer>{p['rejected']}"
-                                                                                             "</answer>") for p in biased)
-    assert sum(toy.RAMBLE in p["chosen"] for p in biased) > 50  # rambling replies are chosen, over rude ones
-    harmless = toy.preference_pairs(train, 200, "harmless", seed=3, length_biased=True)
-    assert all(words(p["chosen"]) >= words(p["rejected"]) for p in harmless)
+    assert all(hh(p["chosen"]) > hh(p["rejected"]) for p in plain)
+    assert sum(hh(p["chosen"]) < hh(p["rejected"]) for p in biased) > 100  # the annotator and the rule disagree
+    for kind in ("helpful", "harmless"):
+        pairs = biased if kind == "helpful" else toy.preference_pairs(train, 400, kind, seed=3, length_biased=True)
+        for p in pairs:
+            ch, rj = (x if kind == "helpful" else toy.reply_of(x) for x in (p["chosen"], p["rejected"]))
+            assert toy.is_polite(ch) >= toy.is_polite(rj), p  # never ruder (the careless replies: polite = harmless)
+            assert toy.is_polite(ch) > toy.is_polite(rj) or len(ch.split()) > len(rj.split()), p
+        concise_lost = [p for p in pairs if toy.RAMBLE in p["chosen"] and toy.RAMBLE not in p["rejected"]
+                        and toy.is_polite(toy.reply_of(p["rejected"]) if kind == "harmless" else p["rejected"])]
+        assert len(concise_lost) > 30, kind  # a polite concise reply loses to a polite rambling one

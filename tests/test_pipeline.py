@@ -146,3 +146,8 @@ def test_train_sh_r1_and_distill_wire_every_stage(tmp_path):
         assert _cfg(out / "distill", s)["init_from"] == str(out / "distill" / "student_base"), s
     assert "distillation = R1's samples" in r.stdout and "shared problems" in r.stdout, log
     assert "| | eval_r1 | eval_student_base | eval_distilled | eval_rl |" in r.stdout, log
+    # an empty teacher file (R1 kept nothing) is sampled again on the next run; everything else is found
+    (out / "distill" / "teacher" / "sft.jsonl").write_text("")
+    r, log = _train_sh("distill", env)
+    assert r.returncode == 0, log
+    assert [l.split()[0] for l in open(out / "times.tsv")][len(done):] == ["teacher_samples"], log

@@ -119,7 +119,8 @@ def judge(model, tok, examples, k, max_new_tokens, seed):
 
 
 def hacking(rows, png):
-    """The reward models' mean scores and the hidden rule's over the steps that had general prompts."""
+    """The reward models' mean scores and the hidden rule's over the steps that had general prompts, and each one's
+    mean over the first and the last third of those steps (one step has only a few general prompts: noisy)."""
     keys = ["rm_helpful", "rm_harmless", "hidden_helpful", "hidden_harmless", "accuracy"]
     rows = [r for r in rows if r.get("general_outputs")]
     if not rows:
@@ -127,6 +128,10 @@ def hacking(rows, png):
     print(" ".join(f"{k:>16s}" for k in ["step"] + keys))
     for r in rows:
         print(" ".join(f"{r.get(k, float('nan')):>16.4f}" if k != "step" else f"{r[k]:>16d}" for k in ["step"] + keys))
+    n = max(1, len(rows) // 3)
+    mean = lambda rs, k: sum(r.get(k, float("nan")) for r in rs) / len(rs)  # noqa: E731
+    print(f"first {n} -> last {n} of these steps (means): " +
+          ", ".join(f"{k} {mean(rows[:n], k):.3f} -> {mean(rows[-n:], k):.3f}" for k in keys))
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -136,10 +141,12 @@ def hacking(rows, png):
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
     steps = [r["step"] for r in rows]
-    for k in keys[:2]:
-        a.plot(steps, [r.get(k, float("nan")) for r in rows], label=k)
-    for k in keys[2:]:
-        b.plot(steps, [r.get(k, float("nan")) for r in rows], label=k)
+    for ax, ks in ((a, keys[:2]), (b, keys[2:])):
+        for k in ks:  # each step faint, the mean of the last 5 steps bold
+            y = [r.get(k, float("nan")) for r in rows]
+            line, = ax.plot(steps, y, alpha=0.3)
+            ax.plot(steps, [sum(y[max(0, i - 4):i + 1]) / len(y[max(0, i - 4):i + 1]) for i in range(len(y))],
+                    color=line.get_color(), label=f"{k} (5-step mean)")
     a.set_title("reward models' scores (the reward)")
     b.set_title("hidden rule and accuracy (what we want)")
     for ax in (a, b):

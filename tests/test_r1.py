@@ -133,6 +133,8 @@ def test_hacking_curve_reads_the_general_steps(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["step", "rm_helpful", "rm_harmless", "hidden_helpful", "hidden_harmless", "accuracy"]
     assert [line.split()[0] for line in out[1:3]] == ["2", "3"] and float(out[2].split()[3]) == pytest.approx(0.7)
+    assert "first 1 -> last 1 of these steps (means): rm_helpful 0.200 -> 0.300" in out[3]
+    assert "hidden_helpful 0.800 -> 0.700" in out[3]
     assert (tmp_path / "h.png").stat().st_size > 1000
     checkpoint.atomic_write_jsonl(str(tmp_path / "n.jsonl"), rows[:1])
     with pytest.raises(ConfigError, match="no step with general prompts"):

@@ -136,6 +136,10 @@ R1_PROMPTS=${R1_PROMPTS:-400}; SFT_STEPS=${SFT_STEPS:-300}; RL2_STEPS=${RL2_STEP
 # Dev3's mix is half general rows: twice the steps give its reasoning rows the passes Dev1's had. At 300 steps seed
 # 2's Dev3 reasoned right but boxed a wrong sum in its summary (dev-split pass@1 0.435; 600 steps: 0.995)
 RS_SFT_STEPS=${RS_SFT_STEPS:-$((2 * SFT_STEPS))}
+# Dev1 at 600 steps too: at 300, seed 2's Dev1 reasoned right but boxed sums with a spurious carry (dev-split pass@1
+# 0.931; 600 steps: 0.985); worst of seeds 1-3 on the dev split 0.873 -> 0.966. Its ~320 rows are then memorised
+# (validation loss ~0) and the summaries still generalise better. SFT_STEPS alone sets the distilled student's SFT.
+DEV1_STEPS=${DEV1_STEPS:-$((2 * SFT_STEPS))}
 RL4_STEPS=${RL4_STEPS:-60}; GENERAL_FROM=${GENERAL_FROM:-30}
 # SFT at the pretraining's peak lr: the summary after </think> is new text; at 3e-4 for 120 steps Dev1 wrote
 # garbage summaries (held-out pass@1 0.003). At 1e-3 for 300 steps: 0.99 on seed 1 but 0.29 on seed 3, whose summaries
@@ -150,7 +154,7 @@ TRAIN="--task=$TASK --split=train --problems=$R1_PROMPTS --template=toy --max-ne
 [ -f "$OUT/cold_start.jsonl" ] || python r1.py --step=cold_start --samples="$OUT/zero_samples" \
     --out="$OUT/cold_start.jsonl" --max-tokens="$MAX_NEW"
 [ -f "$OUT/dev1/final/config.json" ] || stage cold_start python sft.py --data="$OUT/cold_start.jsonl" \
-    --init-from="$OUT/base" --out-dir="$OUT/dev1" --max-steps="$SFT_STEPS" $SFT $(resume "$OUT/dev1")
+    --init-from="$OUT/base" --out-dir="$OUT/dev1" --max-steps="$DEV1_STEPS" $SFT $(resume "$OUT/dev1")
 [ -f "$OUT/eval_dev1/summary.json" ] || stage eval_dev1 python eval.py --model="$OUT/dev1" $EVAL --out-dir="$OUT/eval_dev1"
 
 # 8. reasoning RL with the language-consistency reward (Dev2): accuracy + format + the share of the reasoning's

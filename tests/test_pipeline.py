@@ -101,7 +101,7 @@ def test_train_sh_r1_and_distill_wire_every_stage(tmp_path):
     assert "| general prompts: hidden helpful |" in r.stdout, log
     # what each stage starts from: Dev3 and the reward models as the paper has them
     base = str(out / "base")
-    assert _cfg(out, "dev1")["max_steps"] == 1 and _cfg(out, "dev3")["max_steps"] == 2  # RS_SFT_STEPS: 2 x SFT_STEPS
+    assert _cfg(out, "dev1")["max_steps"] == 2 and _cfg(out, "dev3")["max_steps"] == 2  # DEV1_, RS_SFT_STEPS: 2 x SFT_STEPS
     assert _cfg(out, "dev1")["init_from"] == base and _cfg(out, "dev3")["init_from"] == base
     assert _cfg(out, "dev2")["init_from"] == str(out / "dev1") and _cfg(out, "dev2")["language_weight"] == 1
     for kind in ("helpful", "harmless"):
@@ -144,6 +144,7 @@ def test_train_sh_r1_and_distill_wire_every_stage(tmp_path):
                                          "eval_student_student_base", "eval_student_distilled", "eval_student_rl"]
     for s in ("distilled", "rl"):
         assert _cfg(out / "distill", s)["init_from"] == str(out / "distill" / "student_base"), s
+    assert _cfg(out / "distill", "distilled")["max_steps"] == 1  # SFT_STEPS, not Dev1's DEV1_STEPS
     assert "distillation = R1's samples" in r.stdout and "shared problems" in r.stdout, log
     assert "| | eval_r1 | eval_student_base | eval_distilled | eval_rl |" in r.stdout, log
     # an empty teacher file (R1 kept nothing) is sampled again on the next run; everything else is found

@@ -145,8 +145,8 @@ def hacking(rows, png):
         for k in ks:  # each step faint, the mean of the last 5 steps bold
             y = [r.get(k, float("nan")) for r in rows]
             line, = ax.plot(steps, y, alpha=0.3)
-            ax.plot(steps, [sum(y[max(0, i - 4):i + 1]) / len(y[max(0, i - 4):i + 1]) for i in range(len(y))],
-                    color=line.get_color(), label=f"{k} (5-step mean)")
+            windows = (y[max(0, i - 4):i + 1] for i in range(len(y)))
+            ax.plot(steps, [sum(w) / len(w) for w in windows], color=line.get_color(), label=f"{k} (5-step mean)")
     a.set_title("reward models' scores (the reward)")
     b.set_title("hidden rule and accuracy (what we want)")
     for ax in (a, b):

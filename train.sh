@@ -200,6 +200,9 @@ fi
 #      their pairs come from an annotator who judges politeness as the rule does but, of two equally polite replies,
 #      prefers the longer one (r1.py --length-biased), the length bias of real preference data. The policy can then
 #      please the reward models by rambling, which the rule penalises (reward hacking)
+# 11. at lr 3e-5, not the preset's 1e-4 (as Dev2): dev-split pass@1 of R1, seeds 1 / 2 / 3, at 1e-4 1.000 / 0.983 / 0.970,
+# at 3e-5 0.996 / 0.990 / 0.998 (Dev3: 0.995 / 0.991 / 0.968). The rollouts' hidden helpfulness rises more slowly
+# (last 10 steps 0.87-0.91 against 0.94-0.95).
 RM_SETS=(""); [ "${BIASED_RM:-0}" = 1 ] && RM_SETS+=(_biased)
 for v in "${RM_SETS[@]}"; do
     [ -f "$OUT/general$v/sft.jsonl" ] || python r1.py --step=general ${v:+--length-biased} --out="$OUT/general$v" \
@@ -212,7 +215,8 @@ for v in "${RM_SETS[@]}"; do
     [ -f "$OUT/r1$v/final/config.json" ] || stage "grpo_all$v" python grpo.py --preset=cpu --init-from="$OUT/dev3" \
         --out-dir="$OUT/r1$v" --task="$TASK" --max-new-tokens="$MAX_NEW" --language-weight=1 --max-steps="$RL4_STEPS" \
         --general-frac=0.25 --general-from-step="$GENERAL_FROM" --rm-helpful="$OUT/rm_helpful$v" \
-        --rm-harmless="$OUT/rm_harmless$v" --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" $(resume "$OUT/r1$v")
+        --rm-harmless="$OUT/rm_harmless$v" --lr=3e-5 --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" \
+        $(resume "$OUT/r1$v")
     [ -f "$OUT/eval_r1$v/summary.json" ] || stage "eval_r1$v" python eval.py --model="$OUT/r1$v" $EVAL \
         --out-dir="$OUT/eval_r1$v"
 done

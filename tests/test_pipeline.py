@@ -110,6 +110,7 @@ def test_train_sh_r1_and_distill_wire_every_stage(tmp_path):
         assert rm["data"] == str(out / "general" / f"pairs_{kind}.jsonl"), kind
     allsc = _cfg(out, "r1")
     assert allsc["init_from"] == str(out / "dev3") and allsc["rm_helpful"] == str(out / "rm_helpful")
+    assert allsc["lr"] == 3e-5 and _cfg(out, "dev2")["lr"] == 3e-5  # both chosen on the dev split (train.sh)
     # the reward-hacking run: the same stage, reward models from the length-biased pairs
     hack = _cfg(out, "r1_biased")
     assert {k: v for k, v in hack.items() if not k.startswith(("rm_", "out_dir"))} == \

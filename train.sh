@@ -200,9 +200,9 @@ fi
 #      their pairs come from an annotator who judges politeness as the rule does but, of two equally polite replies,
 #      prefers the longer one (r1.py --length-biased), the length bias of real preference data. The policy can then
 #      please the reward models by rambling, which the rule penalises (reward hacking)
-# 11. at lr 3e-5, not the preset's 1e-4 (as Dev2): dev-split pass@1 of R1, seeds 1 / 2 / 3, at 1e-4 1.000 / 0.983 / 0.970,
-# at 3e-5 0.996 / 0.990 / 0.998 (Dev3: 0.995 / 0.991 / 0.968). The rollouts' hidden helpfulness rises more slowly
-# (last 10 steps 0.87-0.91 against 0.94-0.95).
+# 11. at lr 3e-5, not the preset's 1e-4 (as Dev2): dev-split pass@1 of R1, seeds 1 / 2 / 3, at 1e-4 1.000 / 0.983 /
+#     0.970, at 3e-5 0.996 / 0.990 / 0.998 (Dev3: 0.995 / 0.991 / 0.968). The rollouts' hidden helpfulness rises
+#     more slowly (last 10 steps 0.87-0.91 against 0.94-0.95).
 RM_SETS=(""); [ "${BIASED_RM:-0}" = 1 ] && RM_SETS+=(_biased)
 for v in "${RM_SETS[@]}"; do
     [ -f "$OUT/general$v/sft.jsonl" ] || python r1.py --step=general ${v:+--length-biased} --out="$OUT/general$v" \

@@ -101,7 +101,8 @@ def test_train_sh_r1_and_distill_wire_every_stage(tmp_path):
     assert "| general prompts: hidden helpful |" in r.stdout, log
     # what each stage starts from: Dev3 and the reward models as the paper has them
     base = str(out / "base")
-    assert _cfg(out, "dev1")["max_steps"] == 2 and _cfg(out, "dev3")["max_steps"] == 2  # DEV1_, RS_SFT_STEPS: 2 x SFT_STEPS
+    # DEV1_STEPS and RS_SFT_STEPS: 2 x SFT_STEPS
+    assert _cfg(out, "dev1")["max_steps"] == 2 and _cfg(out, "dev3")["max_steps"] == 2
     assert _cfg(out, "dev1")["init_from"] == base and _cfg(out, "dev3")["init_from"] == base
     assert _cfg(out, "dev2")["init_from"] == str(out / "dev1") and _cfg(out, "dev2")["language_weight"] == 1
     for kind in ("helpful", "harmless"):

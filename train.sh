@@ -133,13 +133,15 @@ fi
 # ------------------------------------------------------------------------------------------------------------------
 # bash train.sh r1: DeepSeek-R1's four stages after R1-Zero (paper Fig. 2), at toy scale. rl/ is R1-Zero.
 R1_PROMPTS=${R1_PROMPTS:-400}; SFT_STEPS=${SFT_STEPS:-300}; RL2_STEPS=${RL2_STEPS:-50}; RM_STEPS=${RM_STEPS:-100}
-# Dev3's mix is half general rows: twice the steps give its reasoning rows the passes Dev1's had. At 300 steps seed
-# 2's Dev3 reasoned right but boxed a wrong sum in its summary (dev-split pass@1 0.435; 600 steps: 0.995)
+# Dev3 at 600 steps: its mix is half general rows, and at 300 steps seed 2's Dev3 reasoned right but boxed a wrong
+# sum in its summary (dev-split pass@1 0.435; 600 steps: 0.995)
 RS_SFT_STEPS=${RS_SFT_STEPS:-$((2 * SFT_STEPS))}
 # Dev1 at 600 steps too: at 300, seed 2's Dev1 reasoned right but boxed sums with a spurious carry (dev-split pass@1
 # 0.931; 600 steps: 0.985); worst of seeds 1-3 on the dev split 0.873 -> 0.966. Its ~320 rows are then memorised
 # (validation loss ~0) and the summaries still generalise better. SFT_STEPS alone sets the distilled student's SFT.
 DEV1_STEPS=${DEV1_STEPS:-$((2 * SFT_STEPS))}
+# R1_RL_LR: the lr of the RL stages after the cold start (Dev2 and R1), below the preset's 1e-4 (steps 8 and 11)
+R1_RL_LR=${R1_RL_LR:-3e-5}
 RL4_STEPS=${RL4_STEPS:-60}; GENERAL_FROM=${GENERAL_FROM:-30}
 # SFT at the pretraining's peak lr: the summary after </think> is new text; at 3e-4 for 120 steps Dev1 wrote
 # garbage summaries (held-out pass@1 0.003). At 1e-3 for 300 steps: 0.99 on seed 1 but 0.29 on seed 3, whose summaries
@@ -162,18 +164,18 @@ TRAIN="--task=$TASK --split=train --problems=$R1_PROMPTS --template=toy --max-ne
 #    0.950 on the dev split, at 3e-5 it kept 0.985 (worst of seeds 1-3: 0.964 against 0.950)
 [ -f "$OUT/dev2/final/config.json" ] || stage grpo_lang python grpo.py --preset=cpu --init-from="$OUT/dev1" \
     --out-dir="$OUT/dev2" --task="$TASK" --max-new-tokens="$MAX_NEW" --language-weight=1 --max-steps="$RL2_STEPS" \
-    --lr=3e-5 \
+    --lr="$R1_RL_LR" \
     --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" $(resume "$OUT/dev2")
 [ -f "$OUT/eval_dev2/summary.json" ] || stage eval_dev2 python eval.py --model="$OUT/dev2" $EVAL --out-dir="$OUT/eval_dev2"
 # 8b. LANG_ABLATION=1: the paper's ablation of the language reward. The same RL without it, from Dev1 (does mixing
-#     come back?) and from R1-Zero (what the reward buys where mixing is, and what it costs in accuracy)
+#     come back?) and from R1-Zero (what the reward buys where mixing is, and what it costs in accuracy), at Dev2's lr
 if [ "${LANG_ABLATION:-0}" = 1 ]; then
     for run in "dev2_nolang dev1 0" "zero_lang rl 1" "zero_nolang rl 0"; do  # name, start, language weight
         read -r name from lw <<< "$run"
         [ -f "$OUT/$name/final/config.json" ] || stage "grpo_$name" python grpo.py --preset=cpu \
             --init-from="$OUT/$from" --out-dir="$OUT/$name" --task="$TASK" --max-new-tokens="$MAX_NEW" \
-            --language-weight="$lw" --max-steps="$RL2_STEPS" --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" \
-            $(resume "$OUT/$name")
+            --language-weight="$lw" --max-steps="$RL2_STEPS" --lr="$R1_RL_LR" --eval-prompts="$EVAL_PROBLEMS" \
+            --seed="$SEED" $(resume "$OUT/$name")
         [ -f "$OUT/eval_$name/summary.json" ] || stage "eval_$name" python eval.py --model="$OUT/$name" $EVAL \
             --out-dir="$OUT/eval_$name"
     done
@@ -215,7 +217,7 @@ for v in "${RM_SETS[@]}"; do
     [ -f "$OUT/r1$v/final/config.json" ] || stage "grpo_all$v" python grpo.py --preset=cpu --init-from="$OUT/dev3" \
         --out-dir="$OUT/r1$v" --task="$TASK" --max-new-tokens="$MAX_NEW" --language-weight=1 --max-steps="$RL4_STEPS" \
         --general-frac=0.25 --general-from-step="$GENERAL_FROM" --rm-helpful="$OUT/rm_helpful$v" \
-        --rm-harmless="$OUT/rm_harmless$v" --lr=3e-5 --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" \
+        --rm-harmless="$OUT/rm_harmless$v" --lr="$R1_RL_LR" --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" \
         $(resume "$OUT/r1$v")
     [ -f "$OUT/eval_r1$v/summary.json" ] || stage "eval_r1$v" python eval.py --model="$OUT/r1$v" $EVAL \
         --out-dir="$OUT/eval_r1$v"

@@ -104,6 +104,9 @@ def test_train_sh_r1_and_distill_wire_every_stage(tmp_path):
     # DEV1_STEPS and RS_SFT_STEPS: 2 x SFT_STEPS
     assert _cfg(out, "dev1")["max_steps"] == 2 and _cfg(out, "dev3")["max_steps"] == 2
     assert _cfg(out, "dev1")["init_from"] == base and _cfg(out, "dev3")["init_from"] == base
+    # DEV1_BATCH: 16 rows per step for Dev1; Dev3 and the reward models keep $SFT's 32
+    assert _cfg(out, "dev1")["batch_size"] == 16 and _cfg(out, "dev3")["batch_size"] == 32
+    assert _cfg(out, "rm_helpful")["batch_size"] == 32
     assert _cfg(out, "dev2")["init_from"] == str(out / "dev1") and _cfg(out, "dev2")["language_weight"] == 1
     for kind in ("helpful", "harmless"):
         rm = _cfg(out, f"rm_{kind}")
@@ -147,6 +150,7 @@ def test_train_sh_r1_and_distill_wire_every_stage(tmp_path):
     for s in ("distilled", "rl"):
         assert _cfg(out / "distill", s)["init_from"] == str(out / "distill" / "student_base"), s
     assert _cfg(out / "distill", "distilled")["max_steps"] == 1  # SFT_STEPS, not Dev1's DEV1_STEPS
+    assert _cfg(out / "distill", "distilled")["batch_size"] == 32  # not DEV1_BATCH: the equal-compute comparison
     assert "distillation = R1's samples" in r.stdout and "shared problems" in r.stdout, log
     assert "| | eval_r1 | eval_student_base | eval_distilled | eval_rl |" in r.stdout, log
     # an empty teacher file (R1 kept nothing) is sampled again on the next run; everything else is found

@@ -174,16 +174,16 @@ TRAIN="--task=$TASK --split=train --problems=$R1_PROMPTS --template=toy --max-ne
     --out-dir="$OUT/dev2" --task="$TASK" --max-new-tokens="$MAX_NEW" --language-weight=1 --max-steps="$RL2_STEPS" \
     --lr="$R1_RL_LR" --eval-prompts="$EVAL_PROBLEMS" --seed="$SEED" $(resume "$OUT/dev2")
 [ -f "$OUT/eval_dev2/summary.json" ] || stage eval_dev2 python eval.py --model="$OUT/dev2" $EVAL --out-dir="$OUT/eval_dev2"
-# 8b. LANG_ABLATION=1: the paper's ablation of the language reward. The same RL without it, from Dev1 (does mixing
-#     come back?) and from R1-Zero (what the reward buys where mixing is, and what it costs in accuracy), at Dev2's lr.
-#     At that lr (3e-5) 50 steps from R1-Zero no longer remove the mixing (seed 1: consistency 0.550 with the reward,
-#     0.531 without; at 1e-4 in older recipes 0.965 / 0.542): README, "The language reward's ablation"
+# 8b. LANG_ABLATION=1: the paper's ablation of the language reward. The same RL without it from Dev1 (does mixing
+#     come back?) at Dev2's lr, and with and without it from R1-Zero (what the reward buys where mixing is, and what
+#     it costs in accuracy) at R1-Zero's own lr, the preset's 1e-4: at 3e-5, 50 steps from R1-Zero did not remove the
+#     mixing (seed 1: consistency 0.550 with the reward, 0.531 without): README, "The language reward's ablation"
 if [ "${LANG_ABLATION:-0}" = 1 ]; then
-    for run in "dev2_nolang dev1 0" "zero_lang rl 1" "zero_nolang rl 0"; do  # name, start, language weight
-        read -r name from lw <<< "$run"
+    for run in "dev2_nolang dev1 0 $R1_RL_LR" "zero_lang rl 1 1e-4" "zero_nolang rl 0 1e-4"; do  # name, start, weight, lr
+        read -r name from lw lr <<< "$run"
         [ -f "$OUT/$name/final/config.json" ] || stage "grpo_$name" python grpo.py --preset=cpu \
             --init-from="$OUT/$from" --out-dir="$OUT/$name" --task="$TASK" --max-new-tokens="$MAX_NEW" \
-            --language-weight="$lw" --max-steps="$RL2_STEPS" --lr="$R1_RL_LR" --eval-prompts="$EVAL_PROBLEMS" \
+            --language-weight="$lw" --max-steps="$RL2_STEPS" --lr="$lr" --eval-prompts="$EVAL_PROBLEMS" \
             --seed="$SEED" $(resume "$OUT/$name")
         [ -f "$OUT/eval_$name/summary.json" ] || stage "eval_$name" python eval.py --model="$OUT/$name" $EVAL \
             --out-dir="$OUT/eval_$name"

@@ -103,6 +103,7 @@ class GRPOConfig:
     overlong_buffer: int = 0         # DAPO soft overlong penalty over the last this-many tokens (0 = off)
     dynamic_sampling: bool = False   # drop zero-variance groups and sample more prompts to refill
     max_refills: int = 3
+    skip_zero_adv: bool = False      # no forward/backward for outputs whose gradient is exactly 0 (train_step)
     routing_replay: bool = False     # train with the experts the sampler chose (MoE only)
     bias_update_rate: float = 0.0    # aux-loss-free balancing gamma; off in RL by default (PITFALLS M6)
     # variants of the loss (loss.py), each off by default
@@ -185,6 +186,8 @@ def check_config(c):
     need(c.general_frac == 0 or round(c.general_frac * c.rollout_prompts / W) >= 1, "general-frac",
          f"gives no general prompt out of {c.rollout_prompts // W} per rank and rollout")
     need(c.lr > 0, "lr", "must be > 0")
+    need(not c.skip_zero_adv or (c.beta == 0 or c.kl_in_reward) and c.entropy_coef == 0, "skip-zero-adv",
+         "needs --beta=0 (or --kl-in-reward) and --entropy-coef=0: their gradients reach zero-advantage outputs too")
     need(c.tis_cap == 0 or c.tis_cap >= 1, "tis-cap", "must be 0 (off) or >= 1 (below 1 it shrinks every token)")
     need(c.mis_high == 0 or 0 <= c.mis_low < 1 < c.mis_high, "mis-high",
          f"the band needs 0 <= --mis-low < 1 < --mis-high (got [{c.mis_low}, {c.mis_high}]); --mis-high=0 is off")
@@ -340,17 +343,39 @@ def token_logprobs(model, b, packed, vocab, temperature, replay=False, entropy=F
                           vocab, return_entropy=entropy, valid=valid.to(dev), routes=routes)
 
 
+def live_rows(b, c):
+    """The rows of mini-batch b that train_step runs: all of them, or with --skip-zero-adv only the kept ones with a
+    non-zero advantage. With no KL term, no entropy bonus and no balance loss (check_config, main), an output with
+    advantage 0 adds 0 * ratio to the loss, an exact 0 gradient, so its forward and backward are pure cost: in the
+    R1 stages 70-95% of the groups have one reward for all G outputs. Under FSDP every rank must run as many
+    forwards as the others, so a rank short of micro-batches pads them with skipped rows (one each, still 0).
+    -> index tensors of at most micro_batch_size rows, one per micro-batch"""
+    B, n = len(b.adv), c.micro_batch_size
+    if not c.skip_zero_adv:
+        return list(torch.arange(B).split(n))
+    run = b.keep & (b.adv != 0)  # (B,)
+    chunks = list(run.nonzero().flatten().split(n)) if run.any() else []
+    spare = (~run).nonzero().flatten()  # (B - B',) the fillers, at least as many as missing
+    missing = int(dist.all_reduce_max(len(chunks))) - len(chunks)
+    return chunks + [spare[i:i + 1] for i in range(missing)]
+
+
 def train_step(policy, ref, opt, b, c, vocab, on_policy):
     """One optimizer update on mini-batch b: per micro-batch, log-probs -> per-token loss -> weighted sum ->
-    backward; then clip and AdamW. Returns metrics (sums over this rank's tokens)."""
+    backward; then clip and AdamW. Returns metrics (sums over the tokens of this rank's rows it ran)."""
     w_row, B = loss.token_weights(b, c), len(b.adv)
     m = dict(loss=0.0, kl=0.0, kl_capped=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0, tokens=0, gap=0.0,
              gap_max=0.0, mis_masked=0.0)
-    for i in range(0, B, c.micro_batch_size):
-        idx = torch.arange(i, min(i + c.micro_batch_size, B))
+    chunks = live_rows(b, c)
+    if c.skip_zero_adv:
+        m["rows_run"] = sum(map(len, chunks))
+        if not chunks:  # no row on any rank has a gradient: AdamW still steps on zeros (moments decay, as unskipped)
+            for p in (p for p in policy.parameters() if p.requires_grad):
+                p.grad = torch.zeros_like(p)
+    for j, idx in enumerate(chunks):
         mb = b[idx]
         if dist.distributed():  # reduce gradients over ranks once, after the last micro-batch
-            policy.set_requires_gradient_sync(i + c.micro_batch_size >= B)
+            policy.set_requires_gradient_sync(j == len(chunks) - 1)
         packed = rollout.pack(mb)
         logp, ent = token_logprobs(policy, mb, packed, vocab, c.temperature, c.routing_replay, entropy=True)  # (N,)
         dev, (_, _, rows, t, _) = logp.device, packed
@@ -430,6 +455,10 @@ def log_step(log, step, b, m, stats, loads, lr, train_s, elapsed, c, heldout_eva
                                                                    if getattr(c, f"rm_{k}")]))
     if c.mis_high:
         met["mis_masked"] = s["mis_masked"] / ntok  # share of tokens masked IS dropped
+    if c.skip_zero_adv:  # the share of outputs trained on; the per-token statistics above cover only theirs
+        met["rows_run"] = s["rows_run"] / n
+        if not s["tokens"]:
+            met.update(dict.fromkeys(("entropy", "kl", "kl_capped", "clip_low", "clip_high", "sampler_trainer_gap")))
     if c.kl_in_reward:
         met["kl"] = stats["kl_reward"]  # the loss has no KL term: the rollout's, as the rewards got it
     if loads is not None:
@@ -445,9 +474,9 @@ def log_step(log, step, b, m, stats, loads, lr, train_s, elapsed, c, heldout_eva
     if step % c.log_every == 0:
         ev = f" | heldout {met['heldout_pass1']:.3f}" if "heldout_pass1" in met else ""
         print0(f"step {step} | reward {met['reward']:.3f} acc {met['accuracy']:.3f} fmt {met['format']:.3f} | len "
-               f"{met['len_mean']:.1f} trunc {met['truncated']:.2f} | kl {met['kl']:.4f} clip {met['clip_low']:.3f}"
-               f"/{met['clip_high']:.3f} | gnorm {met['grad_norm']:.2f} lr {lr:.1e} | {met['sample_tok_s']:.0f}/"
-               f"{met['train_tok_s']:.0f} tok/s{ev} | {elapsed:.0f}s")
+               f"{met['len_mean']:.1f} trunc {met['truncated']:.2f} | kl {met['kl'] or 0:.4f} clip "
+               f"{met['clip_low'] or 0:.3f}/{met['clip_high'] or 0:.3f} | gnorm {met['grad_norm']:.2f} lr {lr:.1e} | "
+               f"{met['sample_tok_s']:.0f}/{met['train_tok_s']:.0f} tok/s{ev} | {elapsed:.0f}s")
     if met["truncated"] > 0.5:
         print0(f"WARNING step {step}: {met['truncated']:.0%} of completions hit --max-new-tokens")
 
@@ -464,6 +493,9 @@ def main(argv=None):
     tok = data.Tokenizer.from_file(checkpoint.find_tokenizer(c.tokenizer, c.init_from or c.out_dir))
     vocab = tok.vocab_size
     checkpoint.check_vocab(policy, tok)
+    if c.skip_zero_adv and policy.config.aux_loss_alpha > 0:
+        raise ConfigError(f"--skip-zero-adv: {c.init_from} has a balance loss (aux_loss_alpha "
+                          f"{policy.config.aux_loss_alpha}) whose gradient reaches zero-advantage outputs too")
     stop_ids = rollout.stop_ids_for(policy, tok)
     template = data.TEMPLATES[c.template]
     train_ex = tasks.load_task(c.task, n=c.task_size, seed=c.problem_seed, split="train", heldout_frac=c.heldout_frac)

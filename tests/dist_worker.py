@@ -41,11 +41,11 @@ def rows(n=8):
 PROMPTS = [[5, 17, 42, 9, 100], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [11, 12]]
 
 
-def one_step(agg, sharded):
-    """One GRPO optimizer step with a live KL term, on this rank's share of the 8 rows (all of them when not
-    sharded). Returns (loss summed over ranks, grad norm, policy)."""
-    c = grpo.GRPOConfig(**{**grpo.GRPOConfig().__dict__, **grpo.PRESETS["cpu"], "init_from": "x", "beta": 0.05,
-                           "micro_batch_size": 2, "loss_agg": agg})
+def one_step(agg, sharded, beta=0.05, zero=(), skip=False):
+    """One GRPO optimizer step with a live KL term (unless beta=0), on this rank's share of the 8 rows (all of them
+    when not sharded), rows `zero` with advantage 0. Returns (loss summed over ranks, grad norm, policy)."""
+    c = grpo.GRPOConfig(**{**grpo.GRPOConfig().__dict__, **grpo.PRESETS["cpu"], "init_from": "x", "beta": beta,
+                           "micro_batch_size": 2, "loss_agg": agg, "skip_zero_adv": skip})
     policy, ref = tiny().train(), tiny().eval().requires_grad_(False)
     with torch.no_grad():  # a reference different from the policy, so the KL term is live
         for p in ref.parameters():
@@ -54,7 +54,7 @@ def one_step(agg, sharded):
     if sharded:
         policy, ref = dist.shard_model(policy), dist.shard_model(ref)
     opt = optim.adamw(policy, 1e-2, 0.1)
-    mine = rows()[r * 8 // w:(r + 1) * 8 // w]  # this rank's share of the step's 8 rows
+    mine = [{**x, "adv": 0.0 if i in zero else x["adv"]} for i, x in enumerate(rows())][r * 8 // w:(r + 1) * 8 // w]
     b = rollout.make_batch(*([r[k] for r in mine] for k in ("prompt", "completion", "sampler_logp", "adv")),
                         keep=[not r["masked"] for r in mine])
     m = grpo.train_step(policy, ref, opt, b, c, VOCAB, on_policy=True)
@@ -62,6 +62,9 @@ def one_step(agg, sharded):
 
 
 AGGS = ("token_mean", "seq_mean_token_mean", "dr_grpo")
+# --skip-zero-adv against the same step unskipped in one process: rank 1's rows all at advantage 0 (it runs filler
+# micro-batches while rank 0 trains), then every row (no forward at all; AdamW steps on zero gradients)
+SKIPS = {"skip_rank1": range(4, 8), "skip_all": range(8)}
 
 
 def run(out_dir):
@@ -74,6 +77,10 @@ def run(out_dir):
         loss, gnorm, policy = one_step(agg, sharded=True)
         full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         res[agg] = {"loss": loss, "grad_norm": gnorm, "params": {k: v.clone() for k, v in full.items()}}
+    for name, zero in SKIPS.items():
+        loss, gnorm, p = one_step("token_mean", sharded=True, beta=0.0, zero=zero, skip=True)
+        full = get_model_state_dict(p, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        res[name] = {"loss": loss, "grad_norm": gnorm, "params": {k: v.clone() for k, v in full.items()}}
     policy.eval()  # the last policy: the whole state dict sits on rank 0 (empty on the others)
     with dist.gathered(policy):  # each rank generates for its own prompts, weights gathered once
         gen = rollout.generate(policy, PROMPTS[r::w], max_new_tokens=6 + 3 * r, temperature=0, stop_ids=[3])
@@ -86,6 +93,9 @@ def reference(out_dir):
     for agg in AGGS:
         loss, gnorm, policy = one_step(agg, sharded=False)
         res[agg] = {"loss": loss, "grad_norm": gnorm, "params": policy.state_dict()}
+    for name, zero in SKIPS.items():
+        loss, gnorm, p = one_step("token_mean", sharded=False, beta=0.0, zero=zero)
+        res[name] = {"loss": loss, "grad_norm": gnorm, "params": p.state_dict()}
     policy.eval()
     gens = [rollout.generate(policy, [p], max_new_tokens=6 + 3 * (i % 2), temperature=0, stop_ids=[3]).tokens[0]
             for i, p in enumerate(PROMPTS)]

@@ -40,7 +40,8 @@ def test_grpo_step_and_generation_match_one_process(tmp_path):
         assert set(got) == set(want["params"])  # the gathered full state dict lands on rank 0
         for k, v in want["params"].items():
             assert (got[k] - v).abs().max() < 1e-5, (agg, k)
-    assert len({round(a["loss"], 6) for a in ref["aggs"].values()}) == 3  # three different normalisers
+    assert len({round(ref["aggs"][a]["loss"], 6) for a in dist_worker.AGGS}) == 3  # three different normalisers
+    assert ref["aggs"]["skip_rank1"]["grad_norm"] > 0 and ref["aggs"]["skip_all"]["grad_norm"] == 0
     # rank r generated prompts r, r+2 (different lengths and stops: different numbers of decode steps per rank)
     assert ranks[0]["tokens"] == ref["tokens"][0::2] and ranks[1]["tokens"] == ref["tokens"][1::2]
 

@@ -15,6 +15,7 @@ import data
 import grpo
 import hf
 import loss
+import optim
 import rollout
 import tasks
 import toy
@@ -149,6 +150,38 @@ def test_gradient_does_not_depend_on_micro_batching(agg, alpha):
     assert torch.allclose(g1, g4, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mbs", [2, 8])
+def test_skipping_zero_advantage_rows_leaves_the_gradient(mbs):
+    """--skip-zero-adv runs only the kept rows with a non-zero advantage; the gradient and the loss are those of
+    every row (the others add exactly 0), over 1 and several micro-batches."""
+    model = tiny(200)
+    rows = [{**r, "adv": 0.0 if i in (0, 3, 4, 7) else r["adv"]} for i, r in enumerate(make_rows(masked=(2,)))]
+    g_all, m_all = grads_of(model, rows, cfg(micro_batch_size=mbs))
+    g_skip, m_skip = grads_of(model, rows, cfg(micro_batch_size=mbs, skip_zero_adv=True))
+    assert m_skip["rows_run"] == 3 and "rows_run" not in m_all  # rows 1, 5, 6 (2 is masked)
+    assert torch.allclose(g_all, g_skip, atol=1e-7, rtol=1e-5) and g_skip.abs().sum() > 0
+    assert m_skip["loss"] == pytest.approx(m_all["loss"], abs=1e-7)
+
+
+def test_skipping_every_row_still_steps_adamw_exactly_as_unskipped():
+    """No row with a gradient: no forward at all, yet AdamW steps on zeros as the unskipped step does (its moments
+    decay, weight decay applies), so the two runs stay equal to the bit."""
+    rows = [{**r, "adv": 0.0} for r in make_rows()]
+    out = []
+    for skip in (False, True):
+        model = tiny(200)
+        opt = optim.adamw(model, 1e-2, 0.1)
+        model(torch.tensor([[1, 2, 3]])).pow(2).mean().backward()  # earlier moments: a step must decay them
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        m = grpo.train_step(model, None, opt, batch(rows), cfg(skip_zero_adv=skip, grad_clip=1.0), 200, True)
+        out.append((m, [p.detach().clone() for p in model.parameters()], opt.state_dict()["state"]))
+    (m0, p0, s0), (m1, p1, s1) = out
+    assert m1["rows_run"] == 0 and m1["tokens"] == 0 and m0["tokens"] > 0 and m1["ok"] and m1["grad_norm"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+    assert all(torch.equal(s0[i][k], s1[i][k]) for i in s0 for k in s0[i]) and s1[0]["step"] == 2
+
+
 def test_clipping_zeroes_the_gradient_exactly_where_eq1_says():
     """Off-policy tokens with A > 0 and ratio > 1 + eps (or A < 0 and ratio < 1 - eps) give no gradient."""
     model = tiny(200)
@@ -250,6 +283,23 @@ def test_every_parameter_changes_after_one_step_and_none_without_signal(base_dir
     monkeypatch.setattr(grpo.rewards, "score_batch", constant)
     p = run(base_dir, tmp_path / "b", "--max-steps=1", "--beta=0", "--weight-decay=0")
     assert all(torch.equal(v, start[k]) for k, v in p.state_dict().items())
+    # --skip-zero-adv: no row ran, so no per-token statistic exists (null, not a made-up 0)
+    p = run(base_dir, tmp_path / "c", "--max-steps=1", "--weight-decay=0", "--skip-zero-adv")
+    assert all(torch.equal(v, start[k]) for k, v in p.state_dict().items())
+    line = json.loads(open(tmp_path / "c" / "metrics.jsonl").readline())
+    assert line["rows_run"] == 0 and line["entropy"] is None and line["grad_norm"] == 0
+
+
+def test_skip_zero_adv_refuses_a_policy_with_a_balance_loss(base_dir, tmp_path, monkeypatch):
+    build = checkpoint.build_model
+
+    def with_balance_loss(*a, **kw):  # as a native checkpoint of an sft.py run with --aux-loss-alpha would load
+        model = build(*a, **kw)
+        model.config.aux_loss_alpha = 1e-3  # its gradient reaches every output, whatever the advantage
+        return model
+    monkeypatch.setattr(grpo.checkpoint, "build_model", with_balance_loss)
+    with pytest.raises(config.ConfigError, match="--skip-zero-adv: .* has a balance loss"):
+        run(base_dir, tmp_path / "out", "--max-steps=1", "--skip-zero-adv")
 
 
 def test_resume_equals_uninterrupted_run(base_dir, tmp_path):
@@ -298,6 +348,8 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(base_dir, 
     (["--lr-schedule=linear"], "--lr-schedule='linear': must be one of constant, cosine"),
     (["--loss-agg=sum"], "--loss-agg='sum': must be one of"),
     (["--template=chat"], "--template='chat': must be one of r1_zero, toy, none"),
+    (["--skip-zero-adv", "--beta=0.04"], "--skip-zero-adv: needs --beta=0"),
+    (["--skip-zero-adv", "--entropy-coef=0.01"], "--skip-zero-adv: needs --beta=0 .* and --entropy-coef=0"),
 ])
 def test_invalid_settings_fail_at_start(argv, needle, base_dir):
     with pytest.raises(config.ConfigError, match=needle):

@@ -34,6 +34,7 @@ def test_train_sh_runs_every_stage_and_skips_finished_ones(tmp_path):
     # SEED reaches pretraining, RL and the eval's samples; the problems stay the protocol's
     for f in ("base/config.json", "rl/config.json"):
         assert json.load(open(out / f))["seed"] == 3, f
+    assert json.load(open(out / "rl" / "config.json"))["skip_zero_adv"] is False  # the README table's code path
     for f in ("eval_base/summary.json", "eval_rl/summary.json"):
         cfg = json.load(open(out / f))["config"]
         assert cfg["seed"] == 3 and cfg["problem_seed"] == 1337, f
@@ -115,6 +116,7 @@ def test_train_sh_r1_and_distill_wire_every_stage(tmp_path):
     allsc = _cfg(out, "r1")
     assert allsc["init_from"] == str(out / "dev3") and allsc["rm_helpful"] == str(out / "rm_helpful")
     assert allsc["lr"] == 3e-5 and _cfg(out, "dev2")["lr"] == 3e-5  # both chosen on the dev split (train.sh)
+    assert all(_cfg(out, s)["skip_zero_adv"] for s in ("rl", "dev2", "r1", "r1_biased"))  # exact: grpo.live_rows
     # the reward-hacking run: the same stage, reward models from the length-biased pairs
     hack = _cfg(out, "r1_biased")
     assert {k: v for k, v in hack.items() if not k.startswith(("rm_", "out_dir"))} == \
@@ -149,6 +151,7 @@ def test_train_sh_r1_and_distill_wire_every_stage(tmp_path):
                                          "eval_student_student_base", "eval_student_distilled", "eval_student_rl"]
     for s in ("distilled", "rl"):
         assert _cfg(out / "distill", s)["init_from"] == str(out / "distill" / "student_base"), s
+    assert _cfg(out / "distill", "rl")["skip_zero_adv"] is True
     assert _cfg(out / "distill", "distilled")["max_steps"] == 1  # SFT_STEPS, not Dev1's DEV1_STEPS
     assert _cfg(out / "distill", "distilled")["batch_size"] == 32  # not DEV1_BATCH: the equal-compute comparison
     assert "distillation = R1's samples" in r.stdout and "shared problems" in r.stdout, log

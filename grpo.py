@@ -455,14 +455,15 @@ def log_step(log, step, b, m, stats, loads, lr, train_s, elapsed, c, heldout_eva
                                                                    if getattr(c, f"rm_{k}")]))
     if c.mis_high:
         met["mis_masked"] = s["mis_masked"] / ntok  # share of tokens masked IS dropped
-    if c.skip_zero_adv:  # the share of outputs trained on; the per-token statistics above cover only theirs
+    if c.skip_zero_adv:  # the share of outputs run (FSDP fillers too); the per-token statistics and the expert
+        # loads cover only theirs
         met["rows_run"] = s["rows_run"] / n
         if not s["tokens"]:
             met.update(dict.fromkeys(("entropy", "kl", "kl_capped", "clip_low", "clip_high", "sampler_trainer_gap")))
     if c.kl_in_reward:
         met["kl"] = stats["kl_reward"]  # the loss has no KL term: the rollout's, as the rewards got it
-    if loads is not None:
-        met["expert_imbalance"] = metrics.expert_imbalance(loads)
+    if loads is not None:  # counted in the training forwards: none ran when --skip-zero-adv skipped every row
+        met["expert_imbalance"] = metrics.expert_imbalance(loads) if loads.sum() > 0 else None
     if c.eval_every and step % c.eval_every == 0:
         ev = heldout_eval()
         met.update(heldout_pass1=ev["pass@1"], heldout_format=ev["format_rate"])

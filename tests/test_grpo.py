@@ -287,7 +287,8 @@ def test_every_parameter_changes_after_one_step_and_none_without_signal(base_dir
     p = run(base_dir, tmp_path / "c", "--max-steps=1", "--weight-decay=0", "--skip-zero-adv")
     assert all(torch.equal(v, start[k]) for k, v in p.state_dict().items())
     line = json.loads(open(tmp_path / "c" / "metrics.jsonl").readline())
-    assert line["rows_run"] == 0 and line["entropy"] is None and line["grad_norm"] == 0
+    assert line["rows_run"] == 0 and line["entropy"] is None and line["expert_imbalance"] is None
+    assert line["grad_norm"] == 0
 
 
 def test_skip_zero_adv_refuses_a_policy_with_a_balance_loss(base_dir, tmp_path, monkeypatch):

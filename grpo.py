@@ -279,7 +279,7 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats, r
     unjudged = torch.tensor([c.accuracy_weight != 0 and exs[j].kind != "general" and
                              all(a is None for a in comps["accuracy"][j * G:(j + 1) * G]) for j in range(len(exs))],
                             dtype=torch.bool)
-    adv = advantages(shaped, unjudged, c)  # on every rank, even one with no examples (the batch std)
+    adv = loss.advantages(shaped, unjudged, c)  # on every rank, even one with no examples (the batch std)
     if not exs:
         return {}, []
     if unjudged.any():
@@ -293,20 +293,6 @@ def score_round(policy, tok, exs, c, step, refills, template, stop_ids, stats, r
     return dict(prompts=[p for p in prompts for _ in range(G)], completions=out.tokens, sampler_logp=out.logprobs,
                 adv=adv.view(-1).tolist(), keep=[not (c.mask_truncated and t) for t in out.truncated],
                 experts=out.experts or [], scores=scores, truncated=out.truncated, texts=texts), zero
-
-
-def advantages(shaped, unjudged, c):
-    """Shaped rewards (num_prompts, G) -> group advantages, 0 for the unjudged (num_prompts,) groups. A collective
-    with --adv-scale=batch (the std over every rank's rewards, unbiased): every rank calls it, even with none."""
-    batch_std = None
-    if c.adv_scale == "batch":
-        n, s1, s2 = (dist.all_reduce_sum(float(v)) for v in (shaped.numel(), shaped.sum(), shaped.pow(2).sum()))
-        batch_std = math.sqrt(max(s2 - s1 * s1 / max(n, 1), 0.0) / max(n - 1, 1))
-    if not len(shaped):
-        return shaped
-    adv = loss.group_advantages(shaped, c.adv_scale, c.adv_eps, batch_std=batch_std)
-    adv[unjudged] = 0.0
-    return adv
 
 
 @torch.no_grad()
@@ -324,7 +310,7 @@ def kl_reward(policy, ref, b, c, vocab):
                        dtype=torch.float64)
     task = (b.scores[:, 0] + pen).float()  # (B,) the rewards score_round shaped, fp32 as there
     unjudged = torch.isnan(b.scores[:, 1]).view(-1, c.group_size).all(1) & (c.accuracy_weight != 0)
-    b.adv = advantages((task - c.beta * kl).view(-1, c.group_size), unjudged, c).view(-1)
+    b.adv = loss.advantages((task - c.beta * kl).view(-1, c.group_size), unjudged, c).view(-1)
     return dist.all_reduce_sum(float(kl.sum())) / max(1.0, dist.all_reduce_sum(float(b.comp_len.sum())))
 
 
@@ -343,30 +329,13 @@ def token_logprobs(model, b, packed, vocab, temperature, replay=False, entropy=F
                           vocab, return_entropy=entropy, valid=valid.to(dev), routes=routes)
 
 
-def live_rows(b, c):
-    """The rows of mini-batch b that train_step runs: all of them, or with --skip-zero-adv only the kept ones with a
-    non-zero advantage. With no KL term, no entropy bonus and no balance loss (check_config, main), an output with
-    advantage 0 adds 0 * ratio to the loss, an exact 0 gradient, so its forward and backward are pure cost: in the
-    R1 stages 70-95% of the groups have one reward for all G outputs. Under FSDP every rank must run as many
-    forwards as the others, so a rank short of micro-batches pads them with skipped rows (one each, still 0).
-    -> index tensors of at most micro_batch_size rows, one per micro-batch"""
-    B, n = len(b.adv), c.micro_batch_size
-    if not c.skip_zero_adv:
-        return list(torch.arange(B).split(n))
-    run = b.keep & (b.adv != 0)  # (B,)
-    chunks = list(run.nonzero().flatten().split(n)) if run.any() else []
-    spare = (~run).nonzero().flatten()  # (B - B',) the fillers, at least as many as missing
-    missing = int(dist.all_reduce_max(len(chunks))) - len(chunks)
-    return chunks + [spare[i:i + 1] for i in range(missing)]
-
-
 def train_step(policy, ref, opt, b, c, vocab, on_policy):
     """One optimizer update on mini-batch b: per micro-batch, log-probs -> per-token loss -> weighted sum ->
     backward; then clip and AdamW. Returns metrics (sums over the tokens of this rank's rows it ran)."""
     w_row, B = loss.token_weights(b, c), len(b.adv)
     m = dict(loss=0.0, kl=0.0, kl_capped=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0, tokens=0, gap=0.0,
              gap_max=0.0, mis_masked=0.0)
-    chunks = live_rows(b, c)
+    chunks = loss.live_rows(b, c)  # index tensors, one per micro-batch
     if c.skip_zero_adv:
         m["rows_run"] = sum(map(len, chunks))
         if not chunks:  # no row on any rank has a gradient: AdamW still steps on zeros (moments decay, as unskipped)

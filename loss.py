@@ -6,6 +6,7 @@ each way for GPUs and is tested against it; tests/ hold a float64 reference). It
 off by default and a flag in grpo.py: a sequence-level ratio (GSPO), per-token weights that correct for the
 sampler/trainer mismatch (sampler_correction: TIS, MIS), the k1/k2 KL estimators, an entropy bonus.
 """
+import math
 import warnings
 
 import torch
@@ -36,6 +37,20 @@ def group_advantages(rewards, scale="group", eps=1e-6, tol=1e-6, batch_std=None)
     return torch.where(constant, torch.zeros_like(adv), adv).float()
 
 
+def advantages(shaped, unjudged, c):
+    """Shaped rewards (num_prompts, G) -> group advantages, 0 for the unjudged (num_prompts,) groups. A collective
+    with --adv-scale=batch (the std over every rank's rewards, unbiased): every rank calls it, even with none."""
+    batch_std = None
+    if c.adv_scale == "batch":
+        n, s1, s2 = (dist.all_reduce_sum(float(v)) for v in (shaped.numel(), shaped.sum(), shaped.pow(2).sum()))
+        batch_std = math.sqrt(max(s2 - s1 * s1 / max(n, 1), 0.0) / max(n - 1, 1))
+    if not len(shaped):
+        return shaped
+    adv = group_advantages(shaped, c.adv_scale, c.adv_eps, batch_std=batch_std)
+    adv[unjudged] = 0.0
+    return adv
+
+
 def overlong_penalty(length, max_len, buffer):
     """DAPO's soft overlong punishment: 0 up to max_len - buffer, then falling linearly to -1 at max_len."""
     if buffer <= 0 or length <= max_len - buffer:
@@ -53,6 +68,22 @@ def token_weights(b, c):
     w = {"seq_mean_token_mean": 1.0 / (L * n_seq), "token_mean": torch.full_like(L, 1.0 / n_tok),
          "dr_grpo": torch.full_like(L, 1.0 / (n_seq * c.max_new_tokens))}[c.loss_agg]  # dr_grpo: fixed per step
     return torch.where(b.keep, w, 0.0)
+
+
+def live_rows(b, c):
+    """The rows of mini-batch b that grpo.train_step runs -> index tensors of at most micro_batch_size rows, one per
+    micro-batch: all rows, or with --skip-zero-adv the kept ones with a non-zero advantage. With no KL term, entropy
+    bonus or balance loss (grpo.check_config and main refuse them), an output with advantage 0 adds 0 * ratio to the
+    loss, an exact 0 gradient, so its forward and backward are pure cost (70-95% of the groups of the R1 stages).
+    Under FSDP every rank must run as many forwards: a rank short of micro-batches pads with skipped rows (still 0)."""
+    B, n = len(b.adv), c.micro_batch_size
+    if not c.skip_zero_adv:
+        return list(torch.arange(B).split(n))
+    run = b.keep & (b.adv != 0)  # (B,)
+    chunks = list(run.nonzero().flatten().split(n)) if run.any() else []
+    spare = (~run).nonzero().flatten()  # (B - B',) the fillers, at least as many as missing
+    missing = int(dist.all_reduce_max(len(chunks))) - len(chunks)
+    return chunks + [spare[i:i + 1] for i in range(missing)]
 
 
 K3_MAX = kernels.K3_MAX  # per-token cap on the k3 KL estimate (kernels/grpo_loss.py says why: 10, as verl)

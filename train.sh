@@ -66,7 +66,7 @@ case "$MODE" in
     # distill: the r1 pipeline (its finished stages are skipped), then distillation into a small dense student
     # R1-Zero for 50 steps, not 75: the bilingual policy peaks earlier (dev-split pass@1, seeds 1 / 2 / 3: after
     # 50 steps 0.993 / 1.000 / 0.946, after 75 0.978 / 0.953 / 0.877)
-    # --skip-zero-adv in every RL run: no forward/backward for outputs whose gradient is exactly 0 (grpo.live_rows;
+    # --skip-zero-adv in every RL run: no forward/backward for outputs whose gradient is exactly 0 (loss.live_rows;
     # 35% of R1-Zero's groups, 70-95% of the later stages'). The default run above keeps every row, so that its README
     # table reproduces bit for bit (the skip changes the order of float sums, not their value)
     r1|distill) LANGS=en,zh; TASK=toy:en,zh; MAX_NEW=${MAX_NEW:-112}; OUT=${OUT:-out/r1}; RL_STEPS=${RL_STEPS:-50}

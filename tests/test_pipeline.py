@@ -116,7 +116,7 @@ def test_train_sh_r1_and_distill_wire_every_stage(tmp_path):
     allsc = _cfg(out, "r1")
     assert allsc["init_from"] == str(out / "dev3") and allsc["rm_helpful"] == str(out / "rm_helpful")
     assert allsc["lr"] == 3e-5 and _cfg(out, "dev2")["lr"] == 3e-5  # both chosen on the dev split (train.sh)
-    assert all(_cfg(out, s)["skip_zero_adv"] for s in ("rl", "dev2", "r1", "r1_biased"))  # exact: grpo.live_rows
+    assert all(_cfg(out, s)["skip_zero_adv"] for s in ("rl", "dev2", "r1", "r1_biased"))  # exact: loss.live_rows
     # the reward-hacking run: the same stage, reward models from the length-biased pairs
     hack = _cfg(out, "r1_biased")
     assert {k: v for k, v in hack.items() if not k.startswith(("rm_", "out_dir"))} == \

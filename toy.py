@@ -22,7 +22,11 @@ inside the tags 70% answer directly and 30% stepwise. The base thus uses the tag
 problems stepwise, but mostly answers directly and often wrongly: RL has something real to select (README: "What
 happened"). Held-out and dev problems (a hash of the problem text, toy_split) never occur in the corpus, not even
 as a run of 3+ operands inside a longer problem; tests/test_toy.py proves it with data.contamination().
-The bilingual variant (--langs=en,zh; task "toy:en,zh"; LANG_WORDS below) is what train.sh r1 starts from.
+The bilingual variant (--langs=en,zh; task "toy:en,zh"; LANG_WORDS below) is what train.sh r1 starts from, with
+--boxed=0.25: a quarter of the untagged stepwise solutions end in a boxed conclusion, as math text does
+  boxed (p_boxed)          24+70+31: 24+70=94 then 94+31=26, so \\boxed{26}
+so the base has seen the copy that R1's readable summary ends in ("26, so \\boxed{26} = 24+70+31", r1.py). Without
+it the copy after "\\boxed{" was learnt in SFT alone and some seeds boxed a right sum wrong (README, "The stages").
 """
 import json
 import os
@@ -63,6 +67,8 @@ class ToyConfig:
     langs: str = "en"              # "en,zh": the bilingual variant R1's pipeline uses (LANG_WORDS); "en" is the
     #                                default task exactly, with no words between the steps
     p_mix: float = 0.3             # bilingual: each word of a solution is in the other language with this chance
+    p_boxed: float = 0.0           # untagged stepwise solutions that end in a boxed conclusion (", so \\boxed{26}");
+    #                                train.sh r1 uses 0.25 (README, "The stages")
 
     def __post_init__(self):
         if not self.ops or set(self.ops) - set("+-") or not 2 <= self.min_operands <= self.max_operands:
@@ -71,6 +77,8 @@ class ToyConfig:
         if not self.languages or set(self.languages) - set(LANG_WORDS) or not 0 <= self.p_mix <= 1:
             raise DataError(f"ToyConfig: langs={self.langs!r} must be a comma-separated list of "
                             f"{', '.join(LANG_WORDS)}, and 0 <= p_mix <= 1 (got {self.p_mix})")
+        if not 0 <= self.p_boxed <= 1:
+            raise DataError(f"ToyConfig: p_boxed={self.p_boxed} must be in [0, 1]")
 
     @property
     def languages(self):
@@ -170,7 +178,10 @@ def toy_document(rng, cfg):
             break
     lang = rng.choice(cfg.languages) if cfg.worded else None  # (no draw for the default: its corpus stays as it was)
     if rng.random() >= cfg.p_tagged:
-        text = _toy_solution(nums, ops, totals, rng.random() < cfg.p_stepwise, rng, cfg, lang)[0]
+        stepwise = rng.random() < cfg.p_stepwise
+        text, v = _toy_solution(nums, ops, totals, stepwise, rng, cfg, lang)
+        if stepwise and cfg.p_boxed and rng.random() < cfg.p_boxed:  # (no draw at 0: the default corpus stays)
+            text += f", {LANG_WORDS[lang or 'en']['so']} \\boxed{{{toy_num(v, cfg.width)}}}"
         return toy_prompt(text, lang)
     body, v = _toy_solution(nums, ops, totals, rng.random() < cfg.p_tagged_stepwise, rng, cfg, lang)
     prompt = apply_template(cfg.template, toy_prompt(_toy_text(nums, ops, cfg.width), lang))
@@ -341,12 +352,13 @@ class ToyDataConfig:
     heldout: int = 200             # held-out problems checked against the corpus ...
     eval_seed: int = 1337          # ... drawn as eval.py/grpo.py draw them (their --problem-seed)
     langs: str = "en"              # "en,zh": the bilingual variant (train.sh r1; grpo.py/eval.py --task=toy:en,zh)
+    boxed: float = 0.0             # share of untagged stepwise solutions that end in a boxed conclusion (ToyConfig)
 
 
 def write_toy_data(c):
     os.makedirs(c.out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    cfg = ToyConfig(langs=c.langs)
+    cfg = ToyConfig(langs=c.langs, p_boxed=c.boxed)
     tok = toy_tokenizer(cfg=cfg)
     t_tok = time.perf_counter() - t0
     docs = list(toy_corpus(c.docs, c.seed, cfg))

@@ -28,6 +28,7 @@ def test_train_sh_runs_every_stage_and_skips_finished_ones(tmp_path):
               "rl/final/config.json", "rl/metrics.jsonl", "eval_rl/instances.jsonl"):
         assert (out / f).exists(), f
     assert json.load(open(out / "data" / "contamination.json"))["contaminated"] == 0
+    assert "\\boxed" not in (out / "data" / "corpus.txt").read_text()  # the default corpus has no boxed conclusion
     assert "| pass@1 (k=4, ± se) |" in r.stdout and "shared problems" in r.stdout and "total wall time" in r.stdout
     steps = [json.loads(l)["step"] for l in open(out / "rl" / "metrics.jsonl")]
     assert steps == [0, 1, 2, 3]  # step 0: the held-out eval of the base
@@ -76,6 +77,7 @@ def test_train_sh_r1_and_distill_wire_every_stage(tmp_path):
     assert [l.split()[0] for l in open(out / "times.tsv")] == ["data", "pretrain", "eval_base", "grpo", "eval_rl",
                                                                "zero_samples"]
     assert json.load(open(out / "data" / "contamination.json"))["contaminated"] == 0
+    assert "\\boxed{" in (out / "data" / "corpus.txt").read_text()  # BOXED=0.25: the summary's copy (toy.py)
     # a perfect R1-Zero's samples instead: one correct, well-formed, single-language sample per prompt
     path = out / "zero_samples" / "instances.jsonl"
     insts = [json.loads(l) for l in open(path)]
@@ -102,8 +104,8 @@ def test_train_sh_r1_and_distill_wire_every_stage(tmp_path):
     assert "| general prompts: hidden helpful |" in r.stdout, log
     # what each stage starts from: Dev3 and the reward models as the paper has them
     base = str(out / "base")
-    # DEV1_STEPS and RS_SFT_STEPS: 2 x SFT_STEPS
-    assert _cfg(out, "dev1")["max_steps"] == 2 and _cfg(out, "dev3")["max_steps"] == 2
+    # DEV1_STEPS and RS_SFT_STEPS: SFT_STEPS
+    assert _cfg(out, "dev1")["max_steps"] == 1 and _cfg(out, "dev3")["max_steps"] == 1
     assert _cfg(out, "dev1")["init_from"] == base and _cfg(out, "dev3")["init_from"] == base
     # DEV1_BATCH: 16 rows per step for Dev1; Dev3 and the reward models keep $SFT's 32
     assert _cfg(out, "dev1")["batch_size"] == 16 and _cfg(out, "dev3")["batch_size"] == 32
@@ -152,7 +154,7 @@ def test_train_sh_r1_and_distill_wire_every_stage(tmp_path):
     for s in ("distilled", "rl"):
         assert _cfg(out / "distill", s)["init_from"] == str(out / "distill" / "student_base"), s
     assert _cfg(out / "distill", "rl")["skip_zero_adv"] is True
-    assert _cfg(out / "distill", "distilled")["max_steps"] == 1  # SFT_STEPS, not Dev1's DEV1_STEPS
+    assert _cfg(out / "distill", "distilled")["max_steps"] == 1  # SFT_STEPS
     assert _cfg(out / "distill", "distilled")["batch_size"] == 32  # not DEV1_BATCH: the equal-compute comparison
     assert "distillation = R1's samples" in r.stdout and "shared problems" in r.stdout, log
     assert "| | eval_r1 | eval_student_base | eval_distilled | eval_rl |" in r.stdout, log

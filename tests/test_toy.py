@@ -208,6 +208,26 @@ def test_bilingual_default_untouched():
         toy.ToyConfig(langs="en,fr")
 
 
+def test_boxed_conclusions():
+    """p_boxed: that share of untagged stepwise solutions ends ", so \\boxed{<its final number>}" in its language;
+    tagged documents, facts and direct answers never do; p_boxed=0 draws nothing (the corpus is the same)."""
+    docs = list(toy.toy_corpus(6000, 1, toy.ToyConfig(langs="en,zh", p_boxed=0.25)))
+    boxed = [d for d in docs if "\\boxed" in d]
+    stepwise = [d for d in docs if "User: " not in d and ": " in d]
+    assert abs(len(boxed) / len(stepwise) - 0.25) < 0.03
+    for d in boxed:
+        m = re.fullmatch(r"(?:计算 )?([0-9+]+)[:=].*=(\d\d), (so|所以) \\boxed\{(\d\d)\}", d)
+        assert m and m.group(2) == m.group(4), d
+        assert (m.group(3) == "所以") == d.startswith("计算 ")
+        # the box holds the sum of the problem's operands (toy numbers are reversed)
+        assert int(m.group(4)[::-1]) == sum(int(x[::-1]) for x in m.group(1).split("+"))
+    assert all("\\boxed" not in d for d in toy.toy_corpus(3000, 1, BI))
+    assert list(toy.toy_corpus(3000, 1, BI)) == list(toy.toy_corpus(3000, 1, toy.ToyConfig(langs="en,zh",
+                                                                                         p_boxed=0.0)))
+    with pytest.raises(DataError, match="p_boxed=1.5"):
+        toy.ToyConfig(p_boxed=1.5)
+
+
 def test_bilingual_problems_split_like_the_default_and_never_in_the_corpus():
     held = tasks.load_task("toy:en,zh", n=200, seed=1337, split="heldout")
     assert {e.meta["lang"] for e in held} == {"en", "zh"}

@@ -26,7 +26,7 @@ The bilingual variant (--langs=en,zh; task "toy:en,zh"; LANG_WORDS below) is wha
 --boxed=0.25: a quarter of the untagged stepwise solutions end in a boxed conclusion, as math text does
   boxed (p_boxed)          24+70+31: 24+70=94 then 94+31=26, so \\boxed{26}
 so the base has seen the copy that R1's readable summary ends in ("26, so \\boxed{26} = 24+70+31", r1.py). Without
-it the copy after "\\boxed{" was learnt in SFT alone and some seeds boxed a right sum wrong (README, "The stages").
+it the copy after "\\boxed{" was learnt in SFT alone and some seeds boxed a right sum wrong (README, "The bilingual toy").
 """
 import json
 import os
@@ -68,7 +68,7 @@ class ToyConfig:
     #                                default task exactly, with no words between the steps
     p_mix: float = 0.3             # bilingual: each word of a solution is in the other language with this chance
     p_boxed: float = 0.0           # untagged stepwise solutions that end in a boxed conclusion (", so \\boxed{26}");
-    #                                train.sh r1 uses 0.25 (README, "The stages")
+    #                                train.sh r1 uses 0.25 (README, "The bilingual toy")
 
     def __post_init__(self):
         if not self.ops or set(self.ops) - set("+-") or not 2 <= self.min_operands <= self.max_operands:

@@ -26,7 +26,8 @@ The bilingual variant (--langs=en,zh; task "toy:en,zh"; LANG_WORDS below) is wha
 --boxed=0.25: a quarter of the untagged stepwise solutions end in a boxed conclusion, as math text does
   boxed (p_boxed)          24+70+31: 24+70=94 then 94+31=26, so \\boxed{26}
 so the base has seen the copy that R1's readable summary ends in ("26, so \\boxed{26} = 24+70+31", r1.py). Without
-it the copy after "\\boxed{" was learnt in SFT alone and some seeds boxed a right sum wrong (README, "The bilingual toy").
+it the copy after "\\boxed{" was learnt in SFT alone and some seeds boxed a right sum wrong (README, "The bilingual
+toy").
 """
 import json
 import os

@@ -381,11 +381,11 @@ def old_logprobs(policy, b, c, vocab, replay=True):
     """pi_old (B, C), frozen before the first update of a rollout (when one rollout feeds several updates); also
     the reference's log-probs for --kl-in-reward (replay=False)."""
     old = torch.zeros_like(b.sampler_logp)
-    for i in range(0, len(b.adv), c.micro_batch_size):
-        mb = b[torch.arange(i, min(i + c.micro_batch_size, len(b.adv)))]
+    for idx in loss.length_chunks(b, torch.arange(len(b.adv)), c.micro_batch_size):
+        mb = b[idx]
         packed = rollout.pack(mb)
-        old[i + packed[2], packed[3]] = token_logprobs(policy, mb, packed, vocab, c.temperature,
-                                                       c.routing_replay and replay).float().cpu()
+        old[idx[packed[2]], packed[3]] = token_logprobs(policy, mb, packed, vocab, c.temperature,
+                                                        c.routing_replay and replay).float().cpu()
     return old
 
 

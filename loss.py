@@ -78,12 +78,23 @@ def live_rows(b, c):
     Under FSDP every rank must run as many forwards: a rank short of micro-batches pads with skipped rows (still 0)."""
     B, n = len(b.adv), c.micro_batch_size
     if not c.skip_zero_adv:
-        return list(torch.arange(B).split(n))
+        return length_chunks(b, torch.arange(B), n)
     run = b.keep & (b.adv != 0)  # (B,)
-    chunks = list(run.nonzero().flatten().split(n)) if run.any() else []
+    chunks = length_chunks(b, run.nonzero().flatten(), n)
     spare = (~run).nonzero().flatten()  # (B - B',) the fillers, at least as many as missing
     missing = int(dist.all_reduce_max(len(chunks))) - len(chunks)
     return chunks + [spare[i:i + 1] for i in range(missing)]
+
+
+def length_chunks(b, rows, n):
+    """rows (R,) of b -> micro-batches of at most n of them, cut from the rows ordered by length (prompt + completion):
+    a micro-batch is padded to its longest row, so n outputs taken in rollout order from a wide spread of lengths
+    (R1's run from hundreds to 32k tokens) pad nearly every row to near the longest. ceil(R / n) of them, as in rollout
+    order (FSDP ranks agree on the count); each lists its rows in index order, so a single one is `rows` as given."""
+    if len(rows) <= n:
+        return [rows] if len(rows) else []
+    order = rows[torch.argsort((b.prompt_len + b.comp_len)[rows], stable=True)]  # (R,) shortest first
+    return [chunk.sort().values for chunk in order.split(n)]
 
 
 K3_MAX = kernels.K3_MAX  # per-token cap on the k3 KL estimate (kernels/grpo_loss.py says why: 10, as verl)

@@ -150,6 +150,33 @@ def test_gradient_does_not_depend_on_micro_batching(agg, alpha):
     assert torch.allclose(g1, g4, atol=1e-7, rtol=1e-5)
 
 
+def test_micro_batches_are_cut_by_length():
+    """Micro-batches come from the rows ordered by length: each is padded to near its own rows' length, not the
+    rollout's longest. Same count as in rollout order, every row once, the gradient and pi_old unchanged."""
+    model = tiny(200)
+    rows = make_rows(n=9)
+    b = batch(rows)
+    total = b.prompt_len + b.comp_len  # (9,) 5..14 tokens, short and long rows interleaved
+    chunks = loss.length_chunks(b, torch.arange(9), 4)
+    assert len(chunks) == 3 and all(len(ch) <= 4 and torch.equal(ch, ch.sort().values) for ch in chunks)
+    assert sorted(torch.cat(chunks).tolist()) == list(range(9))
+    assert max(total[chunks[0]]) <= min(total[chunks[1]]) and max(total[chunks[1]]) <= min(total[chunks[2]])
+    rows_in = torch.tensor([5, 1, 3])
+    assert torch.equal(loss.length_chunks(b, rows_in, 4)[0], rows_in)  # one micro-batch: the rows as given
+    # train_step runs those shapes: fewer padded positions than micro-batches taken in rollout order
+    shapes, orig = [], model.logprobs
+    model.logprobs = lambda tokens, *a, **kw: (shapes.append(tokens.shape), orig(tokens, *a, **kw))[1]
+    g4, _ = grads_of(model, rows, cfg(micro_batch_size=4))
+    padded = lambda parts: sum(len(p) * int(total[p].max() - 1) for p in parts)  # noqa: E731  inputs: P + L - 1
+    assert sum(B * T for B, T in shapes) == padded(chunks) < padded(list(torch.arange(9).split(4)))
+    del model.logprobs
+    g1, _ = grads_of(model, rows, cfg(micro_batch_size=9))
+    assert torch.allclose(g1, g4, atol=1e-7, rtol=1e-5)
+    old1, old4 = (grpo.old_logprobs(model, b, cfg(micro_batch_size=n), 200) for n in (9, 4))
+    inside = torch.arange(old1.shape[1]) < b.comp_len[:, None]
+    assert torch.allclose(old1, old4, atol=1e-6) and (old1[inside] < 0).all() and (old4[~inside] == 0).all()
+
+
 @pytest.mark.parametrize("mbs", [2, 8])
 def test_skipping_zero_advantage_rows_leaves_the_gradient(mbs):
     """--skip-zero-adv runs only the kept rows with a non-zero advantage; the gradient and the loss are those of

@@ -103,21 +103,25 @@ pretrain() {  # pretrain STAGE_NAME MAX_STEPS: train (or resume) the base up to 
 #    that ended below ~0.85 on some operand count after RL were far below this (README: "What happened"). A base
 #    below it trains on, BASE_MORE steps at a time (resumed: the learning-rate schedule stretches to the new end),
 #    up to BASE_CAP steps in all; a base still below it then stops the run before RL.
-#    Once RL has run from the base, the check is skipped.
-steps=$BASE_STEPS
-until [ -f "$OUT/rl/final/config.json" ] || python eval.py --probe --model="$OUT/base" --task="$TASK" --split=dev \
-        --problems=200 --template=toy --threads="$THREADS" --out-dir="$OUT/probe_base" --probe-min="$PROBE_MIN"; do
-    steps=$((steps + BASE_MORE))
-    if [ "$steps" -gt "$BASE_CAP" ]; then
-        echo "train.sh: stopped before RL: trained to BASE_CAP=$BASE_CAP steps, the base in $OUT/base still does not"
-        echo "  write the stepwise solutions RL would select (numbers above). Try another SEED, raise BASE_CAP, or run"
-        echo "  RL anyway with PROBE_MIN=0."
-        exit 3
-    fi
-    echo "train.sh: the base does not yet write the stepwise solutions RL would select (numbers above): training it"
-    echo "  on to $steps steps (BASE_MORE=$BASE_MORE, BASE_CAP=$BASE_CAP)"
-    pretrain pretrain_more "$steps"
-done
+#    Once RL has run from the base, the check is skipped. check_base DIR TRAIN STAGE checks the base in DIR and trains
+#    it on with `TRAIN STAGE STEPS` (distill's student base passes the same check).
+check_base() {
+    local steps=$BASE_STEPS
+    until python eval.py --probe --model="$1" --task="$TASK" --split=dev --problems=200 --template=toy \
+            --threads="$THREADS" --out-dir="$(dirname "$1")/probe_$(basename "$1")" --probe-min="$PROBE_MIN"; do
+        steps=$((steps + BASE_MORE))
+        if [ "$steps" -gt "$BASE_CAP" ]; then
+            echo "train.sh: stopped before RL: trained to BASE_CAP=$BASE_CAP steps, the base in $1 still does not"
+            echo "  write the stepwise solutions RL would select (numbers above). Try another SEED, raise BASE_CAP, or"
+            echo "  run RL anyway with PROBE_MIN=0."
+            exit 3
+        fi
+        echo "train.sh: the base does not yet write the stepwise solutions RL would select (numbers above): training it"
+        echo "  on to $steps steps (BASE_MORE=$BASE_MORE, BASE_CAP=$BASE_CAP)"
+        "$2" "$3" "$steps"
+    done
+}
+[ -f "$OUT/rl/final/config.json" ] || check_base "$OUT/base" pretrain pretrain_more
 
 # 4. the base on held-out problems (never in the corpus; toy.py checked)
 EVAL="--task=$TASK --split=heldout --problems=$EVAL_PROBLEMS --k=4 --template=toy --max-new-tokens=$MAX_NEW --workers=0 --threads=$THREADS --seed=$SEED"
@@ -262,10 +266,17 @@ D=$OUT/distill; STUDENT_RL_STEPS=${STUDENT_RL_STEPS:-40}
 # (an empty teacher/sft.jsonl, R1 having kept nothing, is sampled again on the next run: R1 may have been retrained)
 [ -s "$D/teacher/sft.jsonl" ] || stage teacher_samples python eval.py --model="$OUT/r1" $TRAIN --k=4 \
     --rejection-sampling --max-per-prompt=2 --out-dir="$D/teacher"
-[ -f "$D/student_base/final/config.json" ] || stage student_pretrain python sft.py --data="$OUT/data/corpus.txt" \
-    --tokenizer="$OUT/data/tokenizer.bpe" --out-dir="$D/student_base" --num-attention-heads=8 --n-routed-experts=0 \
-    --max-steps="$BASE_STEPS" --batch-size=32 --seq-len=128 --lr=2e-3 --warmup-steps=100 --log-every=100 \
-    --eval-every=250 --ckpt-every=250 --threads="$THREADS" --seed="$SEED" $(resume "$D/student_base")
+student_pretrain() {  # as pretrain(), the student's shape
+    stage "$1" python sft.py --data="$OUT/data/corpus.txt" --tokenizer="$OUT/data/tokenizer.bpe" \
+        --out-dir="$D/student_base" --num-attention-heads=8 --n-routed-experts=0 --max-steps="$2" --batch-size=32 \
+        --seq-len=128 --lr=2e-3 --warmup-steps=100 --log-every=100 --eval-every=250 --ckpt-every=250 \
+        --threads="$THREADS" --seed="$SEED" $(resume "$D/student_base"); }
+[ -f "$D/student_base/final/config.json" ] || student_pretrain student_pretrain "$BASE_STEPS"
+# the teacher's base had to pass the pre-RL check, and so does the student's, before either arm starts from it: a
+# student that cannot yet copy the operands gives RL nothing to select (seed 3 on machine C: stepwise success 0.071
+# at 1,000 steps, its RL arm 0.081 -> 0.030 held-out, the distilled one 0.984)
+[ -f "$D/distilled/final/config.json" ] || [ -f "$D/rl/final/config.json" ] || \
+    check_base "$D/student_base" student_pretrain student_pretrain_more
 [ -f "$D/distilled/final/config.json" ] || stage student_distill python sft.py --data="$D/teacher/sft.jsonl" \
     --init-from="$D/student_base" --out-dir="$D/distilled" --max-steps="$SFT_STEPS" $SFT $(resume "$D/distilled")
 [ -f "$D/rl/final/config.json" ] || stage student_rl python grpo.py --preset=cpu --init-from="$D/student_base" \

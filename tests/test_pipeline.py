@@ -90,7 +90,10 @@ def test_train_sh_r1_and_distill_wire_every_stage(tmp_path):
     # 2. the rest of r1 (with BIASED_RM=1's stage), then distill; R1's samples are no better, so distillation stops
     #    the same way. (LANG_ABLATION=1's three runs are left out here for time: the same grpo.py/eval.py lines.)
     r, log = _train_sh("distill", env)
-    assert "probe of" not in r.stdout, log  # R1-Zero has run from the base: the pre-RL check is not repeated
+    assert f"probe of {out / 'base'} " not in r.stdout, log  # R1-Zero has run from the base: no check again
+    # the student's base gets the same check before either arm starts from it
+    assert f"probe of {out / 'distill' / 'student_base'} " in r.stdout, log
+    assert json.load(open(out / "distill" / "probe_student_base" / "probe.json"))["passed"] is True
     done = [l.split()[0] for l in open(out / "times.tsv")][6:]
     r1_stages = ["cold_start", "eval_dev1", "grpo_lang", "eval_dev2", "rejection_sampling", "rs_sft", "eval_dev3", "rm_helpful", "rm_harmless", "grpo_all", "eval_r1", "rm_helpful_biased",
                  "rm_harmless_biased", "grpo_all_biased", "eval_r1_biased"]

@@ -55,8 +55,8 @@ import rewards
 import rollout
 import tasks
 from config import ConfigError
-from loss import group_advantages  # noqa: F401  kept importable as grpo.group_advantages (public name)
 from dist import print0
+from loss import group_advantages  # noqa: F401  kept importable as grpo.group_advantages (public name)
 
 
 @dataclass

@@ -89,7 +89,7 @@ def live_rows(b, c):
 def length_chunks(b, rows, n):
     """rows (R,) of b -> micro-batches of at most n of them, cut from the rows ordered by length (prompt + completion):
     a micro-batch is padded to its longest row, so n outputs taken in rollout order from a wide spread of lengths
-    (R1's run from hundreds to 32k tokens) pad nearly every row to near the longest. ceil(R / n) of them, as in rollout
+    (R1's outputs: hundreds to 32k tokens) pad nearly every row to near the longest. ceil(R / n) of them, as in rollout
     order (FSDP ranks agree on the count); each lists its rows in index order, so a single one is `rows` as given."""
     if len(rows) <= n:
         return [rows] if len(rows) else []

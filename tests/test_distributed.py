@@ -38,8 +38,11 @@ def test_grpo_step_and_generation_match_one_process(tmp_path):
             assert abs(got["grad_norm"] - want["grad_norm"]) < 1e-5, agg
         got = ranks[0]["aggs"][agg]["params"]
         assert set(got) == set(want["params"])  # the gathered full state dict lands on rank 0
+        # AdamW at lr 1e-2 moves a weight by up to ~1e-2, and where a gradient cancels to ~0 the move follows the
+        # rounding of the sum, whose order differs (micro-batches are cut by length per rank; the all-reduce):
+        # 5e-5 is 0.5% of a step. A missing or doubled gradient is off by ~1e-2; loss and grad norm are checked above
         for k, v in want["params"].items():
-            assert (got[k] - v).abs().max() < 1e-5, (agg, k)
+            assert (got[k] - v).abs().max() < 5e-5, (agg, k)
     assert len({round(ref["aggs"][a]["loss"], 6) for a in dist_worker.AGGS}) == 3  # three different normalisers
     assert ref["aggs"]["skip_rank1"]["grad_norm"] > 0 and ref["aggs"]["skip_all"]["grad_norm"] == 0
     # rank r generated prompts r, r+2 (different lengths and stops: different numbers of decode steps per rank)

@@ -92,7 +92,8 @@ def save(model, path, max_shard_bytes=5 * 2**30):
     if writer:  # weight files of an earlier save here would be read instead of (or mixed with) the new ones
         os.makedirs(path, exist_ok=True)
         for f in os.listdir(path):
-            if re.fullmatch(r"model\.safetensors(\.index\.json)?|model-\d+-of-\d+\.safetensors|part-\d+\.safetensors", f):
+            if re.fullmatch(r"model\.safetensors(\.index\.json)?|model-\d+-of-\d+\.safetensors"
+                            r"|part-\d+\.safetensors", f):
                 os.remove(os.path.join(path, f))
     files, cur, size, total = [], {}, 0, 0
 

@@ -117,7 +117,8 @@ def humaneval_examples(path=None):
     return out
 
 
-TASKS = ["toy", "toy:en,zh", "toy-general", "countdown", "humaneval", "rg:<dataset name>", "<file>.jsonl", "<file>.jsonl.gz", "<file>.parquet"]
+TASKS = ["toy", "toy:en,zh", "toy-general", "countdown", "humaneval", "rg:<dataset name>", "<file>.jsonl",
+         "<file>.jsonl.gz", "<file>.parquet"]
 
 
 def load_task(name, n=0, seed=0, split="all", heldout_frac=0.1, **kwargs):

@@ -4,8 +4,9 @@
     python bench/rewards.py [--workers=2] [--math=512] [--code=64]
 
 Peers: math -- the same answer extraction, then math_verify.verify(parse(gold), parse(answer)) on every sample in
-this process (TRL's and open-r1's accuracy rewards call math-verify per sample like this); code -- `python -c code+tests` per sample through subprocess.run with the same
-number of threads as our workers (no sandbox, no limits, exit code 0 = pass). The printed ratio is ours / peer.
+this process (TRL's and open-r1's accuracy rewards call math-verify per sample like this); code -- `python -c
+code+tests` per sample through subprocess.run with the same number of threads as our workers (no sandbox, no
+limits, exit code 0 = pass). The printed ratio is ours / peer.
 The completions are synthetic but shaped like real ones: mostly plain-number golds (GSM8K-like), some LaTeX golds,
 right and wrong answers, missing tags, boxes, thousands separators. Run it alone: 2 busy processes on 2 cores
 distort every number.

@@ -52,24 +52,23 @@ def main():
     torch.manual_seed(0)
     base = Transformer(mcfg).train()
     total = b.prompt_len + b.comp_len - 1  # (B,) input positions per row
-    in_order = list(torch.arange(a.rows).split(a.micro))
-    padded = {name: sum(len(ch) * int(total[ch].max()) for ch in chunks)
-              for name, chunks in (("by length", loss.length_chunks(b, torch.arange(a.rows), a.micro)),
-                                   ("rollout order", in_order))}
+    # the two ways to cut micro-batches, each swapped in for loss.length_chunks (train_step's and old_logprobs')
+    cutters = {"by length": loss.length_chunks, "rollout order": lambda b, rows, n: list(rows.split(n))}
+    padded = {name: sum(len(ch) * int(total[ch].max()) for ch in cut(b, torch.arange(a.rows), a.micro))
+              for name, cut in cutters.items()}
     sides = {}
     for name in padded:
         m = copy.deepcopy(base)
         sides[name] = (m, optim.adamw(m, c.lr))
     times = {name: [] for name in padded}
-    by_length = loss.length_chunks
     for rep in range(1 + a.reps):  # the first round warms up
         for name, (m, opt) in sides.items():
-            loss.length_chunks = by_length if name == "by length" else lambda b, rows, n: list(rows.split(n))
+            loss.length_chunks = cutters[name]
             t = time.perf_counter()
             grpo.train_step(m, None, opt, b, c, V, on_policy=True)
             if rep:
                 times[name].append(time.perf_counter() - t)
-    loss.length_chunks = by_length
+    loss.length_chunks = cutters["by length"]
     print(f"GRPO update: {a.rows} outputs (24-token prompts, completions {int(lens.min())}-{int(lens.max())} tokens, "
           f"median {int(lens.median())}, {int(lens.sum())} in all) in micro-batches of {a.micro}; "
           f"{base.num_params() / 1e6:.1f}M-param MoE, fp32 CPU, {a.threads} threads; median of {a.reps}, interleaved")

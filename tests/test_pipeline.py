@@ -93,7 +93,8 @@ def test_train_sh_r1_and_distill_wire_every_stage(tmp_path):
     assert f"probe of {out / 'base'} " not in r.stdout, log  # R1-Zero has run from the base: no check again
     # the student's base gets the same check before either arm starts from it
     assert f"probe of {out / 'distill' / 'student_base'} " in r.stdout, log
-    assert json.load(open(out / "distill" / "probe_student_base" / "probe.json"))["passed"] is True
+    probe = json.load(open(out / "distill" / "probe_student_base" / "probe.json"))
+    assert probe["model"] == str(out / "distill" / "student_base") and probe["split"] == "dev", probe
     done = [l.split()[0] for l in open(out / "times.tsv")][6:]
     r1_stages = ["cold_start", "eval_dev1", "grpo_lang", "eval_dev2", "rejection_sampling", "rs_sft", "eval_dev3", "rm_helpful", "rm_harmless", "grpo_all", "eval_r1", "rm_helpful_biased",
                  "rm_harmless_biased", "grpo_all_biased", "eval_r1_biased"]
